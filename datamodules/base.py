@@ -1,0 +1,210 @@
+"""Shared machinery of every synthetic task: seeding, on-the-fly training streams, fixed eval sets.
+
+A task only says how to draw samples (``generate``) and what its tokens are
+(``vocab``). This base turns that into
+
+* a training stream generated on the fly, one whole batch at a time
+  (vectorised), where batch ``i`` of rank ``r`` is a pure function of
+  ``(seed, r, i)``. Dataloader workers take every W-th batch index, so the
+  stream is the same for any number of workers, differs across ranks, and
+  resumes at the exact batch it stopped at (the start index comes from the
+  restored ``global_step``);
+* fixed validation and test sets drawn from their own seeds, disjoint from each
+  other, with every training sample that collides with them redrawn, so no
+  evaluation sample is ever trained on.
+
+Batches are dicts ``{"input_ids": [b t], "labels": [b t]}`` with labels -100
+except at answer positions.
+"""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from typing import Iterator, Optional
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
+
+IGNORE = -100
+_TRAIN, _VAL, _TEST = 0, 1, 2
+
+
+def rows_as_keys(input_ids: np.ndarray) -> list[bytes]:
+    """Hashable identity of each sample (its input tokens determine its answer)."""
+    return [row.tobytes() for row in np.ascontiguousarray(input_ids, dtype=np.int64)]
+
+
+class SyntheticTask(L.LightningDataModule):
+    """Base class of tasks generated on the fly. Subclasses define ``vocab``, ``seq_len`` and ``generate``.
+
+    Args:
+        batch_size: training samples per batch (per device).
+        eval_batch_size: samples per validation / test batch (default: ``batch_size``).
+        val_size: samples in the fixed validation set.
+        test_size: samples in the fixed test set.
+        seed: root seed; training, validation and test streams derive from it.
+        num_workers: dataloader worker processes for the training stream.
+    """
+
+    def __init__(
+        self,
+        batch_size: int = 64,
+        eval_batch_size: Optional[int] = None,
+        val_size: int = 1024,
+        test_size: int = 1024,
+        seed: int = 0,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__()
+        if batch_size < 1:
+            raise ValueError(f"data.batch_size must be >= 1, got {batch_size}")
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.val_size = val_size
+        self.test_size = test_size
+        self.seed = seed
+        self.num_workers = num_workers
+        self._eval_sets: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self._eval_keys: set[bytes] = set()
+
+    # -- what a task defines ------------------------------------------------
+    @property
+    @abstractmethod
+    def vocab(self) -> list[str]:
+        """Token strings; the token id is the index."""
+
+    @property
+    @abstractmethod
+    def seq_len(self) -> int:
+        """Length ``t`` of every ``input_ids`` row."""
+
+    @abstractmethod
+    def generate(self, rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """Draw ``n`` samples: ``input_ids`` and ``labels``, int64 arrays ``[n t]``."""
+
+    # -- derived -------------------------------------------------------------
+    @property
+    def vocab_size(self) -> int:
+        return len(self.vocab)
+
+    def decode(self, ids) -> str:
+        """Readable text of a row of token ids (padding and -100 dropped)."""
+        return "".join(self.vocab[i] for i in np.asarray(ids).tolist() if 0 <= i < self.vocab_size)
+
+    def rng(self, purpose: int, rank: int, index: int) -> np.random.Generator:
+        return np.random.default_rng([self.seed, purpose, rank, index])
+
+    # -- evaluation sets -------------------------------------------------------
+    def eval_set(self, purpose: int) -> tuple[np.ndarray, np.ndarray]:
+        """The fixed validation (``_VAL``) or test (``_TEST``) set, built once."""
+        if not self._eval_sets:
+            seen: set[bytes] = set()
+            for which, size in ((_VAL, self.val_size), (_TEST, self.test_size)):
+                self._eval_sets[which] = self._draw_unique(which, size, seen)
+            self._eval_keys = seen
+        return self._eval_sets[purpose]
+
+    def _draw_unique(self, purpose: int, size: int, seen: set[bytes]) -> tuple[np.ndarray, np.ndarray]:
+        ids, labels, attempt = [], [], 0
+        while sum(len(x) for x in ids) < size:
+            x, y = self.generate(self.rng(purpose, 0, attempt), size)
+            keep = []
+            for i, key in enumerate(rows_as_keys(x)):
+                if key not in seen and len(keep) + sum(len(a) for a in ids) < size:
+                    seen.add(key)
+                    keep.append(i)
+            ids.append(x[keep])
+            labels.append(y[keep])
+            attempt += 1
+            if attempt > 100:
+                raise ValueError(
+                    f"{type(self).__name__}: could not draw {size} distinct evaluation samples; "
+                    "the task has too few distinct samples, lower data.val_size / data.test_size or make the task larger"
+                )
+        return np.concatenate(ids), np.concatenate(labels)
+
+    @property
+    def eval_keys(self) -> set[bytes]:
+        self.eval_set(_VAL)
+        return self._eval_keys
+
+    def train_batch(self, rank: int, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """Training batch ``index`` of ``rank``; samples that occur in val/test are redrawn."""
+        rng = self.rng(_TRAIN, rank, index)
+        x, y = self.generate(rng, self.batch_size)
+        eval_keys = self.eval_keys
+        clash = [i for i, key in enumerate(rows_as_keys(x)) if key in eval_keys]
+        while clash:
+            nx, ny = self.generate(rng, len(clash))
+            x[clash], y[clash] = nx, ny
+            clash = [i for i, key in zip(clash, rows_as_keys(nx)) if key in eval_keys]
+        return x, y
+
+    # -- Lightning hooks -------------------------------------------------------
+    def setup(self, stage: Optional[str] = None) -> None:
+        self.eval_set(_VAL)
+
+    def _consumed_batches(self) -> int:
+        """Batches this rank already trained on (after a resume: restored from the checkpoint)."""
+        trainer = self.trainer
+        if trainer is None:
+            return 0
+        return trainer.global_step * trainer.accumulate_grad_batches
+
+    def train_dataloader(self) -> DataLoader:
+        trainer = self.trainer
+        rank = trainer.global_rank if trainer is not None else 0
+        stream = TrainStream(self, rank=rank, start=self._consumed_batches())
+        return DataLoader(
+            stream,
+            batch_size=None,  # the stream yields whole batches
+            num_workers=self.num_workers,
+            persistent_workers=False,
+            pin_memory=torch.cuda.is_available(),
+        )
+
+    def _eval_loader(self, purpose: int) -> DataLoader:
+        return DataLoader(EvalSet(*self.eval_set(purpose)), batch_size=self.eval_batch_size, shuffle=False)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._eval_loader(_VAL)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._eval_loader(_TEST)
+
+    def describe(self) -> str:
+        return f"{type(self).__name__}: vocab ({self.vocab_size}) = {' '.join(self.vocab)}; seq_len = {self.seq_len}"
+
+
+class TrainStream(IterableDataset):
+    """Endless training batches ``start, start+1, ...``; worker w of W yields indices ≡ w (mod W).
+
+    PyTorch's DataLoader takes one batch from each worker in turn, so the
+    interleaved output is exactly ``start, start+1, ...`` for any W.
+    """
+
+    def __init__(self, task: SyntheticTask, rank: int, start: int) -> None:
+        self.task, self.rank, self.start = task, rank, start
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        index = self.start + worker
+        while True:
+            x, y = self.task.train_batch(self.rank, index)
+            yield {"input_ids": torch.from_numpy(x), "labels": torch.from_numpy(y)}
+            index += workers
+
+
+class EvalSet(Dataset):
+    def __init__(self, input_ids: np.ndarray, labels: np.ndarray) -> None:
+        self.input_ids = torch.from_numpy(input_ids)
+        self.labels = torch.from_numpy(labels)
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.input_ids[i], "labels": self.labels[i]}

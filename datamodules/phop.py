@@ -1,0 +1,109 @@
+"""p-hop induction (Sanford, Hsu & Telgarsky 2024; Table 1 of Saunshi et al. 2025).
+
+For a sequence ``v_1 … v_n`` (1-indexed),
+``find_1(v, i) = max({0} ∪ {j ≤ i : v_{j-1} = v_i})`` jumps to the position just
+after the previous occurrence of ``v_i``; ``find_p = find_1 ∘ find_{p-1}``; the
+answer is ``v[find_p(v, n)]``. Only sequences whose p-hop chain exists
+(``find_p(v, n) > 0``) are kept, as in the paper.
+
+A sample reads ``v_1 … v_n =`` and the label at ``=`` is the answer letter.
+"""
+
+from __future__ import annotations
+
+import string
+
+import numpy as np
+
+from looped.datamodules.base import IGNORE, SyntheticTask
+
+
+def hop_table(seqs: np.ndarray, alphabet_size: int) -> np.ndarray:
+    """``find_1`` for every position, vectorised: ``table[b, i] = find_1(v_b, i)`` for i in 0..n.
+
+    Column 0 is the sink ``find_1(v, 0) = 0``.
+    """
+    b, n = seqs.shape
+    positions = np.arange(1, n + 1)  # 1-indexed positions of seqs[:, 0..n-1]
+    table = np.zeros((b, n + 1), dtype=np.int64)
+    for letter in range(alphabet_size):
+        # last_seen[:, i-1] = last 1-indexed m <= i with v_m == letter (0 if none)
+        last_seen = np.maximum.accumulate(np.where(seqs == letter, positions, 0), axis=1)
+        # find_1 looks strictly before i: last m <= i-1, then steps one right (m + 1).
+        before = np.concatenate([np.zeros((b, 1), dtype=np.int64), last_seen[:, :-1]], axis=1)
+        hit = np.where(before > 0, before + 1, 0)
+        table[:, 1:] = np.where(seqs == letter, hit, table[:, 1:])
+    return table
+
+
+def follow_hops(seqs: np.ndarray, alphabet_size: int, hops: int) -> np.ndarray:
+    """``find_hops(v, n)`` for every row (0 where the chain breaks)."""
+    table = hop_table(seqs, alphabet_size)
+    pos = np.full(len(seqs), seqs.shape[1], dtype=np.int64)
+    rows = np.arange(len(seqs))
+    for _ in range(hops):
+        pos = table[rows, pos]
+    return pos
+
+
+class PHop(SyntheticTask):
+    """p-hop induction with the answer at the end of the sequence.
+
+    Args:
+        alphabet_size: letters in the sequence (the paper: 4).
+        length: n, letters per sequence (the paper: 256).
+        hops: p, induction hops to follow (the paper: 16 and 32).
+        **kwargs: batch sizes, eval set sizes, seed, workers (see ``SyntheticTask``).
+    """
+
+    def __init__(self, alphabet_size: int = 4, length: int = 256, hops: int = 16, **kwargs) -> None:
+        super().__init__(**kwargs)
+        if not 2 <= alphabet_size <= 26:
+            raise ValueError(f"data.alphabet_size must lie in 2..26, got {alphabet_size}")
+        if hops < 1:
+            raise ValueError(f"data.hops must be >= 1, got {hops}")
+        if length < 2:
+            raise ValueError(f"data.length must be >= 2, got {length}")
+        self.alphabet_size, self.length, self.hops = alphabet_size, length, hops
+        self._check_chain_rate()
+
+    def _check_chain_rate(self) -> None:
+        """Refuse hop counts whose chain almost never exists in a sequence this short."""
+        probe = np.random.default_rng(0).integers(0, self.alphabet_size, size=(2048, self.length))
+        rate = float((follow_hops(probe, self.alphabet_size, self.hops) > 0).mean())
+        if rate < 0.02:
+            raise ValueError(
+                f"data.hops={self.hops} is impossible in practice for data.length={self.length} "
+                f"(alphabet {self.alphabet_size}): the {self.hops}-hop chain exists in only {rate:.1%} of "
+                f"random sequences. Raise data.length (about {self.alphabet_size * self.hops * 2} works) or lower data.hops."
+            )
+        self._chain_rate = rate
+
+    @property
+    def vocab(self) -> list[str]:
+        return list(string.ascii_lowercase[: self.alphabet_size]) + ["="]
+
+    @property
+    def seq_len(self) -> int:
+        return self.length + 1
+
+    def generate(self, rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
+        kept: list[np.ndarray] = []
+        answers: list[np.ndarray] = []
+        have = 0
+        while have < n:
+            # Draw with headroom for the rows whose chain breaks.
+            draw = int((n - have) / max(self._chain_rate, 0.02) * 1.2) + 8
+            seqs = rng.integers(0, self.alphabet_size, size=(draw, self.length), dtype=np.int64)
+            pos = follow_hops(seqs, self.alphabet_size, self.hops)
+            ok = pos > 0
+            kept.append(seqs[ok])
+            answers.append(seqs[ok, pos[ok] - 1])
+            have += int(ok.sum())
+        seqs = np.concatenate(kept)[:n]
+        answer = np.concatenate(answers)[:n]
+        equals = self.alphabet_size
+        input_ids = np.concatenate([seqs, np.full((n, 1), equals, dtype=np.int64)], axis=1)
+        labels = np.full_like(input_ids, IGNORE)
+        labels[:, -1] = answer
+        return input_ids, labels

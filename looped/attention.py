@@ -1,0 +1,107 @@
+"""Token mixers: the one place where attention variants live.
+
+A mixer maps hidden states ``[b t d]`` to ``[b t d]`` and is causal: position
+``t`` sees only positions ``<= t``. The model's layers call ``mixer(x, rope)``
+and never look inside, so linear, sparse or hybrid attention plug in by
+registering a class here, without touching the loop in ``model.py``.
+
+Dimension letters: b batch, t time (sequence position), d model width,
+h heads, e head width.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor, nn
+
+MIXERS: dict[str, type[nn.Module]] = {}
+
+
+def register_mixer(name: str) -> Callable[[type[nn.Module]], type[nn.Module]]:
+    """Class decorator: make a mixer available to ``LoopedConfig.attention``."""
+
+    def add(cls: type[nn.Module]) -> type[nn.Module]:
+        MIXERS[name] = cls
+        return cls
+
+    return add
+
+
+def build_mixer(name: str, d_model: int, n_heads: int, dropout: float, bias: bool) -> nn.Module:
+    if name not in MIXERS:
+        raise ValueError(f"attention: unknown mixer {name!r}; choose one of {sorted(MIXERS)}")
+    return MIXERS[name](d_model=d_model, n_heads=n_heads, dropout=dropout, bias=bias)
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotary position embedding (Su et al. 2021), shared by every layer.
+
+    The cos/sin tables are buffers built once for ``max_seq_len``; they are not
+    saved in checkpoints (``persistent=False``) because they follow from the config.
+    """
+
+    def __init__(self, head_dim: int, max_seq_len: int, base: float = 10000.0) -> None:
+        super().__init__()
+        inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+        angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), inv_freq)  # [t e/2]
+        self.register_buffer("cos", angles.cos(), persistent=False)
+        self.register_buffer("sin", angles.sin(), persistent=False)
+
+    def forward(self, x: Tensor, offset: int = 0) -> Tensor:
+        """Rotate ``x`` of shape ``[b h t e]`` whose first position is ``offset``."""
+        t = x.shape[-2]
+        cos = self.cos[offset : offset + t].to(x.dtype)
+        sin = self.sin[offset : offset + t].to(x.dtype)
+        x1, x2 = x[..., 0::2], x[..., 1::2]
+        # Rotate each (even, odd) pair by its angle; interleave back to e.
+        rotated = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+        return rotated.flatten(-2)
+
+
+class AttentionMixer(nn.Module):
+    """Shared projections of every attention-style mixer.
+
+    Q, K, V and O are separate ``nn.Linear`` layers (not one fused QKV) so that
+    the block cosine-similarity regulariser and its callback can address each
+    parameter group of the paper by name: ``q_proj``, ``k_proj``, ``v_proj``, ``o_proj``.
+    Subclasses implement ``attend(q, k, v)`` on ``[b h t e]`` tensors.
+    """
+
+    def __init__(self, d_model: int, n_heads: int, dropout: float = 0.0, bias: bool = False) -> None:
+        super().__init__()
+        self.n_heads = n_heads
+        self.dropout = dropout
+        self.q_proj = nn.Linear(d_model, d_model, bias=bias)
+        self.k_proj = nn.Linear(d_model, d_model, bias=bias)
+        self.v_proj = nn.Linear(d_model, d_model, bias=bias)
+        self.o_proj = nn.Linear(d_model, d_model, bias=bias)
+
+    def forward(self, x: Tensor, rope: RotaryEmbedding | None = None) -> Tensor:
+        q, k, v = (
+            rearrange(proj(x), "b t (h e) -> b h t e", h=self.n_heads)
+            for proj in (self.q_proj, self.k_proj, self.v_proj)
+        )
+        if rope is not None:
+            q, k = rope(q), rope(k)
+        out = self.attend(q, k, v)
+        return self.o_proj(rearrange(out, "b h t e -> b t (h e)"))
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+@register_mixer("softmax")
+class SoftmaxAttention(AttentionMixer):
+    """Causal softmax attention through ``F.scaled_dot_product_attention``.
+
+    SDPA picks the fused flash / memory-efficient kernel on GPU and the fused
+    CPU kernel here; no hand-written attention.
+    """
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        p = self.dropout if self.training else 0.0
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)

@@ -1,0 +1,99 @@
+"""Command line: ``looped {fit,validate,test,predict,run}`` and ``lightning run RECIPE.yaml``.
+
+``looped run RECIPE.yaml [--key value ...]`` trains the recipe, then tests the
+best checkpoint. Every other subcommand is LightningCLI's own, so
+``--print_config``, ``--config`` and dotted overrides work as documented by Lightning.
+"""
+
+from __future__ import annotations
+
+import sys
+from importlib import metadata
+from typing import Optional
+
+import lightning as L
+from lightning.pytorch.cli import LightningCLI
+
+from looped.module import LoopedLM
+
+USAGE_RUN = "usage: looped run RECIPE.yaml [--section.key value ...]   (e.g. --trainer.max_steps 200)"
+
+
+class LoopedCLI(LightningCLI):
+    """LightningCLI whose recipes name any ``LoopedLM`` subclass and any ``LightningDataModule``.
+
+    The data module is the single source of ``vocab_size`` and sequence length:
+    both are linked into ``model.config`` after the data module is built.
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("model_class", LoopedLM)
+        kwargs.setdefault("subclass_mode_model", True)
+        kwargs.setdefault("datamodule_class", L.LightningDataModule)
+        kwargs.setdefault("subclass_mode_data", True)
+        kwargs.setdefault("auto_configure_optimizers", False)  # the optimiser is a LoopedLM argument
+        super().__init__(*args, **kwargs)
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.link_arguments("data.vocab_size", "model.init_args.config.vocab_size", apply_on="instantiate")
+        parser.link_arguments("data.seq_len", "model.init_args.config.max_seq_len", apply_on="instantiate")
+
+
+def run(argv: list[str]) -> LoopedCLI:
+    """Fit a recipe, then test its best checkpoint (the weights it ended with if none was saved)."""
+    if not argv or argv[0].startswith("-"):
+        raise SystemExit(USAGE_RUN)
+    recipe, overrides = argv[0], argv[1:]
+    cli = LoopedCLI(args=["fit", "--config", recipe, *overrides])
+    checkpoint = cli.trainer.checkpoint_callback
+    best = getattr(checkpoint, "best_model_path", "") if checkpoint is not None else ""
+    cli.trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path=best or None)
+    return cli
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    """Console script ``looped``."""
+    argv = _take_argv(argv)
+    if argv and argv[0] == "run":
+        run(argv[1:])
+        return
+    LoopedCLI(args=argv)
+
+
+def _take_argv(argv: Optional[list[str]]) -> list[str]:
+    """The arguments to parse; consumed from ``sys.argv`` so LightningCLI does not read them twice."""
+    if argv is None:
+        argv, sys.argv[1:] = sys.argv[1:], []
+    return list(argv)
+
+
+def lightning_main(argv: Optional[list[str]] = None) -> None:
+    """Console script ``lightning``: ``lightning run RECIPE.yaml`` is ``looped run RECIPE.yaml``.
+
+    Lightning 2.6 installs no ``lightning`` command. The separate ``lightning-sdk``
+    package installs a cloud CLI of that name; when it is importable, every other
+    subcommand is handed to it.
+    """
+    argv = _take_argv(argv)
+    if len(argv) >= 2 and argv[0] == "run" and argv[1].endswith((".yaml", ".yml")):
+        run(argv[1:])
+        return
+    sdk = _lightning_sdk_entry_point()
+    if sdk is None:
+        raise SystemExit(
+            "lightning: this command runs recipes: `lightning run recipes/NAME.yaml [--key value ...]`.\n"
+            "Other `lightning` subcommands belong to Lightning AI's cloud CLI: `pip install lightning-sdk`."
+        )
+    sys.argv = ["lightning", *argv]
+    sys.exit(sdk())
+
+
+def _lightning_sdk_entry_point():
+    for entry in metadata.entry_points(group="console_scripts", name="lightning"):
+        if entry.dist is not None and entry.dist.name.replace("_", "-").lower() == "lightning-sdk":
+            return entry.load()
+    return None
+
+
+if __name__ == "__main__":
+    main()

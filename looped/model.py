@@ -1,0 +1,278 @@
+"""The looped transformer ``(k⊗L)``: a block of k layers applied L times with shared weights.
+
+One class covers every row of the papers this project reproduces:
+
+* ``(kL⊗1)``, the plain deep model: ``block_layers=k*L, loops=1``;
+* ``(k⊗L)``, the looped model: ``block_layers=k, loops=L``;
+* middle looping ``(p⊗1, k⊗L, c⊗1)``: ``prelude_layers=p, coda_layers=c``;
+* the unshared model the block regulariser acts on: ``loops=1``.
+
+Dimension letters: b batch, t time (sequence position), d model width,
+f feed-forward width, v vocabulary, n loop index.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal, Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from looped.attention import MIXERS, RotaryEmbedding, build_mixer
+
+
+@dataclass
+class LoopedConfig:
+    """Architecture of a looped transformer. Every field has the paper's meaning."""
+
+    vocab_size: Optional[int] = None
+    """Number of token ids. Linked from the data module in recipes, never typed twice."""
+    max_seq_len: Optional[int] = None
+    """Longest input the model accepts (RoPE / learned-position tables). Linked from the data module."""
+    d_model: int = 128
+    """Residual stream width."""
+    n_heads: int = 8
+    """Attention heads; must divide ``d_model``."""
+    d_ff: int = 512
+    """Hidden width of the feed-forward network."""
+    block_layers: int = 1
+    """k: layers in the shared block."""
+    loops: int = 1
+    """L: how many times the block is applied in training (override per call with ``forward(loops=...)``)."""
+    prelude_layers: int = 0
+    """Unshared layers before the loop (middle looping)."""
+    coda_layers: int = 0
+    """Unshared layers after the loop (middle looping)."""
+    pos_encoding: Literal["rope", "learned"] = "rope"
+    """Rotary embedding in every attention layer, or one learned absolute table at the input."""
+    rope_base: float = 10000.0
+    """RoPE frequency base."""
+    norm: Literal["layernorm", "rmsnorm"] = "layernorm"
+    """Normalisation before each sublayer (pre-norm) and before the head."""
+    activation: Literal["gelu", "relu", "silu", "swiglu"] = "gelu"
+    """Feed-forward non-linearity; ``swiglu`` adds a gate projection ``w3``."""
+    dropout: float = 0.0
+    """Dropout on attention probabilities and residual branches."""
+    bias: bool = False
+    """Bias terms in linear layers."""
+    tie_embeddings: bool = False
+    """Share the input embedding with the output head."""
+    input_injection: Literal["none", "add"] = "none"
+    """``none`` as in the paper; ``add`` re-adds the loop input before every loop after the first."""
+    attention: Union[str, list[str]] = "softmax"
+    """Token mixer, or a per-layer pattern cycled within the prelude, the block and the coda."""
+    init_std: float = 0.02
+    """Std of the normal initialisation; residual output projections are scaled by 1/sqrt(2·depth)."""
+
+    def __post_init__(self) -> None:
+        def need(ok: bool, field: str, msg: str) -> None:
+            if not ok:
+                raise ValueError(f"LoopedConfig.{field}: {msg}")
+
+        for name in ("d_model", "n_heads", "d_ff", "block_layers", "loops"):
+            need(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
+        for name in ("prelude_layers", "coda_layers"):
+            need(getattr(self, name) >= 0, name, f"must be >= 0, got {getattr(self, name)}")
+        need(
+            self.d_model % self.n_heads == 0,
+            "d_model",
+            f"{self.d_model} is not divisible by n_heads={self.n_heads}; "
+            f"pick d_model as a multiple of n_heads (e.g. {self.n_heads * max(1, round(self.d_model / self.n_heads))})",
+        )
+        head_dim = self.d_model // self.n_heads
+        need(
+            self.pos_encoding != "rope" or head_dim % 2 == 0,
+            "n_heads",
+            f"RoPE needs an even head width, but d_model/n_heads = {head_dim}",
+        )
+        need(0.0 <= self.dropout < 1.0, "dropout", f"must lie in [0, 1), got {self.dropout}")
+        for name in self.attention_pattern:
+            need(name in MIXERS, "attention", f"unknown mixer {name!r}; choose from {sorted(MIXERS)}")
+        for name in ("vocab_size", "max_seq_len"):
+            value = getattr(self, name)
+            need(value is None or value >= 1, name, f"must be >= 1, got {value}")
+
+    @property
+    def attention_pattern(self) -> list[str]:
+        return [self.attention] if isinstance(self.attention, str) else list(self.attention)
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def effective_depth(self) -> int:
+        """Layer applications in one forward pass at the trained loop count."""
+        return self.prelude_layers + self.block_layers * self.loops + self.coda_layers
+
+    @property
+    def unique_layers(self) -> int:
+        return self.prelude_layers + self.block_layers + self.coda_layers
+
+
+def make_norm(config: LoopedConfig) -> nn.Module:
+    if config.norm == "rmsnorm":
+        return nn.RMSNorm(config.d_model)
+    return nn.LayerNorm(config.d_model, bias=config.bias)
+
+
+class FeedForward(nn.Module):
+    """Two-layer MLP ``w2(act(w1 x))``, or SwiGLU ``w2(silu(w1 x) * w3 x)``."""
+
+    def __init__(self, config: LoopedConfig) -> None:
+        super().__init__()
+        self.activation = config.activation
+        self.w1 = nn.Linear(config.d_model, config.d_ff, bias=config.bias)
+        self.w2 = nn.Linear(config.d_ff, config.d_model, bias=config.bias)
+        self.w3 = nn.Linear(config.d_model, config.d_ff, bias=config.bias) if config.activation == "swiglu" else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.w1(x)
+        if self.w3 is not None:
+            h = F.silu(h) * self.w3(x)
+        else:
+            h = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu}[self.activation](h)
+        return self.w2(h)
+
+
+class TransformerLayer(nn.Module):
+    """Pre-norm decoder layer: ``x + mix(norm(x))`` then ``x + ffn(norm(x))``."""
+
+    def __init__(self, config: LoopedConfig, mixer: str) -> None:
+        super().__init__()
+        self.attn_norm = make_norm(config)
+        self.attn = build_mixer(mixer, config.d_model, config.n_heads, config.dropout, config.bias)
+        self.ffn_norm = make_norm(config)
+        self.ffn = FeedForward(config)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: Tensor, rope: Optional[RotaryEmbedding] = None) -> Tensor:
+        x = x + self.dropout(self.attn(self.attn_norm(x), rope))
+        return x + self.dropout(self.ffn(self.ffn_norm(x)))
+
+
+class LoopedTransformer(nn.Module):
+    """Decoder-only, pre-norm, causal transformer whose middle block is looped.
+
+    ``embed → prelude → (block of k layers) × L → coda → norm → head``
+    """
+
+    def __init__(self, config: LoopedConfig) -> None:
+        super().__init__()
+        for name in ("vocab_size", "max_seq_len"):
+            if getattr(config, name) is None:
+                raise ValueError(
+                    f"LoopedConfig.{name} is not set: recipes link it from the data module; "
+                    f"when building the model by hand pass {name}=..."
+                )
+        self.config = config
+        pattern = config.attention_pattern
+
+        def layers(n: int) -> nn.ModuleList:
+            return nn.ModuleList(TransformerLayer(config, pattern[i % len(pattern)]) for i in range(n))
+
+        self.embed = nn.Embedding(config.vocab_size, config.d_model)
+        self.pos_embed = nn.Embedding(config.max_seq_len, config.d_model) if config.pos_encoding == "learned" else None
+        self.rope = (
+            RotaryEmbedding(config.head_dim, config.max_seq_len, config.rope_base)
+            if config.pos_encoding == "rope"
+            else None
+        )
+        self.prelude = layers(config.prelude_layers)
+        self.block = layers(config.block_layers)  # the shared block, applied `loops` times
+        self.coda = layers(config.coda_layers)
+        self.norm = make_norm(config)
+        self.head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.head.weight = self.embed.weight
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        std = self.config.init_std
+        # GPT-2's depth scaling, with depth = layer *applications*: a looped block
+        # adds to the residual stream L times, like L unshared layers would.
+        residual_std = std / math.sqrt(2 * self.config.effective_depth)
+        for name, p in self.named_parameters():
+            if p.dim() < 2:  # norms and biases keep their own defaults
+                continue
+            is_residual_out = name.endswith(("o_proj.weight", "w2.weight"))
+            nn.init.normal_(p, mean=0.0, std=residual_std if is_residual_out else std)
+        for module in self.modules():
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
+
+    def forward(
+        self, input_ids: Tensor, loops: Optional[int] = None, return_loop_states: bool = False
+    ) -> Union[Tensor, tuple[Tensor, list[Tensor]]]:
+        """Logits ``[b t v]`` after ``loops`` applications of the block (default: the trained L).
+
+        With ``return_loop_states=True`` also returns the hidden state ``[b t d]``
+        after each loop, so ``readout(loop_states[n])`` is the prediction of loop
+        ``n + 1`` — every loop's prediction from one forward pass.
+        """
+        loops = self.config.loops if loops is None else loops
+        if loops < 1:
+            raise ValueError(f"loops must be >= 1, got {loops}")
+        t = input_ids.shape[1]
+        if t > self.config.max_seq_len:
+            raise ValueError(
+                f"input has {t} positions but LoopedConfig.max_seq_len={self.config.max_seq_len}; "
+                "raise max_seq_len or shorten the data's sequence length"
+            )
+        x = self.embed(input_ids)
+        if self.pos_embed is not None:
+            x = x + self.pos_embed.weight[:t]
+        for layer in self.prelude:
+            x = layer(x, self.rope)
+        loop_input = x
+        loop_states = []
+        for n in range(loops):
+            if self.config.input_injection == "add" and n > 0:
+                x = x + loop_input
+            x = self.apply_block(x)
+            if return_loop_states:
+                loop_states.append(x)
+        logits = self.readout(x)
+        return (logits, loop_states) if return_loop_states else logits
+
+    def apply_block(self, x: Tensor) -> Tensor:
+        """One application of the shared block (the unit of activation checkpointing)."""
+        for layer in self.block:
+            x = layer(x, self.rope)
+        return x
+
+    def readout(self, hidden: Tensor, positions: Optional[Tensor] = None) -> Tensor:
+        """Logits from a hidden state: ``coda → norm → head``.
+
+        ``positions`` (a boolean mask ``[b t]``) keeps only those positions' logits,
+        ``[n v]``; without a coda this skips the head everywhere else, which is what
+        makes per-loop evaluation nearly free.
+        """
+        if positions is not None and len(self.coda) == 0:
+            hidden = hidden[positions]
+        for layer in self.coda:
+            hidden = layer(hidden, self.rope)
+        if positions is not None and len(self.coda) > 0:
+            hidden = hidden[positions]
+        return self.head(self.norm(hidden))
+
+    def flops_per_token(self, seq_len: int, loops: Optional[int] = None) -> int:
+        """Matmul FLOPs of one *forward* pass per token, counting the block ``loops`` times.
+
+        Per layer application: Q, K, V, O (``8d²``), the FFN (``4df``, ``6df`` for
+        SwiGLU) and attention scores and values (``4td``, counted over the full
+        ``t × t`` square as SDPA's FLOP formula does). Plus the head (``2dv``).
+        Training costs three times this (backward = 2 × forward).
+        """
+        c = self.config
+        loops = c.loops if loops is None else loops
+        ffn = (6 if c.activation == "swiglu" else 4) * c.d_model * c.d_ff
+        per_layer = 8 * c.d_model**2 + ffn + 4 * seq_len * c.d_model
+        applications = c.prelude_layers + c.block_layers * loops + c.coda_layers
+        return applications * per_layer + 2 * c.d_model * c.vocab_size
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())

@@ -1,0 +1,177 @@
+"""``LoopedLM``: the LightningModule that trains a ``LoopedTransformer`` on ``{input_ids, labels}`` batches.
+
+Loss is cross-entropy on ``labels`` (-100 = no loss). Metrics (torchmetrics):
+exact match (a sample counts only if every labelled position is right) and
+token accuracy. A new task subclasses this in a few lines (override
+``compute_loss`` or the ``*_step`` hooks; see README).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Iterable, Optional
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchmetrics import MeanMetric
+from torchmetrics.classification import MulticlassAccuracy, MulticlassExactMatch
+
+from looped.model import LoopedConfig, LoopedTransformer
+
+IGNORE = -100
+OptimizerFactory = Callable[[Iterable], torch.optim.Optimizer]
+
+
+def adamw(params: Iterable) -> torch.optim.Optimizer:
+    """The default optimiser (recipes usually name one: ``class_path: torch.optim.Adafactor``)."""
+    return torch.optim.AdamW(params, lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1)
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss became NaN or inf; raised so the run stops instead of training on garbage."""
+
+
+def warmup_cosine(step: int, warmup_steps: int, decay_steps: int, min_lr_ratio: float) -> float:
+    """LR multiplier: linear warmup to 1, then cosine decay to ``min_lr_ratio`` at ``decay_steps``."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, decay_steps - warmup_steps))
+    return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class LoopedLM(L.LightningModule):
+    """Train and evaluate a looped transformer.
+
+    Args:
+        config: the architecture (``vocab_size`` and ``max_seq_len`` are linked from the data module).
+        optimizer: a callable that builds the optimiser from parameter groups, e.g. in a recipe
+            ``{class_path: torch.optim.Adafactor, init_args: {lr: 0.001}}``. Weight decay applies only
+            to matrices; norms, biases and embeddings get none.
+        warmup_steps: linear warmup length in optimiser steps.
+        decay_steps: end of the cosine decay (default: ``trainer.max_steps``).
+        min_lr_ratio: learning rate at the end of the decay, as a fraction of the peak.
+    """
+
+    def __init__(
+        self,
+        config: LoopedConfig,
+        optimizer: OptimizerFactory = adamw,
+        warmup_steps: int = 100,
+        decay_steps: Optional[int] = None,
+        min_lr_ratio: float = 0.1,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.config = config
+        self.optimizer_factory = optimizer
+        self.warmup_steps = warmup_steps
+        self.decay_steps = decay_steps
+        self.min_lr_ratio = min_lr_ratio
+        self.model = LoopedTransformer(config)
+        metrics = lambda: nn.ModuleDict(  # noqa: E731 - one fresh set per stage
+            {
+                "exact_match": MulticlassExactMatch(num_classes=config.vocab_size, ignore_index=IGNORE),
+                "token_accuracy": MulticlassAccuracy(
+                    num_classes=config.vocab_size, ignore_index=IGNORE, average="micro"
+                ),
+                "loss": MeanMetric(),
+            }
+        )
+        self.val_metrics, self.test_metrics = metrics(), metrics()
+        self._batch_shape: Optional[tuple[int, int]] = None
+
+    # -- forward and loss -------------------------------------------------------
+    def forward(self, input_ids: Tensor, loops: Optional[int] = None, return_loop_states: bool = False):
+        return self.model(input_ids, loops=loops, return_loop_states=return_loop_states)
+
+    def compute_loss(self, logits: Tensor, labels: Tensor) -> Tensor:
+        return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE)
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        self._batch_shape = tuple(batch["input_ids"].shape)
+        logits = self(batch["input_ids"])
+        loss = self.compute_loss(logits, batch["labels"])
+        if not torch.isfinite(loss):
+            raise NonFiniteLossError(
+                f"loss is {loss.item()} at step {self.global_step}. Lower the learning rate "
+                "(model.init_args.optimizer.init_args.lr), lengthen model.init_args.warmup_steps, or train in "
+                "trainer.precision=32-true / bf16-mixed instead of 16-mixed; then resume from the last checkpoint."
+            )
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def _eval_step(self, batch: dict[str, Tensor], metrics: nn.ModuleDict, stage: str) -> None:
+        labels = batch["labels"]
+        logits = self(batch["input_ids"])
+        metrics["loss"].update(self.compute_loss(logits, labels), weight=(labels != IGNORE).sum())
+        # Exact match over the whole sequence: positions with no label count as right.
+        preds = logits.argmax(-1)
+        metrics["exact_match"].update(preds, labels)
+        metrics["token_accuracy"].update(preds, labels)
+        for name, metric in metrics.items():
+            self.log(f"{stage}/{name}", metric, prog_bar=name == "exact_match", on_epoch=True, on_step=False)
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, self.val_metrics, "val")
+
+    def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, self.test_metrics, "test")
+
+    def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        return self(batch["input_ids"]).argmax(-1)
+
+    # -- checks before compute ----------------------------------------------------
+    def setup(self, stage: str) -> None:
+        data = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if data is None:
+            return
+        if getattr(data, "vocab_size", self.config.vocab_size) > self.config.vocab_size:
+            raise ValueError(
+                f"vocabulary mismatch: the data has {data.vocab_size} token ids but "
+                f"model.init_args.config.vocab_size={self.config.vocab_size}; drop the override and let the "
+                "recipe link vocab_size from the data module"
+            )
+        if getattr(data, "seq_len", 0) > self.config.max_seq_len:
+            raise ValueError(
+                f"the data's sequences have {data.seq_len} positions but model.init_args.config.max_seq_len="
+                f"{self.config.max_seq_len}; raise max_seq_len or shorten the data"
+            )
+
+    # -- optimisation ---------------------------------------------------------------
+    def parameter_groups(self) -> list[dict[str, Any]]:
+        """Weight decay on matrices of linear layers only (not norms, biases or embeddings)."""
+        embeddings = {id(m.weight) for m in self.model.modules() if isinstance(m, nn.Embedding)}
+        decay, no_decay, seen = [], [], set()
+        for p in self.model.parameters():
+            if id(p) in seen or not p.requires_grad:
+                continue  # tied weights appear twice
+            seen.add(id(p))
+            (decay if p.dim() >= 2 and id(p) not in embeddings else no_decay).append(p)
+        return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+    def configure_optimizers(self):
+        optimizer = self.optimizer_factory(self.parameter_groups())
+        decay_steps = self.decay_steps
+        if decay_steps is None:
+            # max_steps, not estimated_stepping_batches: reading the latter builds the
+            # train dataloader early, which drops a streaming loader's restored state.
+            decay_steps = self.trainer.max_steps
+            if decay_steps is None or decay_steps < 0:
+                raise ValueError(
+                    "the cosine schedule needs an end: set trainer.max_steps or model.init_args.decay_steps"
+                )
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: warmup_cosine(step, self.warmup_steps, decay_steps, self.min_lr_ratio)
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    # -- throughput ---------------------------------------------------------------------
+    @property
+    def flops_per_batch(self) -> Optional[int]:
+        """Training FLOPs of the last batch (3 × forward), read by Lightning's ThroughputMonitor for MFU."""
+        if self._batch_shape is None:
+            return None
+        batch, seq_len = self._batch_shape
+        return 3 * batch * seq_len * self.model.flops_per_token(seq_len)
