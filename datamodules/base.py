@@ -163,6 +163,9 @@ class SyntheticTask(L.LightningDataModule):
             num_workers=self.num_workers,
             persistent_workers=False,
             pin_memory=torch.cuda.is_available(),
+            # Its own generator: creating the iterator must not consume the global RNG
+            # (dropout's), or a resumed run would draw different dropout masks.
+            generator=torch.Generator().manual_seed(self.seed),
         )
 
     def _eval_loader(self, purpose: int) -> DataLoader:

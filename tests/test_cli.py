@@ -1,0 +1,132 @@
+"""The command line end to end, recipe parsing, and the errors a user sees for bad input."""
+
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from looped import LoopedLM
+from looped.cli import LoopedCLI, lightning_main
+
+from conftest import RECIPES, ROOT
+
+ALL_RECIPES = sorted(RECIPES.rglob("*.yaml"))
+
+
+def test_there_are_recipes():
+    assert (RECIPES / "quickstart.yaml") in ALL_RECIPES and len(list((RECIPES / "phop").glob("*.yaml"))) >= 14
+
+
+@pytest.mark.parametrize("path", ALL_RECIPES, ids=lambda p: str(p.relative_to(RECIPES)))
+def test_every_recipe_parses_and_builds(path, run_dir):
+    """Parse against the code's signatures and instantiate model + data: a recipe can never rot."""
+    cli = LoopedCLI(args=["--config", str(path)], run=False)
+    assert isinstance(cli.model, LoopedLM)
+    config = cli.model.config
+    assert config.vocab_size == cli.datamodule.vocab_size  # linked, never typed twice
+    assert config.max_seq_len == cli.datamodule.seq_len
+
+
+def _console(name: str) -> str:
+    found = shutil.which(name, path=str(ROOT / ".venv" / "bin")) or shutil.which(name)
+    if found is None:
+        pytest.skip(f"console script {name!r} is not installed (pip install -e .)")
+    return found
+
+
+@pytest.mark.slow
+def test_console_fit_fast_dev_run(run_dir):
+    out = subprocess.run(
+        [_console("looped"), "fit", "--config", str(RECIPES / "quickstart.yaml"), "--trainer.fast_dev_run", "true"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "train/loss" in out.stdout + out.stderr
+
+
+@pytest.mark.slow
+def test_lightning_run_trains_then_tests_with_per_loop_table(run_dir):
+    overrides = ["--trainer.max_steps", "4", "--trainer.val_check_interval", "2", "--data.test_size", "64"]
+    out = subprocess.run(
+        [_console("lightning"), "run", str(RECIPES / "quickstart.yaml"), *overrides],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    text = out.stdout + out.stderr
+    assert out.returncode == 0, text[-3000:]
+    assert "Test exact match per loop" in text
+    assert "test/exact_match_loop8" in text
+    # fit wrote a resolved config and a best checkpoint that test loaded
+    run = run_dir / "runs" / "quickstart" / "version_0"
+    assert (run / "config.yaml").exists() and list((run / "checkpoints").glob("*.ckpt"))
+
+
+def test_lightning_without_sdk_explains(monkeypatch):
+    monkeypatch.setattr("looped.cli._lightning_sdk_entry_point", lambda: None)
+    with pytest.raises(SystemExit, match="lightning run recipes/NAME.yaml"):
+        lightning_main(["login"])
+
+
+def test_lightning_hands_other_commands_to_sdk(monkeypatch):
+    seen = {}
+
+    def fake_sdk():
+        seen["argv"] = list(sys.argv)
+        return 0
+
+    monkeypatch.setattr("looped.cli._lightning_sdk_entry_point", lambda: fake_sdk)
+    with pytest.raises(SystemExit) as exit_info:
+        lightning_main(["studio", "list"])
+    assert exit_info.value.code == 0 and seen["argv"] == ["lightning", "studio", "list"]
+
+
+def _parse_error(capsys, *args) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        LoopedCLI(args=["--config", str(RECIPES / "quickstart.yaml"), *args], run=False)
+    assert exit_info.value.code != 0
+    return capsys.readouterr().err
+
+
+def test_unknown_recipe_key_is_named(capsys, run_dir):
+    err = _parse_error(capsys, "--model.init_args.config.d_modle", "64")
+    assert "d_modle" in err
+
+
+def test_heads_not_dividing_width_is_named(run_dir):
+    with pytest.raises(ValueError, match="LoopedConfig.d_model: 100 is not divisible by n_heads=8"):
+        LoopedCLI(
+            args=[
+                "--config", str(RECIPES / "quickstart.yaml"),
+                "--model.init_args.config.d_model", "100", "--model.init_args.config.n_heads", "8",
+            ],
+            run=False,
+        )
+
+
+def test_impossible_hops_are_named(run_dir):
+    with pytest.raises(ValueError, match="data.hops=40 is impossible"):
+        LoopedCLI(args=["--config", str(RECIPES / "quickstart.yaml"), "--data.hops", "40", "--data.length", "12"], run=False)
+
+
+def test_vocabulary_mismatch_is_named_before_training(run_dir):
+    cli = LoopedCLI(
+        args=["--config", str(RECIPES / "quickstart.yaml"), "--trainer.fast_dev_run", "true"], run=False
+    )
+    cli.model.config.vocab_size = 3  # as if a user hard-coded a smaller vocabulary
+    with pytest.raises(ValueError, match="vocabulary mismatch"):
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+
+
+def test_non_finite_loss_stops_with_a_fix(run_dir):
+    cli = LoopedCLI(
+        args=["--config", str(RECIPES / "quickstart.yaml"), "--trainer.fast_dev_run", "true"], run=False
+    )
+    with torch.no_grad():
+        cli.model.model.head.weight.fill_(float("nan"))
+    with pytest.raises(FloatingPointError, match="Lower the learning rate"):
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule)

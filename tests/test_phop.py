@@ -1,0 +1,136 @@
+"""p-hop induction: the vectorised generator against a literal reading of the definition, and its data contract."""
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from torch.utils.data import DataLoader
+
+from looped.datamodules import PHop
+from looped.datamodules.base import IGNORE, TrainStream, rows_as_keys
+
+from conftest import RECIPES
+
+
+def reference_answer(text: str, hops: int):
+    """Slow and literal: 1-indexed v, find_1(v, i) = max({0} ∪ {j ≤ i : v[j-1] = v[i]})."""
+    v = [None] + list(text)  # v[1..n]
+
+    def find_1(i: int) -> int:
+        return max([0] + [j for j in range(2, i + 1) if v[j - 1] == v[i]])
+
+    pos = len(text)
+    for _ in range(hops):
+        pos = find_1(pos)
+    return v[pos] if pos > 0 else None
+
+
+@pytest.mark.parametrize("alphabet_size,length,hops", [(4, 32, 3), (4, 24, 1), (3, 40, 7), (6, 64, 16)])
+def test_generator_matches_reference(alphabet_size, length, hops):
+    task = PHop(alphabet_size=alphabet_size, length=length, hops=hops, batch_size=500)
+    checked = 0
+    for index in range(5):  # 2,500 samples per setting
+        input_ids, labels = task.train_batch(rank=0, index=index)
+        assert input_ids.shape == (500, length + 1) and labels.shape == input_ids.shape
+        assert (labels[:, :-1] == IGNORE).all()
+        for ids, label in zip(input_ids, labels):
+            text = task.decode(ids)
+            assert text.endswith("=")
+            expected = reference_answer(text[:-1], hops)
+            assert expected is not None, "the generator must keep only sequences whose chain exists"
+            assert task.vocab[label[-1]] == expected
+            checked += 1
+    assert checked == 2500
+
+
+def test_answers_are_not_trivial():
+    task = PHop(length=32, hops=3, batch_size=2000)
+    _, labels = task.train_batch(0, 0)
+    counts = np.bincount(labels[:, -1], minlength=4)[:4] / 2000
+    assert counts.min() > 0.15, f"answer letters should be roughly balanced, got {counts}"
+
+
+def stream(task: PHop, workers: int, start: int, n: int, rank: int = 0) -> list[torch.Tensor]:
+    loader = DataLoader(TrainStream(task, rank=rank, start=start), batch_size=None, num_workers=workers)
+    out = []
+    for batch in loader:
+        out.append(batch["input_ids"])
+        if len(out) == n:
+            return out
+
+
+def test_stream_is_the_same_for_any_worker_count_and_resumes_exactly():
+    task = PHop(length=32, hops=3, batch_size=8)
+    single = stream(task, workers=0, start=0, n=6)
+    double = stream(task, workers=2, start=0, n=6)
+    for a, b in zip(single, double):
+        assert torch.equal(a, b)
+    resumed = stream(task, workers=2, start=3, n=3)
+    for a, b in zip(single[3:], resumed):
+        assert torch.equal(a, b)
+    # Batches within the stream differ from each other.
+    assert len({tuple(b.flatten().tolist()) for b in single}) == 6
+
+
+def test_ranks_and_seeds_draw_different_streams():
+    task = PHop(length=32, hops=3, batch_size=8)
+    assert not torch.equal(stream(task, 0, 0, 1, rank=0)[0], stream(task, 0, 0, 1, rank=1)[0])
+    other = PHop(length=32, hops=3, batch_size=8, seed=1)
+    assert not torch.equal(stream(task, 0, 0, 1)[0], stream(other, 0, 0, 1)[0])
+
+
+def phop_data_settings():
+    """Distinct (data arguments, training batches) of the p-hop recipes; rows of a table share one."""
+    settings = {}
+    for path in sorted(RECIPES.rglob("*.yaml")):
+        recipe = yaml.safe_load(path.read_text())
+        if not recipe.get("data", {}).get("class_path", "").endswith("PHop"):
+            continue
+        args = {k: v for k, v in recipe["data"]["init_args"].items() if k != "num_workers"}
+        key = repr(sorted(args.items()))
+        batches = max(recipe["trainer"]["max_steps"], settings.get(key, (None, 0, ""))[1])
+        settings[key] = (args, batches, path.stem)
+    return list(settings.values())
+
+
+@pytest.mark.parametrize("args, max_steps, name", phop_data_settings(), ids=lambda v: v if isinstance(v, str) else "")
+def test_no_training_sample_is_evaluated(args, max_steps, name):
+    """Every training sample a recipe's run can draw (up to 50k here) is absent from val and test."""
+    task = PHop(**args)
+    val, test = rows_as_keys(task.eval_set(1)[0]), rows_as_keys(task.eval_set(2)[0])
+    assert len(set(val)) == len(val) == task.val_size and len(set(test)) == task.test_size
+    assert not set(val) & set(test)
+    eval_keys = set(val) | set(test)
+    for index in range(min(max_steps, 50_000 // task.batch_size)):
+        x, _ = task.train_batch(rank=0, index=index)
+        assert not eval_keys.intersection(rows_as_keys(x))
+
+
+def test_collisions_with_eval_are_redrawn():
+    """In a tiny task space collisions are certain; the stream must still never hand out an eval sample."""
+    task = PHop(alphabet_size=2, length=6, hops=1, batch_size=64, val_size=16, test_size=16)
+    keys = task.eval_keys
+    collided = 0
+    for index in range(50):
+        x, y = task.train_batch(0, index)
+        assert not keys.intersection(rows_as_keys(x))
+        # the redrawn rows still carry correct answers
+        for ids, label in zip(x, y):
+            assert task.vocab[label[-1]] == reference_answer(task.decode(ids)[:-1], 1)
+        raw, _ = task.generate(task.rng(0, 0, index), 64)
+        collided += len(keys.intersection(rows_as_keys(raw)))
+    assert collided > 0, "the test needs a task small enough to collide"
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        ({"length": 8, "hops": 32}, "data.hops=32 is impossible"),
+        ({"alphabet_size": 26, "length": 40, "hops": 30}, "data.hops=30 is impossible in practice"),
+        ({"alphabet_size": 1}, "data.alphabet_size"),
+        ({"hops": 0}, "data.hops"),
+    ],
+)
+def test_bad_parameters_name_the_field(kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        PHop(**kwargs)
