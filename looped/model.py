@@ -205,13 +205,19 @@ class LoopedTransformer(nn.Module):
                 nn.init.zeros_(module.bias)
 
     def forward(
-        self, input_ids: Tensor, loops: Optional[int] = None, return_loop_states: bool = False
+        self,
+        input_ids: Tensor,
+        loops: Optional[int] = None,
+        return_loop_states: bool = False,
+        grad_loops: Optional[int] = None,
     ) -> Union[Tensor, tuple[Tensor, list[Tensor]]]:
         """Logits ``[b t v]`` after ``loops`` applications of the block (default: the trained L).
 
         With ``return_loop_states=True`` also returns the hidden state ``[b t d]``
         after each loop, so ``readout(loop_states[n])`` is the prediction of loop
         ``n + 1`` — every loop's prediction from one forward pass.
+        ``grad_loops=m`` runs all but the last ``m`` loops without autograd
+        (truncated backpropagation through the loop).
         """
         loops = self.config.loops if loops is None else loops
         if loops < 1:
@@ -229,10 +235,12 @@ class LoopedTransformer(nn.Module):
             x = layer(x, self.rope)
         loop_input = x
         loop_states = []
+        first_with_grad = 0 if grad_loops is None else max(0, loops - grad_loops)
         for n in range(loops):
             if self.config.input_injection == "add" and n > 0:
                 x = x + loop_input
-            x = self.apply_block(x)
+            with torch.set_grad_enabled(torch.is_grad_enabled() and n >= first_with_grad):
+                x = self.apply_block(x)
             if return_loop_states:
                 loop_states.append(x)
         logits = self.readout(x)

@@ -9,6 +9,7 @@ token accuracy. A new task subclasses this in a few lines (override
 from __future__ import annotations
 
 import math
+from dataclasses import asdict
 from typing import Any, Callable, Iterable, Optional
 
 import lightning as L
@@ -18,7 +19,9 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassExactMatch
 
+from looped.loop_schedule import LoopSchedule
 from looped.model import LoopedConfig, LoopedTransformer
+from looped.regularizer import BlockRegularizer
 
 IGNORE = -100
 OptimizerFactory = Callable[[Iterable], torch.optim.Optimizer]
@@ -31,6 +34,16 @@ def adamw(params: Iterable) -> torch.optim.Optimizer:
 
 class NonFiniteLossError(FloatingPointError):
     """The loss became NaN or inf; raised so the run stops instead of training on garbage."""
+
+
+def batch_size(batch: dict[str, Tensor]) -> int:
+    """Samples in a batch (for Lightning's ``ThroughputMonitor(batch_size_fn=...)``)."""
+    return batch["input_ids"].shape[0]
+
+
+def batch_tokens(batch: dict[str, Tensor]) -> int:
+    """Tokens in a batch (for ``ThroughputMonitor(length_fn=...)``: tokens/s)."""
+    return batch["input_ids"].numel()
 
 
 def warmup_cosine(step: int, warmup_steps: int, decay_steps: int, min_lr_ratio: float) -> float:
@@ -52,6 +65,10 @@ class LoopedLM(L.LightningModule):
         warmup_steps: linear warmup length in optimiser steps.
         decay_steps: end of the cosine decay (default: ``trainer.max_steps``).
         min_lr_ratio: learning rate at the end of the decay, as a fraction of the peak.
+        regularizer: the paper's block cosine regulariser (Table 4), for an unshared model
+            (``loops: 1``); None: off.
+        loop_schedule: random loop counts, truncated backpropagation and a per-loop loss
+            for training; None: always the config's L with full backpropagation (the paper).
     """
 
     def __init__(
@@ -61,15 +78,37 @@ class LoopedLM(L.LightningModule):
         warmup_steps: int = 100,
         decay_steps: Optional[int] = None,
         min_lr_ratio: float = 0.1,
+        regularizer: Optional[BlockRegularizer] = None,
+        loop_schedule: Optional[LoopSchedule] = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters()
+        # Checkpoints hold plain data only (they load with torch.load(weights_only=True));
+        # the optimiser is a callable, recorded in the run's config.yaml instead.
+        config = config if isinstance(config, LoopedConfig) else LoopedConfig(**config)
+        if isinstance(regularizer, dict):
+            regularizer = BlockRegularizer(**regularizer)
+        if isinstance(loop_schedule, dict):
+            loop_schedule = LoopSchedule(**loop_schedule)
+        self.save_hyperparameters(
+            {
+                "config": asdict(config),
+                "warmup_steps": warmup_steps,
+                "decay_steps": decay_steps,
+                "min_lr_ratio": min_lr_ratio,
+                "regularizer": asdict(regularizer) if regularizer is not None else None,
+                "loop_schedule": asdict(loop_schedule) if loop_schedule is not None else None,
+            }
+        )
         self.config = config
         self.optimizer_factory = optimizer
         self.warmup_steps = warmup_steps
         self.decay_steps = decay_steps
         self.min_lr_ratio = min_lr_ratio
         self.model = LoopedTransformer(config)
+        self.regularizer = regularizer
+        if regularizer is not None:
+            regularizer.check(self.model.block)
+        self.loop_schedule = loop_schedule or LoopSchedule()
         metrics = lambda: nn.ModuleDict(  # noqa: E731 - one fresh set per stage
             {
                 "exact_match": MulticlassExactMatch(num_classes=config.vocab_size, ignore_index=IGNORE),
@@ -91,8 +130,29 @@ class LoopedLM(L.LightningModule):
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         self._batch_shape = tuple(batch["input_ids"].shape)
-        logits = self(batch["input_ids"])
-        loss = self.compute_loss(logits, batch["labels"])
+        schedule = self.loop_schedule
+        loops = schedule.sample(self.config.loops, self.global_step)
+        self._loops_this_step = loops
+        labels = batch["labels"]
+        if schedule.per_loop_loss_weight > 0:
+            logits, states = self.model(
+                batch["input_ids"], loops=loops, return_loop_states=True, grad_loops=schedule.grad_loops
+            )
+            loss = self.compute_loss(logits, labels)
+            trained = states[-(schedule.grad_loops or loops) : -1]  # loops with gradients, but the last
+            if trained:
+                aux = torch.stack([self.compute_loss(self.model.readout(s), labels) for s in trained]).mean()
+                self.log("train/per_loop_loss", aux)
+                loss = loss + schedule.per_loop_loss_weight * aux
+        else:
+            logits = self.model(batch["input_ids"], loops=loops, grad_loops=schedule.grad_loops)
+            loss = self.compute_loss(logits, labels)
+        if self.regularizer is not None:
+            penalty = self.regularizer.penalty(self.model.block)
+            self.log("train/regularizer", penalty)
+            loss = loss + self.regularizer.weight * penalty
+        if schedule.distribution != "fixed":
+            self.log("train/loops", float(loops))
         if not torch.isfinite(loss):
             raise NonFiniteLossError(
                 f"loss is {loss.item()} at step {self.global_step}. Lower the learning rate "
@@ -190,4 +250,5 @@ class LoopedLM(L.LightningModule):
         if self._batch_shape is None:
             return None
         batch, seq_len = self._batch_shape
-        return 3 * batch * seq_len * self.model.flops_per_token(seq_len)
+        loops = getattr(self, "_loops_this_step", self.config.loops)
+        return 3 * batch * seq_len * self.model.flops_per_token(seq_len, loops=loops)

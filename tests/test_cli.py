@@ -6,6 +6,7 @@ import sys
 
 import pytest
 import torch
+import yaml
 
 from looped import LoopedLM
 from looped.cli import LoopedCLI, lightning_main
@@ -27,6 +28,19 @@ def test_every_recipe_parses_and_builds(path, run_dir):
     config = cli.model.config
     assert config.vocab_size == cli.datamodule.vocab_size  # linked, never typed twice
     assert config.max_seq_len == cli.datamodule.seq_len
+    # The optimiser the recipe names is the one training builds.
+    cli.model.trainer = cli.trainer
+    optimizer = cli.model.configure_optimizers()["optimizer"]
+    named = yaml.safe_load(path.read_text())["model"]["init_args"].get("optimizer", {}).get("class_path", "AdamW")
+    assert type(optimizer).__name__ == named.rsplit(".", 1)[-1]
+
+
+@pytest.mark.parametrize("path", ALL_RECIPES, ids=lambda p: str(p.relative_to(RECIPES)))
+def test_every_recipe_value_has_a_comment(path):
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        code = line.split("#", 1)[0].strip()
+        if code and not code.endswith(":"):
+            assert "#" in line, f"{path.name}:{number} has no comment: {line.strip()}"
 
 
 def _console(name: str) -> str:

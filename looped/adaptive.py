@@ -1,0 +1,201 @@
+"""Adaptive exit: stop looping a sequence once its prediction has settled.
+
+A looped model can run any number of loops at inference. Instead of a fixed
+``L`` for every sequence, each one stops at the first loop where a rule says its
+answer is stable, and the cost is the *mean* loops used. Two rules:
+
+* ``stable`` (patience m): the argmax at every labelled position is the same
+  for m consecutive loop-to-loop transitions, i.e. loops ``n-m .. n`` agree;
+  the sequence exits at loop n (so the earliest exit is loop ``m + 1``).
+* ``kl`` (threshold τ): ``KL(p_n ‖ p_{n-1}) < τ`` at every labelled position
+  (the largest KL over the sequence's positions decides); earliest exit: loop 2.
+
+A sequence that never settles runs to ``max_loops``. Exiting at loop n costs n
+loops: the rule reads loop n's own prediction, which the exit then returns.
+
+Everything comes from ONE forward pass with ``return_loop_states=True``
+(``per_loop_predictions``): every loop's readout at the labelled positions, from
+which the exit loop of every sample under every rule is found without running
+the model again (``exit_loops_stable``, ``exit_loops_kl``). Only ``[n m]``
+summaries are kept per loop, never ``[n m v]`` distributions.
+
+Dimension letters: n loop, b sample, m labelled position (over the whole batch), v vocabulary.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+IGNORE = -100
+
+
+@dataclass
+class LoopPredictions:
+    """What every loop predicts at the labelled positions of one batch."""
+
+    preds: Tensor
+    """``[n m]`` argmax after loop n+1."""
+    kl: Tensor
+    """``[n m]`` ``KL(p_{n+1} ‖ p_n)`` between consecutive loops; row 0 (no previous loop) is +inf."""
+    correct: Tensor
+    """``[n b]`` bool: every labelled position of sample b is right after loop n+1."""
+    sample: Tensor
+    """``[m]`` the sample each labelled position belongs to."""
+
+    @property
+    def max_loops(self) -> int:
+        return self.preds.shape[0]
+
+    @property
+    def batch_size(self) -> int:
+        return self.correct.shape[1]
+
+
+@torch.no_grad()
+def per_loop_predictions(model, input_ids: Tensor, labels: Tensor, max_loops: int) -> LoopPredictions:
+    """Run ``model`` once for ``max_loops`` loops and read every loop out at the labelled positions."""
+    _, states = model(input_ids, loops=max_loops, return_loop_states=True)
+    mask = labels != IGNORE
+    sample = mask.nonzero()[:, 0]
+    target = labels[mask]
+    preds, kls = [], []
+    previous = None
+    for state in states:
+        # float32: a KL threshold of 1e-3 is below bf16's resolution of a log-probability.
+        logprobs = model.readout(state, positions=mask).float().log_softmax(-1)
+        preds.append(logprobs.argmax(-1))
+        if previous is None:
+            kls.append(torch.full_like(target, float("inf"), dtype=torch.float32))
+        else:
+            # kl_div(input, target) is KL(target ‖ input): here KL(p_n ‖ p_{n-1}).
+            kls.append(F.kl_div(previous, logprobs, reduction="none", log_target=True).sum(-1))
+        previous = logprobs
+    preds = torch.stack(preds)
+    correct = per_sample_all(preds == target, sample, len(labels))
+    return LoopPredictions(preds=preds, kl=torch.stack(kls), correct=correct, sample=sample)
+
+
+def per_sample_all(flags: Tensor, sample: Tensor, batch_size: int) -> Tensor:
+    """``[n m]`` bool → ``[n b]``: true where all of sample b's positions are (no positions: true)."""
+    misses = torch.zeros(flags.shape[0], batch_size, device=flags.device)
+    return misses.index_add_(1, sample, (~flags).float()) == 0
+
+
+def per_sample_max(values: Tensor, sample: Tensor, batch_size: int) -> Tensor:
+    """``[n m]`` → ``[n b]``: the largest value over sample b's positions (no positions: -inf)."""
+    out = torch.full((values.shape[0], batch_size), float("-inf"), device=values.device, dtype=values.dtype)
+    index = sample.expand_as(values)
+    return out.scatter_reduce_(1, index, values, reduce="amax", include_self=True)
+
+
+def first_exit(settled: Tensor, patience: int) -> Tensor:
+    """``[b]`` 1-based exit loop from ``settled [n-1 b]`` (transition into loop j+2 settled).
+
+    The exit is the first loop that ends ``patience`` consecutive settled
+    transitions; a sample with no such run exits at the last loop, n.
+    """
+    if patience < 1:
+        raise ValueError(f"patience must be >= 1, got {patience}")
+    transitions, batch = settled.shape
+    last = transitions + 1
+    if transitions < patience:
+        return torch.full((batch,), last, dtype=torch.long, device=settled.device)
+    # window i covers transitions i .. i+patience-1, the last of which ends at loop i+patience+1
+    window = settled.unfold(0, patience, 1).all(-1)
+    ends = torch.arange(patience + 1, last + 1, device=settled.device)[:, None]
+    return torch.where(window, ends, last).min(0).values
+
+
+def exit_loops_stable(pred: LoopPredictions, patience: int) -> Tensor:
+    """``[b]`` exit loop under rule ``stable``: argmax unchanged for ``patience`` consecutive loops."""
+    unchanged = per_sample_all(pred.preds[1:] == pred.preds[:-1], pred.sample, pred.batch_size)
+    return first_exit(unchanged, patience)
+
+
+def exit_loops_kl(pred: LoopPredictions, threshold: float) -> Tensor:
+    """``[b]`` exit loop under rule ``kl``: ``KL(p_n ‖ p_{n-1}) < threshold`` at every labelled position."""
+    settled = per_sample_max(pred.kl[1:], pred.sample, pred.batch_size) < threshold
+    return first_exit(settled, 1)
+
+
+def correct_at_exit(pred: LoopPredictions, exits: Tensor) -> Tensor:
+    """``[b]`` bool: sample b's prediction at its exit loop is fully right."""
+    return pred.correct.gather(0, (exits - 1)[None]).squeeze(0)
+
+
+def rule_name(rule: str, param: float) -> str:
+    return f"{rule}_{param:g}"
+
+
+def adaptive_exits(pred: LoopPredictions, patience: Iterable[int], kl_thresholds: Iterable[float]) -> dict[str, Tensor]:
+    """``{"stable_2": exits [b], "kl_0.01": exits [b], ...}`` for every rule and parameter."""
+    exits = {rule_name("stable", m): exit_loops_stable(pred, m) for m in patience}
+    exits.update({rule_name("kl", t): exit_loops_kl(pred, t) for t in kl_thresholds})
+    return exits
+
+
+class Point(NamedTuple):
+    """One operating point: a rule at one parameter (or a fixed loop count) and what it achieves."""
+
+    name: str
+    mean_loops: float
+    accuracy: float
+
+
+def pareto(points: Iterable[Point]) -> list[Point]:
+    """The points no other point beats: none has fewer or equal mean loops and higher or equal
+    accuracy, with one of the two strictly better. Sorted by mean loops."""
+    points = list(points)
+    front = [
+        p
+        for p in points
+        if not any(
+            q.mean_loops <= p.mean_loops and q.accuracy >= p.accuracy and (q.mean_loops, q.accuracy) != (p.mean_loops, p.accuracy)
+            for q in points
+        )
+    ]
+    return sorted(front, key=lambda p: (p.mean_loops, -p.accuracy))
+
+
+def format_adaptive_table(fixed: list[float], adaptive: list[Point], trained_loops: int) -> str:
+    """Plain-text table: fixed loop counts, then every adaptive rule; ``*`` marks the Pareto front."""
+    fixed_points = [Point(f"fixed_{n}", float(n), a) for n, a in enumerate(fixed, start=1)]
+    front = set(pareto(fixed_points + adaptive))
+    lines = [f"\nAdaptive exit at test (max {len(fixed)} loops, trained L={trained_loops}; * = on the Pareto front)"]
+    lines.append(f"  {'rule':<14} {'mean loops':>10} {'acc %':>7}")
+    for p in fixed_points + adaptive:
+        lines.append(f"  {p.name:<14} {p.mean_loops:>10.2f} {100 * p.accuracy:>7.1f} {'*' if p in front else ''}")
+    return "\n".join(lines)
+
+
+def pareto_figure(fixed: list[float], adaptive: list[Point], trained_loops: int):
+    """Accuracy against mean loops: fixed loop counts as a line, adaptive rules as labelled markers."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on a cluster; must precede pyplot
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.0, 3.5))
+    loops = list(range(1, len(fixed) + 1))
+    ax.plot(loops, [100 * a for a in fixed], marker=".", color="grey", label="fixed loops")
+    ax.axvline(trained_loops, color="grey", linestyle=":", linewidth=1)
+    for rule, marker in (("stable", "o"), ("kl", "s")):
+        points = [p for p in adaptive if p.name.startswith(rule + "_")]
+        if not points:
+            continue
+        ax.scatter([p.mean_loops for p in points], [100 * p.accuracy for p in points], marker=marker, label=rule, zorder=3)
+        for p in points:
+            ax.annotate(p.name.split("_", 1)[1], (p.mean_loops, 100 * p.accuracy), fontsize=7,
+                        xytext=(3, 3), textcoords="offset points")
+    ax.set_xlabel("mean loops used")
+    ax.set_ylabel("exact match %")
+    ax.set_ylim(-2, 102)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,71 @@
+"""How many loops a training step runs, and how many of them get gradients.
+
+The paper trains with a fixed L. Training with a random loop count (uniform,
+or the log-normal Poisson of Geiping et al. 2025, "Huginn") and backpropagating
+through the last loops only teaches the block to be a stable iteration, so the
+model keeps (or improves) its accuracy when run for more loops than trained.
+
+The count is drawn from a generator seeded by ``(seed, global_step)``: every
+rank runs the same number of loops (sharded collectives must match), and a
+resumed run draws the same counts as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+import torch
+
+
+@dataclass
+class LoopSchedule:
+    """Loop count per training step.
+
+    Args:
+        distribution: ``fixed`` (always L, the paper), ``uniform`` on
+            ``[min_loops, max_loops]``, or ``lognormal_poisson`` with mean ``mean_loops``.
+        min_loops: smallest count (uniform; floor for lognormal_poisson).
+        max_loops: largest count (uniform: default 2L; lognormal_poisson: a cap, default 4L).
+        mean_loops: mean of lognormal_poisson (default L).
+        sigma: log-normal spread of lognormal_poisson.
+        grad_loops: truncated backpropagation: only the last ``grad_loops`` loops get
+            gradients (None: all). Pair it with ``input_injection: add`` so the embedding
+            still gets a gradient through the re-injected input.
+        per_loop_loss_weight: weight of an auxiliary loss on every loop's readout
+            (0: only the last loop is trained, as in the paper).
+        seed: seed of the count sequence (the same on every rank).
+    """
+
+    distribution: Literal["fixed", "uniform", "lognormal_poisson"] = "fixed"
+    min_loops: int = 1
+    max_loops: Optional[int] = None
+    mean_loops: Optional[float] = None
+    sigma: float = 0.5
+    grad_loops: Optional[int] = None
+    per_loop_loss_weight: float = 0.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.min_loops < 1:
+            raise ValueError(f"loop_schedule.min_loops must be >= 1, got {self.min_loops}")
+        if self.grad_loops is not None and self.grad_loops < 1:
+            raise ValueError(f"loop_schedule.grad_loops must be >= 1 or null, got {self.grad_loops}")
+        if self.max_loops is not None and self.max_loops < self.min_loops:
+            raise ValueError(
+                f"loop_schedule.max_loops={self.max_loops} is below min_loops={self.min_loops}; raise max_loops"
+            )
+
+    def sample(self, trained_loops: int, step: int) -> int:
+        """The loop count of training step ``step``."""
+        if self.distribution == "fixed":
+            return trained_loops
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+        if self.distribution == "uniform":
+            high = self.max_loops or 2 * trained_loops
+            return int(torch.randint(self.min_loops, high + 1, (), generator=generator))
+        mean = self.mean_loops or trained_loops
+        tau = torch.normal(math.log(mean) - self.sigma**2 / 2, self.sigma, (), generator=generator)
+        count = int(torch.poisson(tau.exp().reshape(1), generator=generator)) + 1
+        return max(self.min_loops, min(count, self.max_loops or 4 * trained_loops))
