@@ -1,6 +1,8 @@
 """Callbacks that read the looped forward pass (Lightning's own monitors are used as they are)."""
 
+from looped.callbacks.adaptive_exit import AdaptiveExit
 from looped.callbacks.interrupt import InterruptCheckpoint
 from looped.callbacks.per_loop import PerLoopAccuracy
+from looped.callbacks.stacking import GradualStacking
 
-__all__ = ["InterruptCheckpoint", "PerLoopAccuracy"]
+__all__ = ["AdaptiveExit", "GradualStacking", "InterruptCheckpoint", "PerLoopAccuracy"]

@@ -5,6 +5,9 @@ At validation and test the callback runs the model once with
 hidden state through the head, so the accuracy of an early exit after loop
 ``n`` (and of running *more* loops than trained, ``n > L``) costs one forward,
 not ``max_eval_loops`` of them. Only labelled positions are read out.
+
+With a ``TensorBoardLogger`` the curve is also drawn (``{stage}/exact_match_per_loop``,
+see ``per_loop_figure``).
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from typing import Any, Optional
 
 import lightning as L
 import torch
+from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
@@ -25,12 +29,16 @@ def exact_match_per_loop(model, input_ids: Tensor, labels: Tensor, loops: int) -
     mask = labels != IGNORE
     sample = mask.nonzero()[:, 0]
     target = labels[mask]
-    rows = []
-    for state in states:
-        wrong = (model.readout(state, positions=mask).argmax(-1) != target).float()
-        errors = torch.zeros(len(labels), device=labels.device).index_add_(0, sample, wrong)
-        rows.append(errors == 0)
-    return torch.stack(rows)
+    if len(model.coda) == 0:
+        # All loops through the head at once, ``[n m d]``: the labelled positions are few,
+        # so n small readouts would cost n times the launches (on a busy CPU, n times the
+        # thread-pool wake-ups) for the same arithmetic.
+        preds = model.readout(torch.stack([state[mask] for state in states])).argmax(-1)
+    else:  # the coda attends over every position, so each loop needs its own readout
+        preds = torch.stack([model.readout(state, positions=mask).argmax(-1) for state in states])
+    wrong = (preds != target).float()
+    errors = torch.zeros(len(states), len(labels), device=labels.device).index_add_(1, sample, wrong)
+    return errors == 0
 
 
 class PerLoopAccuracy(L.Callback):
@@ -68,6 +76,9 @@ class PerLoopAccuracy(L.Callback):
         accuracy = (correct / total.clamp(min=1)).tolist()
         for n, value in enumerate(accuracy, start=1):
             pl_module.log(f"{stage}/exact_match_loop{n}", value, sync_dist=False)
+        if trainer.is_global_zero and not trainer.sanity_checking:
+            draw = lambda: per_loop_figure(accuracy, trained_loops=pl_module.config.loops)  # noqa: E731
+            log_figure(trainer, f"{stage}/exact_match_per_loop", draw)
         return accuracy
 
     def on_validation_epoch_start(self, trainer, pl_module) -> None:
@@ -92,7 +103,41 @@ class PerLoopAccuracy(L.Callback):
 
 def format_loop_table(accuracy: list[float], trained_loops: int) -> str:
     """Plain-text table of exact match per loop; the trained loop count is starred."""
-    lines = [f"Test exact match per loop (trained with L={trained_loops}; * = trained L, beyond it = extrapolation)"]
+    lines = [f"\nTest exact match per loop (trained with L={trained_loops}; * = trained L, beyond it = extrapolation)"]
     lines.append("  loops  " + " ".join(f"{n}{'*' if n == trained_loops else ' ':<5}" for n in range(1, len(accuracy) + 1)))
     lines.append("  acc %  " + " ".join(f"{100 * a:<6.1f}" for a in accuracy))
     return "\n".join(lines)
+
+
+def per_loop_figure(accuracy: list[float], trained_loops: int):
+    """Exact match against loops 1..len(accuracy), the trained L marked by a vertical line."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on a cluster; must precede pyplot
+    import matplotlib.pyplot as plt
+
+    loops = range(1, len(accuracy) + 1)
+    fig, ax = plt.subplots(figsize=(4.5, 3.0))
+    ax.plot(loops, [100 * a for a in accuracy], marker="o")
+    ax.axvline(trained_loops, color="grey", linestyle="--", label=f"trained L = {trained_loops}")
+    ax.set_xlabel("loops at inference")
+    ax.set_ylabel("exact match %")
+    ax.set_xticks(list(loops))
+    ax.set_ylim(-2, 102)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="best", fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def log_figure(trainer: L.Trainer, tag: str, draw) -> None:
+    """Draw with ``draw()`` and hand the figure to every TensorBoard logger; nothing is drawn without one."""
+    loggers = [lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
+    if not loggers:
+        return
+    import matplotlib.pyplot as plt
+
+    figure = draw()
+    for logger in loggers:
+        logger.experiment.add_figure(tag, figure, global_step=trainer.global_step, close=False)
+    plt.close(figure)

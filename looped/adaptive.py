@@ -151,14 +151,11 @@ def pareto(points: Iterable[Point]) -> list[Point]:
     """The points no other point beats: none has fewer or equal mean loops and higher or equal
     accuracy, with one of the two strictly better. Sorted by mean loops."""
     points = list(points)
-    front = [
-        p
-        for p in points
-        if not any(
-            q.mean_loops <= p.mean_loops and q.accuracy >= p.accuracy and (q.mean_loops, q.accuracy) != (p.mean_loops, p.accuracy)
-            for q in points
-        )
-    ]
+    def beats(q: Point, p: Point) -> bool:
+        no_worse = q.mean_loops <= p.mean_loops and q.accuracy >= p.accuracy
+        return no_worse and (q.mean_loops < p.mean_loops or q.accuracy > p.accuracy)
+
+    front = [p for p in points if not any(beats(q, p) for q in points)]
     return sorted(front, key=lambda p: (p.mean_loops, -p.accuracy))
 
 
@@ -188,7 +185,8 @@ def pareto_figure(fixed: list[float], adaptive: list[Point], trained_loops: int)
         points = [p for p in adaptive if p.name.startswith(rule + "_")]
         if not points:
             continue
-        ax.scatter([p.mean_loops for p in points], [100 * p.accuracy for p in points], marker=marker, label=rule, zorder=3)
+        xs, ys = [p.mean_loops for p in points], [100 * p.accuracy for p in points]
+        ax.scatter(xs, ys, marker=marker, label=rule, zorder=3)
         for p in points:
             ax.annotate(p.name.split("_", 1)[1], (p.mean_loops, 100 * p.accuracy), fontsize=7,
                         xytext=(3, 3), textcoords="offset points")
@@ -196,6 +194,6 @@ def pareto_figure(fixed: list[float], adaptive: list[Point], trained_loops: int)
     ax.set_ylabel("exact match %")
     ax.set_ylim(-2, 102)
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right")
+    ax.legend(loc="best", fontsize=8)
     fig.tight_layout()
     return fig

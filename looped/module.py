@@ -222,8 +222,11 @@ class LoopedLM(L.LightningModule):
                 raise ValueError(
                     "the cosine schedule needs an end: set trainer.max_steps or model.init_args.decay_steps"
                 )
+        # max(step, global_step): an optimiser rebuilt mid-run (gradual stacking) continues
+        # the schedule where training is, instead of warming up again.
         schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: warmup_cosine(step, self.warmup_steps, decay_steps, self.min_lr_ratio)
+            optimizer,
+            lambda step: warmup_cosine(max(step, self.global_step), self.warmup_steps, decay_steps, self.min_lr_ratio),
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
