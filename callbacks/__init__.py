@@ -2,7 +2,8 @@
 
 from looped.callbacks.adaptive_exit import AdaptiveExit
 from looped.callbacks.interrupt import InterruptCheckpoint
+from looped.callbacks.isoplot import IsoplotRecorder
 from looped.callbacks.per_loop import PerLoopAccuracy
 from looped.callbacks.stacking import GradualStacking
 
-__all__ = ["AdaptiveExit", "GradualStacking", "InterruptCheckpoint", "PerLoopAccuracy"]
+__all__ = ["AdaptiveExit", "GradualStacking", "InterruptCheckpoint", "IsoplotRecorder", "PerLoopAccuracy"]

@@ -12,6 +12,7 @@ Pure functions (numpy only), shared by ``looped report`` and the tests.
 
 from __future__ import annotations
 
+import fnmatch
 import math
 import re
 from dataclasses import dataclass
@@ -85,6 +86,13 @@ class ModelShape:
         return self.prelude_layers > 0 or self.coda_layers > 0
 
     @property
+    def family(self) -> str:
+        """The isoplot's families: looped, plain (baseline) or middle-looped."""
+        if self.is_middle:
+            return "middle looped"
+        return "looped (k⊗L)" if self.loops > 1 else "baseline (D⊗1)"
+
+    @property
     def name(self) -> str:
         core = f"{self.block_layers}⊗{self.loops}"
         if not self.is_middle:
@@ -155,3 +163,24 @@ def gap_table(rows: dict[str, dict[str, float]], columns: Optional[Sequence[str]
             c: percent_gap(looped.get(c, nan), shallow.get(c, nan), deep.get(c, nan)) for c in columns
         }
     return gaps
+
+
+def paper_order(names: Sequence[str]) -> list[str]:
+    """The paper's order: the deepest plain model first, then by k, plain before looped."""
+    shapes = {n: parse_shape(n) or ModelShape(1) for n in names}
+    plain = [n for n, s in shapes.items() if s.loops == 1 and not s.is_middle]
+    deepest = max(plain, key=lambda n: shapes[n].depth, default=None)
+    return sorted(names, key=lambda n: (n != deepest, shapes[n].block_layers, shapes[n].is_middle, shapes[n].loops))
+
+
+def task_groups(columns: Sequence[str], groups: Sequence[str]) -> dict[str, list[str]]:
+    """``NAME=GLOB`` options to ``{name: columns}``; no options: every column is its own group."""
+    if not groups:
+        return {c: [c] for c in columns}
+    out = {}
+    for spec in groups:
+        name, sep, pattern = spec.partition("=")
+        if not sep:
+            raise ValueError(f"--group wants NAME=GLOB, got {spec!r}")
+        out[name] = [c for c in columns if fnmatch.fnmatch(c, pattern) or fnmatch.fnmatch("test/" + c, pattern)]
+    return {name: cols for name, cols in out.items() if cols}

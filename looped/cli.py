@@ -1,7 +1,8 @@
-"""Command line: ``looped {fit,validate,test,predict,run}`` and ``lightning run RECIPE.yaml``.
+"""Command line: ``looped {fit,validate,test,predict,run,report}`` and ``lightning run RECIPE.yaml``.
 
 ``looped run RECIPE.yaml [--key value ...]`` trains the recipe, then tests the
-best checkpoint. Every other subcommand is LightningCLI's own, so
+best checkpoint. ``looped report RUNS... --output DIR`` turns TensorBoard logs
+into the paper's tables and figures. Every other subcommand is LightningCLI's own, so
 ``--print_config``, ``--config`` and dotted overrides work as documented by Lightning.
 """
 
@@ -56,6 +57,11 @@ def main(argv: Optional[list[str]] = None) -> None:
     argv = _take_argv(argv)
     if argv and argv[0] == "run":
         run(argv[1:])
+        return
+    if argv and argv[0] == "report":
+        from looped.report import main as report  # matplotlib only when reporting
+
+        report(argv[1:])
         return
     LoopedCLI(args=argv)
 

@@ -1,0 +1,393 @@
+"""``looped report RUN_DIR_OR_PARENT [...] --output DIR``: the paper's tables and figures from finished runs.
+
+Reads every version directory (``runs/<name>/version_N/``: event files, ``config.yaml`` or
+``hparams.yaml``) and writes ``report.md`` (Table 1: a row per model, a column per test accuracy
+and task; Table 3 with a ``% Gap`` row per looped model when ``k⊗1``, ``k⊗L`` and ``kL⊗1`` were
+run; the Figure-3 fit ``acc = α·log(D) + β`` with ``α_loop/α_base``) and ``per_loop_<run>.png``,
+``isoplot.png`` and ``cosine_<run>.png``. Accuracies in percent; a cell several runs (seeds)
+share shows the best, as the paper reports the best of 3 seeds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import yaml
+
+from looped.analysis import (
+    ModelShape, fit_line, fit_log_depth, gap_families, gap_table, paper_order, parse_shape, scaling_ratio, task_groups,
+)
+
+DPI = 100
+PER_LOOP = re.compile(r"_loop(\d+)$")
+COSINE = re.compile(r"^block_cosine/(.+)/layer(\d+)$")
+# Data-module arguments that change how a task is served, not which task it is.
+NOT_TASK = {"batch_size", "eval_batch_size", "num_workers", "val_size", "test_size", "seed"}
+NO_GAP = {"ppl", "log-ppl"}
+
+
+@dataclass
+class Run:
+    """One version directory: its model shape, task and every scalar series."""
+
+    path: Path
+    shape: ModelShape
+    data: dict
+    scalars: dict[str, list[tuple[int, float]]]  # tag -> [(step, value)] in the order written
+    cosine_k: Optional[int] = None
+    label: str = ""
+    task: str = ""
+
+    def last(self, tag: str) -> Optional[float]:
+        series = self.scalars.get(tag)
+        return series[-1][1] if series else None
+
+
+# -- reading runs ------------------------------------------------------------------------
+def find_version_dirs(paths: Sequence[str | Path]) -> list[Path]:
+    """Directories holding ``events.out.tfevents.*``: each path itself, or any below it."""
+    found: dict[Path, None] = {}
+    for path in map(Path, paths):
+        if not path.exists():
+            raise SystemExit(f"looped report: {path} does not exist")
+        for events in sorted(path.rglob("events.out.tfevents.*")):
+            found[events.parent] = None
+    return list(found)
+
+
+class _TolerantLoader(yaml.SafeLoader):
+    """A safe loader that reads ``!!python/...`` tags in ``hparams.yaml`` as plain data."""
+
+
+def _plain(loader, suffix, node):
+    if isinstance(node, yaml.MappingNode):
+        return loader.construct_mapping(node, deep=True)
+    if isinstance(node, yaml.SequenceNode):
+        return loader.construct_sequence(node, deep=True)
+    return loader.construct_scalar(node)
+
+
+_TolerantLoader.add_multi_constructor("tag:yaml.org,2002:python/", _plain)
+
+
+def read_config(version_dir: Path) -> tuple[dict, dict, list]:
+    """``(model config, data init_args, callbacks)`` from ``config.yaml``, else ``hparams.yaml``."""
+    path = version_dir / "config.yaml"
+    if path.exists():
+        cfg = yaml.load(path.read_text(), Loader=_TolerantLoader) or {}
+        model = (cfg.get("model") or {}).get("init_args", cfg.get("model") or {})
+        data = cfg.get("data") or {}
+        data = {"class_path": data.get("class_path", ""), **(data.get("init_args") or {})}
+        return model.get("config") or {}, data, (cfg.get("trainer") or {}).get("callbacks") or []
+    path = version_dir / "hparams.yaml"
+    if path.exists():
+        cfg = yaml.load(path.read_text(), Loader=_TolerantLoader) or {}
+        return cfg.get("config") or {}, {}, []
+    raise FileNotFoundError(f"{version_dir} has neither config.yaml nor hparams.yaml")
+
+
+def read_scalars(version_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(version_dir), size_guidance={"scalars": 0}, purge_orphaned_data=False)
+    events.Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+def load_run(version_dir: Path) -> Run:
+    config, data, callbacks = read_config(version_dir)
+    shape = ModelShape(
+        block_layers=int(config.get("block_layers", 1)),
+        loops=int(config.get("loops", 1)),
+        prelude_layers=int(config.get("prelude_layers", 0)),
+        coda_layers=int(config.get("coda_layers", 0)),
+    )
+    cosine_k = None
+    for callback in callbacks:
+        if isinstance(callback, dict) and str(callback.get("class_path", "")).endswith("BlockCosineSimilarity"):
+            cosine_k = (callback.get("init_args") or {}).get("block_layers")
+    return Run(version_dir, shape, data, read_scalars(version_dir), cosine_k)
+
+
+def load_runs(paths: Sequence[str | Path]) -> list[Run]:
+    """Every run below ``paths``, labelled uniquely and tagged with its task (see ``_name_tasks``)."""
+    runs = []
+    for version_dir in find_version_dirs(paths):
+        try:
+            runs.append(load_run(version_dir))
+        except FileNotFoundError as err:
+            print(f"looped report: skipping {err}", file=sys.stderr)
+    names = [r.path.parent.name if r.path.name.startswith("version_") else r.path.name for r in runs]
+    for run, name in zip(runs, names):
+        unique = names.count(name) == 1
+        run.label = re.sub(r"[^A-Za-z0-9_.-]", "_", name if unique else f"{name}_{run.path.name}")
+    _name_tasks(runs)
+    return runs
+
+
+def _name_tasks(runs: list[Run]) -> None:
+    """A run's task is the data arguments that differ between the runs (``hops=16``), else ''."""
+    keys = sorted({k for r in runs for k in r.data} - NOT_TASK)
+    varying = [k for k in keys if len({repr(r.data.get(k)) for r in runs}) > 1]
+    for run in runs:
+        parts = []
+        for key in varying:
+            value = run.data.get(key)
+            parts.append(str(value).rsplit(".", 1)[-1] if key == "class_path" else f"{key}={value}")
+        run.task = ", ".join(parts)
+
+
+# -- numbers -----------------------------------------------------------------------------
+def as_percent(tag: str, value: float) -> float:
+    return 100.0 * value if ("exact_match" in tag or "accuracy" in tag) else value
+
+
+def default_metrics(runs: list[Run]) -> list[str]:
+    tags = {t for r in runs for t in r.scalars}
+    return sorted(t for t in tags if t.startswith("test/") and "exact_match" in t and not PER_LOOP.search(t))
+
+
+def collect_cells(runs: list[Run], metrics: Sequence[str]) -> tuple[list[str], dict[str, dict[str, float]], set]:
+    """``(columns, {model: {column: best value}}, shared cells)``; a column is a metric on a task."""
+    columns: dict[str, None] = {}
+    cells: dict[str, dict[str, float]] = {}
+    seen: dict[tuple[str, str], int] = {}
+    for run in runs:
+        for metric in metrics:
+            value = run.last(metric)
+            if value is None:
+                continue
+            column = metric.removeprefix("test/") + (f" [{run.task}]" if run.task else "")
+            columns[column] = None
+            value = as_percent(metric, value)
+            row = cells.setdefault(run.shape.name, {})
+            row[column] = max(value, row.get(column, -math.inf))
+            seen[(run.shape.name, column)] = seen.get((run.shape.name, column), 0) + 1
+    return list(columns), cells, {key for key, n in seen.items() if n > 1}
+
+
+def _fmt(value: Optional[float]) -> str:
+    return "—" if value is None or math.isnan(value) else f"{value:.1f}"
+
+
+def _markdown(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join([*lines, *("| " + " | ".join(row) + " |" for row in rows)])
+
+
+def table1(cells: dict[str, dict[str, float]], columns: Sequence[str], shared: set = frozenset()) -> str:
+    rows = []
+    for name in paper_order(list(cells)):
+        shape = parse_shape(name)
+        values = [_fmt(cells[name].get(c)) + ("*" if (name, c) in shared else "") for c in columns]
+        rows.append([name, shape.cost if shape else "?", *values])
+    return _markdown(["model", "params / FLOPs", *columns], rows)
+
+
+def table3_from_numbers(rows: dict[str, dict[str, float]], columns: Optional[Sequence[str]] = None) -> str:
+    """Table 3 of the paper from numbers: per deep baseline ``kL⊗1``, each ``k⊗1``, ``k⊗L`` and its % Gap.
+
+    ``rows`` maps model names (``"12⊗2"``) to ``{column: value}``; columns named in
+    ``NO_GAP`` (perplexity) get no gap. Returns '' when no complete family exists.
+    """
+    columns = list(columns or dict.fromkeys(c for values in rows.values() for c in values))
+    gap_columns = [c for c in columns if c not in NO_GAP]
+    gaps = gap_table(rows, gap_columns)
+    families = gap_families(list(rows))
+    if not families:
+        return ""
+    out = []
+    for deep in dict.fromkeys(f.deep for f in families):
+        depth = parse_shape(deep).depth
+        out.append(_table3_row(deep, rows[deep], columns))
+        for family in (f for f in families if f.deep == deep):
+            out.append(_table3_row(family.shallow, rows[family.shallow], columns))
+            out.append(_table3_row(family.looped, rows[family.looped], columns))
+            gap = gaps[family.looped]
+            out.append([f"% Gap ({family.looped})", "", *(_fmt(gap[c]) if c in gap else "" for c in columns)])
+        for name in rows:  # middle-looped models of the same depth, shown without a gap (as in the paper)
+            shape = parse_shape(name)
+            if shape and shape.is_middle and shape.depth == depth:
+                out.append(_table3_row(name, rows[name], columns))
+    return _markdown(["model", "params / FLOPs", *columns], out)
+
+
+def _table3_row(name: str, values: dict[str, float], columns: Sequence[str]) -> list[str]:
+    shape = parse_shape(name)
+    return [name, shape.cost if shape else "?", *(_fmt(values.get(c)) for c in columns)]
+
+
+def group_rows(runs: list[Run], cells, columns, groups: Sequence[str]) -> dict[str, dict[str, float]]:
+    """Table 3's rows: validation perplexity, each task group's mean, and 'all' (mean of the groups)."""
+    grouped = task_groups(columns, groups)
+    rows: dict[str, dict[str, float]] = {}
+    for name, values in cells.items():
+        row = {}
+        losses = [r.last("val/loss") for r in runs if r.shape.name == name and r.last("val/loss") is not None]
+        if losses:
+            row["ppl"] = math.exp(min(losses))
+        for group, cols in grouped.items():
+            present = [values[c] for c in cols if c in values]
+            row[group] = sum(present) / len(present) if len(present) == len(cols) else float("nan")
+        if len(grouped) > 1:
+            row["all"] = sum(row[g] for g in grouped) / len(grouped)
+        rows[name] = row
+    return rows
+
+
+def scaling_fits(cells: dict[str, dict[str, float]], columns: Sequence[str]) -> list[list[str]]:
+    """Figure 3: per column and k, α, β of looped ``k⊗L`` (L ≥ 1) and deep ``D⊗1``, and ``α_loop/α_base``."""
+    shapes = {n: parse_shape(n) for n in cells}
+    shapes = {n: s for n, s in shapes.items() if s and not s.is_middle}
+    rows = []
+    for column in columns:
+        deep = [(s.depth, cells[n][column]) for n, s in shapes.items() if s.loops == 1 and column in cells[n]]
+        if len({d for d, _ in deep}) < 2:
+            continue
+        a_base, b_base = fit_log_depth(*zip(*deep))
+        for k in sorted({s.block_layers for s in shapes.values() if s.loops > 1}):
+            loop = [(s.depth, cells[n][column]) for n, s in shapes.items() if s.block_layers == k and column in cells[n]]
+            if len({d for d, _ in loop}) < 2:
+                continue
+            a_loop, b_loop = fit_log_depth(*zip(*loop))
+            rows.append([column, f"{k}⊗L", *(f"{v:.2f}" for v in (a_loop, b_loop, a_base, b_base)),
+                         f"{scaling_ratio(a_loop, a_base):.2f}"])
+    return rows
+
+
+# -- figures -----------------------------------------------------------------------------
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on a cluster; must precede pyplot
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(figure, path: Path) -> Path:
+    plt = _pyplot()
+    figure.savefig(path, dpi=DPI)
+    plt.close(figure)
+    return path
+
+
+def plot_per_loop(run: Run, output: Path, stage: str = "test") -> Optional[Path]:
+    from looped.callbacks.per_loop import per_loop_figure
+
+    per_loop = {}
+    for tag in run.scalars:
+        match = PER_LOOP.search(tag)
+        if tag.startswith(f"{stage}/exact_match_loop") and match:
+            per_loop[int(match[1])] = run.last(tag)
+    if not per_loop:
+        return None
+    accuracy = [per_loop.get(n, float("nan")) for n in range(1, max(per_loop) + 1)]
+    return _save(per_loop_figure(accuracy, run.shape.loops), output / f"per_loop_{run.label}.png")
+
+
+def plot_cosine(run: Run, output: Path) -> Optional[Path]:
+    from looped.callbacks.block_cosine import cosine_heatmap
+
+    values: dict[str, dict[int, float]] = {}
+    for tag in run.scalars:
+        if match := COSINE.match(tag):
+            values.setdefault(match[1], {})[int(match[2])] = run.last(tag)
+    if not values:
+        return None
+    grid = {g: [layers[l] for l in sorted(layers)] for g, layers in values.items()}
+    k = run.cosine_k or run.shape.block_layers - max(len(v) for v in grid.values())
+    return _save(cosine_heatmap(grid, k), output / f"cosine_{run.label}.png")
+
+
+def isoplot_points(run: Run, metric: str) -> list[tuple[float, float]]:
+    """(validation log-perplexity, metric) at every step both were logged: the recorder's tags, else val/."""
+    for x_tag, y_tag in (("isoplot/log_perplexity", f"isoplot/{metric}"), ("val/loss", metric)):
+        xs, ys = dict(run.scalars.get(x_tag, [])), dict(run.scalars.get(y_tag, []))
+        points = [(xs[s], as_percent(metric, ys[s])) for s in xs if s in ys]
+        if points:
+            return points
+    return []
+
+
+def plot_isoplot(runs: list[Run], output: Path, metric: str) -> Optional[Path]:
+    families: dict[str, list[tuple[float, float]]] = {}
+    for run in runs:
+        key = run.shape.family + (f" [{run.task}]" if run.task else "")
+        families.setdefault(key, []).extend(isoplot_points(run, metric))
+    families = {k: v for k, v in families.items() if v}
+    if not families:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5.0, 3.5))
+    for (name, points), marker in zip(sorted(families.items()), "osD^vP*X<>"):
+        xs, ys = zip(*points)
+        dots = ax.scatter(xs, ys, marker=marker, alpha=0.7, label=name)
+        if len(set(xs)) >= 2:
+            a, b = fit_line(xs, ys)
+            ax.plot([min(xs), max(xs)], [a * min(xs) + b, a * max(xs) + b], color=dots.get_facecolor()[0])
+    ax.set_xlabel("validation log-perplexity")
+    ax.set_ylabel(f"{metric} %")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return _save(fig, output / "isoplot.png")
+
+
+# -- the command -------------------------------------------------------------------------
+def write_report(runs: list[Run], output: Path, metrics: Sequence[str] = (), groups: Sequence[str] = (),
+                 isoplot_metric: str = "val/exact_match") -> Path:
+    output.mkdir(parents=True, exist_ok=True)
+    metrics = list(metrics) or default_metrics(runs)
+    columns, cells, shared = collect_cells(runs, metrics)
+    parts = [f"# Report\n\n{len(runs)} runs: " + ", ".join(f"`{r.label}` ({r.shape.name})" for r in runs)]
+    parts.append("## Accuracy per model (Table 1)\n\n" + (table1(cells, columns, shared) if columns else "No test metrics."))
+    if shared:
+        parts.append("\\* several runs share this cell; the best is shown (the paper: best of 3 seeds).")
+    table3 = table3_from_numbers(group_rows(runs, cells, columns, groups))
+    if table3:
+        parts.append("## Looped vs shallow vs deep (Table 3)\n\n"
+                     "`% Gap = (Avg(k⊗L) − Avg(k⊗1)) / (Avg(kL⊗1) − Avg(k⊗1)) × 100`; ppl = exp(val/loss).\n\n" + table3)
+    fits = scaling_fits(cells, columns)
+    if fits:
+        parts.append("## Scaling with effective depth (Figure 3)\n\n`acc = α·log(D) + β` (natural log, acc in %).\n\n"
+                     + _markdown(["metric", "looped", "α_loop", "β_loop", "α_base", "β_base", "α_loop/α_base"], fits))
+    figures = [plot_isoplot(runs, output, isoplot_metric)]
+    for run in runs:
+        figures += [plot_per_loop(run, output), plot_cosine(run, output)]
+    figures = [f for f in figures if f is not None]
+    if figures:
+        parts.append("## Figures\n\n" + "\n".join(f"![{f.stem}]({f.name})" for f in figures))
+    report = output / "report.md"
+    report.write_text("\n\n".join(parts) + "\n")
+    return report
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    """``looped report RUN_DIR_OR_PARENT [...] --output DIR [--metric TAG ...] [--group NAME=GLOB ...]``."""
+    parser = argparse.ArgumentParser(prog="looped report", description=__doc__.split("\n\n")[0])
+    parser.add_argument("runs", nargs="+", help="version directories, or folders searched recursively for them")
+    parser.add_argument("--output", required=True, type=Path, help="folder for report.md and the PNGs")
+    parser.add_argument("--metric", action="append", default=[],
+                        help="scalar tag for Table 1 (repeatable; default: every test/*exact_match* tag)")
+    parser.add_argument("--group", action="append", default=[],
+                        help="task group for Table 3, NAME=GLOB over metric columns (repeatable)")
+    parser.add_argument("--isoplot-metric", default="val/exact_match", help="y axis of isoplot.png")
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    runs = load_runs(args.runs)
+    if not runs:
+        raise SystemExit(f"looped report: no TensorBoard runs under {' '.join(args.runs)}")
+    try:
+        print(write_report(runs, args.output, args.metric, args.group, args.isoplot_metric))
+    except ValueError as err:  # a malformed --group
+        raise SystemExit(f"looped report: {err}") from err
+
+
+if __name__ == "__main__":
+    main()

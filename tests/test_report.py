@@ -1,0 +1,179 @@
+"""``looped report``, the % Gap and log-depth fit, and ``IsoplotRecorder``."""
+
+import math
+from types import SimpleNamespace
+
+import pytest
+
+from looped import report
+from looped.analysis import fit_log_depth, gap_table, percent_gap, scaling_ratio
+
+# Table 3 of Saunshi et al. 2025 (/work/shared/reference/paper_tables.md), in percent.
+TABLE3 = {
+    "24⊗1": {"closed QA": 11.2, "open QA": 33.9, "math WP": 29.3, "all": 26.0, "primitives": 47.5},
+    "12⊗1": {"closed QA": 8.2, "open QA": 26.9, "math WP": 26.7, "all": 21.8, "primitives": 35.7},
+    "12⊗2": {"closed QA": 9.3, "open QA": 30.8, "math WP": 34.3, "all": 26.5, "primitives": 51.2},
+    "8⊗1": {"closed QA": 6.3, "open QA": 22.7, "math WP": 17.1, "all": 16.1, "primitives": 33.0},
+    "8⊗3": {"closed QA": 8.5, "open QA": 30.8, "math WP": 28.4, "all": 23.9, "primitives": 55.3},
+    "6⊗1": {"closed QA": 4.0, "open QA": 19.3, "math WP": 17.7, "all": 14.6, "primitives": 24.1},
+    "6⊗4": {"closed QA": 8.2, "open QA": 28.7, "math WP": 29.8, "all": 23.7, "primitives": 56.1},
+    "4⊗1": {"closed QA": 1.8, "open QA": 13.8, "math WP": 9.7, "all": 9.0, "primitives": 19.4},
+    "4⊗6": {"closed QA": 6.7, "open QA": 26.2, "math WP": 24.8, "all": 20.4, "primitives": 56.9},
+}
+# The paper's printed % Gap row is not in the reference file and could not be found;
+# these are worked by hand from the formula, (looped − shallow) / (24⊗1 − shallow) × 100.
+EXPECTED_GAP = {
+    "8⊗3": {"closed QA": 2.2 / 4.9 * 100, "open QA": 8.1 / 11.2 * 100, "math WP": 11.3 / 12.2 * 100,
+            "all": 7.8 / 9.9 * 100, "primitives": 22.3 / 14.5 * 100},   # 44.9, 72.3, 92.6, 78.8, 153.8
+    "6⊗4": {"closed QA": 4.2 / 7.2 * 100, "open QA": 9.4 / 14.6 * 100, "math WP": 12.1 / 11.6 * 100,
+            "all": 9.1 / 11.4 * 100, "primitives": 32.0 / 23.4 * 100},  # 58.3, 64.4, 104.3, 79.8, 136.8
+    "4⊗6": {"closed QA": 4.9 / 9.4 * 100, "open QA": 12.4 / 20.1 * 100, "math WP": 15.1 / 19.6 * 100,
+            "all": 11.4 / 17.0 * 100, "primitives": 37.5 / 28.1 * 100},  # 52.1, 61.7, 77.0, 67.1, 133.5
+}
+
+
+def test_percent_gap_matches_table3_by_hand():
+    gaps = gap_table(TABLE3)
+    assert set(gaps) == {"12⊗2", "8⊗3", "6⊗4", "4⊗6"}
+    for model, expected in EXPECTED_GAP.items():
+        for column, value in expected.items():
+            assert gaps[model][column] == pytest.approx(value, abs=1.0), (model, column)
+    assert percent_gap(26.5, 21.8, 26.0) == pytest.approx(4.7 / 4.2 * 100)  # 12⊗2 beats 24⊗1: > 100
+    assert math.isnan(percent_gap(1.0, 2.0, 2.0))
+
+
+def test_table3_markdown_has_gap_rows():
+    markdown = report.table3_from_numbers(TABLE3)
+    lines = {line.split("|")[1].strip(): line for line in markdown.splitlines()[2:]}
+    assert "% Gap (8⊗3)" in lines and "% Gap (4⊗6)" in lines
+    cells = [c.strip() for c in lines["% Gap (6⊗4)"].split("|")[3:-1]]
+    assert cells == ["58.3", "64.4", "104.3", "79.8", "136.8"]
+    assert "12x / 24x" in lines["12⊗2"]
+
+
+def test_fit_log_depth_recovers_line():
+    depths = [1, 2, 4, 8, 12]
+    alpha, beta = fit_log_depth(depths, [3.5 * math.log(d) - 1.25 for d in depths])
+    assert (alpha, beta) == (pytest.approx(3.5), pytest.approx(-1.25))
+    assert scaling_ratio(1.19 * 2.0, 2.0) == pytest.approx(1.19)
+    with pytest.raises(ValueError):
+        fit_log_depth([4, 4], [1.0, 2.0])
+
+
+# -- end to end: fake runs on disk -------------------------------------------------------
+CONFIG = """model:
+  class_path: looped.LoopedLM
+  init_args:
+    config: {{block_layers: {k}, loops: {L}, prelude_layers: 0, coda_layers: 0}}
+data:
+  class_path: looped.datamodules.PHop
+  init_args: {{hops: 3, batch_size: 64}}
+"""
+# name: (k, L, test exact match, val losses over 3 validations)
+RUNS = {"deep": (4, 1, 0.90, [1.2, 0.8, 0.5]), "base": (1, 1, 0.40, [1.5, 1.2, 1.0]),
+        "loop": (1, 4, 0.80, [1.3, 0.9, 0.6]), "loop2": (1, 2, 0.60, [1.4, 1.1, 0.8])}
+
+
+def write_fake_runs(root):
+    from torch.utils.tensorboard import SummaryWriter
+
+    for name, (k, L, acc, losses) in RUNS.items():
+        version = root / name / "version_0"
+        version.mkdir(parents=True)
+        (version / "config.yaml").write_text(CONFIG.format(k=k, L=L))
+        writer = SummaryWriter(str(version))
+        for i, loss in enumerate(losses):
+            step = 10 * (i + 1)
+            writer.add_scalar("val/loss", loss, step)
+            writer.add_scalar("val/exact_match", acc * (i + 1) / 3, step)
+            writer.add_scalar("isoplot/log_perplexity", loss, step)
+            writer.add_scalar("isoplot/val/exact_match", acc * (i + 1) / 3, step)
+        writer.add_scalar("test/exact_match", acc, 30)
+        writer.add_scalar("test/loss", losses[-1], 30)
+        for n in range(1, 2 * L + 1):
+            writer.add_scalar(f"test/exact_match_loop{n}", min(n, L) / L * acc, 30)
+        if L == 1 and k > 1:
+            for group in ("q", "w1"):
+                for layer in range(k - 2):
+                    writer.add_scalar(f"block_cosine/{group}/layer{layer}", 0.5 + 0.1 * layer, 30)
+        writer.close()
+
+
+def test_report_end_to_end(tmp_path, capsys):
+    from matplotlib.image import imread
+
+    write_fake_runs(tmp_path / "runs")
+    out = tmp_path / "out"
+    report.main([str(tmp_path / "runs"), "--output", str(out)])
+    assert capsys.readouterr().out.strip() == str(out / "report.md")
+    text = (out / "report.md").read_text()
+    assert "| 4⊗1 | 4x / 4x | 90.0 |" in text
+    assert "| 1⊗4 | 1x / 4x | 80.0 |" in text
+    assert "| 1⊗2 | 1x / 2x | 60.0 |" in text
+    # Table 3: 1⊗4 between 1⊗1 (40) and 4⊗1 (90): (80 − 40) / (90 − 40) = 80 %.
+    assert "| % Gap (1⊗4) |  |  | 80.0 |" in text
+    # Figure 3: looped 1⊗L at D = 1, 2, 4 vs deep D⊗1 at D = 1, 4.
+    alpha_loop, _ = fit_log_depth([1, 2, 4], [40, 60, 80])
+    alpha_base, _ = fit_log_depth([1, 4], [40, 90])
+    assert f"| {alpha_loop / alpha_base:.2f} |" in text
+    names = ["isoplot.png", "per_loop_loop.png", "per_loop_deep.png", "cosine_deep.png"]
+    for name in names:
+        assert f"({name})" in text
+        image = imread(out / name)
+        assert image.shape[0] > 0 and image.shape[1] > 0
+    assert not (out / "cosine_base.png").exists()
+
+
+# -- IsoplotRecorder ----------------------------------------------------------------------
+def test_isoplot_recorder_logs_matching_metrics():
+    import torch
+
+    from looped.callbacks.isoplot import IsoplotRecorder
+
+    logged = []
+    logger = SimpleNamespace(log_metrics=lambda metrics, step: logged.append((step, metrics)))
+    trainer = SimpleNamespace(global_step=5, sanity_checking=False, is_global_zero=True, loggers=[logger],
+                              callback_metrics={"val/loss": torch.tensor(0.7), "val/exact_match": torch.tensor(0.5),
+                                                "val/exact_match_loop1": torch.tensor(0.1),
+                                                "train/loss": torch.tensor(1.0)})
+    recorder = IsoplotRecorder(every_n_steps=5)
+    recorder.on_validation_end(trainer, None)
+    recorder.on_validation_end(trainer, None)  # same step: recorded once
+    assert recorder.points == [{"step": 5, "log_perplexity": pytest.approx(0.7), "val/exact_match": 0.5}]
+    assert logged == [(5, {"isoplot/log_perplexity": pytest.approx(0.7), "isoplot/val/exact_match": 0.5})]
+    trainer.global_step = 7  # not a multiple of every_n_steps
+    recorder.on_validation_end(trainer, None)
+    trainer.global_step, trainer.sanity_checking = 10, True
+    recorder.on_validation_end(trainer, None)
+    assert len(recorder.points) == 1
+
+
+def test_task_groups_average_columns():
+    from looped.analysis import task_groups
+
+    columns = ["closed_qa/trivia", "closed_qa/nq", "math/gsm"]
+    assert task_groups(columns, ["closed QA=closed_qa/*", "math=test/math/*"]) == {
+        "closed QA": ["closed_qa/trivia", "closed_qa/nq"], "math": ["math/gsm"]}
+    with pytest.raises(ValueError):
+        task_groups(columns, ["no-equals-sign"])
+
+
+def test_isoplot_recorder_in_a_real_trainer(tmp_path):
+    import lightning as L
+    from lightning.pytorch.loggers import CSVLogger
+
+    import looped
+    from looped.callbacks.isoplot import IsoplotRecorder
+    from looped.datamodules import PHop
+
+    data = PHop(length=16, hops=2, batch_size=16, val_size=32, test_size=32)
+    config = looped.LoopedConfig(vocab_size=data.vocab_size, max_seq_len=data.seq_len, d_model=32, n_heads=4,
+                                 d_ff=64, loops=2)
+    recorder = IsoplotRecorder()
+    trainer = L.Trainer(max_steps=10, val_check_interval=5, check_val_every_n_epoch=None, accelerator="cpu",
+                        logger=CSVLogger(tmp_path), callbacks=[recorder], enable_progress_bar=False,
+                        enable_model_summary=False, enable_checkpointing=False)
+    trainer.fit(looped.LoopedLM(config, warmup_steps=2, decay_steps=10), data)
+    assert [p["step"] for p in recorder.points] == [5, 10]  # the sanity check is not recorded
+    assert all(set(p) == {"step", "log_perplexity", "val/exact_match"} for p in recorder.points)
+    assert "isoplot/log_perplexity,isoplot/val/exact_match" in (tmp_path / "lightning_logs/version_0/metrics.csv").read_text()
