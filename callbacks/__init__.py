@@ -1,9 +1,10 @@
 """Callbacks that read the looped forward pass (Lightning's own monitors are used as they are)."""
 
 from looped.callbacks.adaptive_exit import AdaptiveExit
+from looped.callbacks.block_cosine import BlockCosineSimilarity
 from looped.callbacks.interrupt import InterruptCheckpoint
 from looped.callbacks.isoplot import IsoplotRecorder
 from looped.callbacks.per_loop import PerLoopAccuracy
 from looped.callbacks.stacking import GradualStacking
 
-__all__ = ["AdaptiveExit", "GradualStacking", "InterruptCheckpoint", "IsoplotRecorder", "PerLoopAccuracy"]
+__all__ = ["AdaptiveExit", "BlockCosineSimilarity", "GradualStacking", "InterruptCheckpoint", "IsoplotRecorder", "PerLoopAccuracy"]

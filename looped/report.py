@@ -41,6 +41,7 @@ class Run:
     data: dict
     scalars: dict[str, list[tuple[int, float]]]  # tag -> [(step, value)] in the order written
     cosine_k: Optional[int] = None
+    variant: str = ""  # training beyond the paper's plain looping ("random loops 2..8", "regularised k=1 λ=10")
     label: str = ""
     task: str = ""
 
@@ -76,19 +77,19 @@ def _plain(loader, suffix, node):
 _TolerantLoader.add_multi_constructor("tag:yaml.org,2002:python/", _plain)
 
 
-def read_config(version_dir: Path) -> tuple[dict, dict, list]:
-    """``(model config, data init_args, callbacks)`` from ``config.yaml``, else ``hparams.yaml``."""
+def read_config(version_dir: Path) -> tuple[dict, dict, list, dict]:
+    """``(model config, data init_args, callbacks, model init_args)`` from ``config.yaml``, else ``hparams.yaml``."""
     path = version_dir / "config.yaml"
     if path.exists():
         cfg = yaml.load(path.read_text(), Loader=_TolerantLoader) or {}
         model = (cfg.get("model") or {}).get("init_args", cfg.get("model") or {})
         data = cfg.get("data") or {}
         data = {"class_path": data.get("class_path", ""), **(data.get("init_args") or {})}
-        return model.get("config") or {}, data, (cfg.get("trainer") or {}).get("callbacks") or []
+        return model.get("config") or {}, data, (cfg.get("trainer") or {}).get("callbacks") or [], model
     path = version_dir / "hparams.yaml"
     if path.exists():
         cfg = yaml.load(path.read_text(), Loader=_TolerantLoader) or {}
-        return cfg.get("config") or {}, {}, []
+        return cfg.get("config") or {}, {}, [], cfg
     raise FileNotFoundError(f"{version_dir} has neither config.yaml nor hparams.yaml")
 
 
@@ -100,8 +101,23 @@ def read_scalars(version_dir: Path) -> dict[str, list[tuple[int, float]]]:
     return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
 
 
+def training_variant(model_args: dict) -> str:
+    """How a run's training departs from plain looping, in words ('' when it does not)."""
+    parts = []
+    schedule = model_args.get("loop_schedule") or {}
+    if schedule.get("distribution", "fixed") != "fixed":
+        low, high = schedule.get("min_loops", 1), schedule.get("max_loops")
+        parts.append(f"{schedule['distribution']} loops {low}..{high if high else '2L'}")
+    if schedule.get("grad_loops"):
+        parts.append(f"backprop through last {schedule['grad_loops']} loops")
+    regularizer = model_args.get("regularizer") or {}
+    if regularizer:
+        parts.append(f"regularised k={regularizer.get('block_layers')} λ={regularizer.get('weight')}")
+    return ", ".join(parts)
+
+
 def load_run(version_dir: Path) -> Run:
-    config, data, callbacks = read_config(version_dir)
+    config, data, callbacks, model_args = read_config(version_dir)
     shape = ModelShape(
         block_layers=int(config.get("block_layers", 1)),
         loops=int(config.get("loops", 1)),
@@ -112,7 +128,7 @@ def load_run(version_dir: Path) -> Run:
     for callback in callbacks:
         if isinstance(callback, dict) and str(callback.get("class_path", "")).endswith("BlockCosineSimilarity"):
             cosine_k = (callback.get("init_args") or {}).get("block_layers")
-    return Run(version_dir, shape, data, read_scalars(version_dir), cosine_k)
+    return Run(version_dir, shape, data, read_scalars(version_dir), cosine_k, training_variant(model_args))
 
 
 def load_runs(paths: Sequence[str | Path]) -> list[Run]:
@@ -341,12 +357,25 @@ def plot_isoplot(runs: list[Run], output: Path, metric: str) -> Optional[Path]:
 
 
 # -- the command -------------------------------------------------------------------------
+def variants_table(runs: list[Run], metrics: Sequence[str]) -> str:
+    """One row per run trained beyond plain looping, with its metrics at the end of training."""
+    header = ["run", "model", "training", *(m.removeprefix("test/") for m in metrics)]
+    rows = []
+    for run in runs:
+        values = [run.last(m) for m in metrics]
+        rows.append([f"`{run.label}`", run.shape.name, run.variant,
+                     *(_fmt(as_percent(m, v)) if v is not None else "" for m, v in zip(metrics, values))])
+    return _markdown(header, rows)
+
+
 def write_report(runs: list[Run], output: Path, metrics: Sequence[str] = (), groups: Sequence[str] = (),
                  isoplot_metric: str = "val/exact_match") -> Path:
     output.mkdir(parents=True, exist_ok=True)
     metrics = list(metrics) or default_metrics(runs)
+    everything = runs
+    runs = [r for r in everything if not r.variant]  # the paper's tables: plain looping only
     columns, cells, shared = collect_cells(runs, metrics)
-    parts = [f"# Report\n\n{len(runs)} runs: " + ", ".join(f"`{r.label}` ({r.shape.name})" for r in runs)]
+    parts = [f"# Report\n\n{len(everything)} runs: " + ", ".join(f"`{r.label}` ({r.shape.name})" for r in everything)]
     parts.append("## Accuracy per model (Table 1)\n\n" + (table1(cells, columns, shared) if columns else "No test metrics."))
     if shared:
         parts.append("\\* several runs share this cell; the best is shown (the paper: best of 3 seeds).")
@@ -354,12 +383,15 @@ def write_report(runs: list[Run], output: Path, metrics: Sequence[str] = (), gro
     if table3:
         parts.append("## Looped vs shallow vs deep (Table 3)\n\n"
                      "`% Gap = (Avg(k⊗L) − Avg(k⊗1)) / (Avg(kL⊗1) − Avg(k⊗1)) × 100`; ppl = exp(val/loss).\n\n" + table3)
+    variants = [r for r in everything if r.variant]
+    if variants:
+        parts.append("## Training variants\n\n" + variants_table(variants, metrics))
     fits = scaling_fits(cells, columns)
     if fits:
         parts.append("## Scaling with effective depth (Figure 3)\n\n`acc = α·log(D) + β` (natural log, acc in %).\n\n"
                      + _markdown(["metric", "looped", "α_loop", "β_loop", "α_base", "β_base", "α_loop/α_base"], fits))
-    figures = [plot_isoplot(runs, output, isoplot_metric)]
-    for run in runs:
+    figures = [plot_isoplot(everything, output, isoplot_metric)]
+    for run in everything:
         figures += [plot_per_loop(run, output), plot_cosine(run, output)]
     figures = [f for f in figures if f is not None]
     if figures:
