@@ -31,10 +31,14 @@ def register_mixer(name: str) -> Callable[[type[nn.Module]], type[nn.Module]]:
     return add
 
 
-def build_mixer(name: str, d_model: int, n_heads: int, dropout: float, bias: bool) -> nn.Module:
+def build_mixer(name: str, d_model: int, n_heads: int, dropout: float, bias: bool, **options) -> nn.Module:
+    """A mixer by name; ``options`` come from ``LoopedConfig.mixer_options[name]``."""
     if name not in MIXERS:
         raise ValueError(f"attention: unknown mixer {name!r}; choose one of {sorted(MIXERS)}")
-    return MIXERS[name](d_model=d_model, n_heads=n_heads, dropout=dropout, bias=bias)
+    try:
+        return MIXERS[name](d_model=d_model, n_heads=n_heads, dropout=dropout, bias=bias, **options)
+    except TypeError as err:
+        raise ValueError(f"LoopedConfig.mixer_options.{name}: {err}") from err
 
 
 class RotaryEmbedding(nn.Module):

@@ -14,7 +14,7 @@ f feed-forward width, v vocabulary, n loop index.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal, Optional, Union
 
 import torch
@@ -64,6 +64,8 @@ class LoopedConfig:
     """``none`` as in the paper; ``add`` re-adds the loop input before every loop after the first."""
     attention: Union[str, list[str]] = "softmax"
     """Token mixer, or a per-layer pattern cycled within the prelude, the block and the coda."""
+    mixer_options: dict = field(default_factory=dict)
+    """Keyword options for the mixers, by mixer name: ``{linear: {feature_map: elu}, sparse: {window: 64}}``."""
     init_std: float = 0.02
     """Std of the normal initialisation; residual output projections are scaled by 1/sqrt(2·depth)."""
 
@@ -91,6 +93,8 @@ class LoopedConfig:
         need(0.0 <= self.dropout < 1.0, "dropout", f"must lie in [0, 1), got {self.dropout}")
         for name in self.attention_pattern:
             need(name in MIXERS, "attention", f"unknown mixer {name!r}; choose from {sorted(MIXERS)}")
+        for name in self.mixer_options:
+            need(name in MIXERS, "mixer_options", f"options for unknown mixer {name!r}; choose from {sorted(MIXERS)}")
         for name in ("vocab_size", "max_seq_len"):
             value = getattr(self, name)
             need(value is None or value >= 1, name, f"must be >= 1, got {value}")
@@ -144,7 +148,9 @@ class TransformerLayer(nn.Module):
     def __init__(self, config: LoopedConfig, mixer: str) -> None:
         super().__init__()
         self.attn_norm = make_norm(config)
-        self.attn = build_mixer(mixer, config.d_model, config.n_heads, config.dropout, config.bias)
+        self.attn = build_mixer(
+            mixer, config.d_model, config.n_heads, config.dropout, config.bias, **config.mixer_options.get(mixer, {})
+        )
         self.ffn_norm = make_norm(config)
         self.ffn = FeedForward(config)
         self.dropout = nn.Dropout(config.dropout)

@@ -8,7 +8,7 @@ import pytest
 from looped import report
 from looped.analysis import fit_log_depth, gap_table, percent_gap, scaling_ratio
 
-# Table 3 of Saunshi et al. 2025 (/work/shared/reference/paper_tables.md), in percent.
+# Table 3 of Saunshi et al. 2025 (shared/reference/paper_tables.md beside the checkout), in percent.
 TABLE3 = {
     "24⊗1": {"closed QA": 11.2, "open QA": 33.9, "math WP": 29.3, "all": 26.0, "primitives": 47.5},
     "12⊗1": {"closed QA": 8.2, "open QA": 26.9, "math WP": 26.7, "all": 21.8, "primitives": 35.7},
