@@ -109,3 +109,6 @@ class SoftmaxAttention(AttentionMixer):
     def attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         p = self.dropout if self.training else 0.0
         return F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
+
+# Mixers in their own modules register themselves on import.
+import looped.sparse_attention  # noqa: E402,F401  (registers "sparse")
