@@ -111,4 +111,5 @@ class SoftmaxAttention(AttentionMixer):
         return F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
 
 # Mixers in their own modules register themselves on import.
+import looped.linear_attention  # noqa: E402,F401  (registers "linear")
 import looped.sparse_attention  # noqa: E402,F401  (registers "sparse")
