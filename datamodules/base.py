@@ -31,6 +31,15 @@ IGNORE = -100
 _TRAIN, _VAL, _TEST = 0, 1, 2
 
 
+def answer_at_end(sequences: np.ndarray, answer: np.ndarray, separator: int) -> tuple[np.ndarray, np.ndarray]:
+    """Input ``sequence =`` and the answer as the only label, at ``=``."""
+    n = len(sequences)
+    input_ids = np.concatenate([sequences, np.full((n, 1), separator, dtype=np.int64)], axis=1)
+    labels = np.full_like(input_ids, IGNORE)
+    labels[:, -1] = answer
+    return input_ids, labels
+
+
 def rows_as_keys(input_ids: np.ndarray) -> list[bytes]:
     """Hashable identity of each sample (its input tokens determine its answer)."""
     return [row.tobytes() for row in np.ascontiguousarray(input_ids, dtype=np.int64)]
@@ -68,6 +77,9 @@ class SyntheticTask(L.LightningDataModule):
         self.num_workers = num_workers
         self._eval_sets: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         self._eval_keys: set[bytes] = set()
+
+    supervise: str = "last"
+    """``last``: train on the answer only; ``all``: also on ``labels_at_every_position`` (tasks that have it)."""
 
     # -- what a task defines ------------------------------------------------
     @property
@@ -140,7 +152,13 @@ class SyntheticTask(L.LightningDataModule):
             nx, ny = self.generate(rng, len(clash))
             x[clash], y[clash] = nx, ny
             clash = [i for i, key in zip(clash, rows_as_keys(nx)) if key in eval_keys]
+        if self.supervise == "all":
+            y = self.labels_at_every_position(x)
         return x, y
+
+    def labels_at_every_position(self, input_ids: np.ndarray) -> np.ndarray:
+        """Dense training labels for ``supervise="all"``; evaluation always scores the answer alone."""
+        raise NotImplementedError(f"{type(self).__name__} has no per-position labels; use data.supervise: last")
 
     # -- Lightning hooks -------------------------------------------------------
     def setup(self, stage: Optional[str] = None) -> None:

@@ -25,7 +25,7 @@ from typing import Literal
 
 import numpy as np
 
-from looped.datamodules.base import IGNORE, SyntheticTask
+from looped.datamodules.base import SyntheticTask, answer_at_end
 
 MAX_CYCLIC_ORDER = 100
 MAX_SYMMETRIC_DEGREE = 6  # S6 has 720 elements; S7's 5040 tokens would dwarf the model's embedding
@@ -137,17 +137,7 @@ class GroupComposition(SyntheticTask):
     def generate(self, rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
         elements = rng.integers(0, self.group_size, size=(n, self.length), dtype=np.int64)
         answer = prefix_products(elements, self._table)[:, -1]
-        equals = self.group_size
-        input_ids = np.concatenate([elements, np.full((n, 1), equals, dtype=np.int64)], axis=1)
-        labels = np.full_like(input_ids, IGNORE)
-        labels[:, -1] = answer
-        return input_ids, labels
-
-    def train_batch(self, rank: int, index: int) -> tuple[np.ndarray, np.ndarray]:
-        input_ids, labels = super().train_batch(rank, index)
-        if self.supervise == "all":
-            labels = self.labels_at_every_position(input_ids)
-        return input_ids, labels
+        return answer_at_end(elements, answer, separator=self.group_size)
 
     def labels_at_every_position(self, input_ids: np.ndarray) -> np.ndarray:
         """Label element g_i with ``g_1 · … · g_i`` and ``=`` with the whole product."""

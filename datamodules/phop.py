@@ -17,7 +17,7 @@ from typing import Literal
 
 import numpy as np
 
-from looped.datamodules.base import IGNORE, SyntheticTask
+from looped.datamodules.base import IGNORE, SyntheticTask, answer_at_end
 
 
 def hop_table(seqs: np.ndarray, alphabet_size: int) -> np.ndarray:
@@ -124,17 +124,7 @@ class PHop(SyntheticTask):
             have += int(ok.sum())
         seqs = np.concatenate(kept)[:n]
         answer = np.concatenate(answers)[:n]
-        equals = self.alphabet_size
-        input_ids = np.concatenate([seqs, np.full((n, 1), equals, dtype=np.int64)], axis=1)
-        labels = np.full_like(input_ids, IGNORE)
-        labels[:, -1] = answer
-        return input_ids, labels
-
-    def train_batch(self, rank: int, index: int) -> tuple[np.ndarray, np.ndarray]:
-        input_ids, labels = super().train_batch(rank, index)
-        if self.supervise == "all":
-            labels = self.labels_at_every_position(input_ids)
-        return input_ids, labels
+        return answer_at_end(seqs, answer, separator=self.alphabet_size)
 
     def labels_at_every_position(self, input_ids: np.ndarray) -> np.ndarray:
         """Label position i-1 (the token v_i) with ``v[find_p(v, i)]``, and ``=`` with the final answer."""
