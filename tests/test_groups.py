@@ -2,7 +2,6 @@
 
 import numpy as np
 import pytest
-import yaml
 
 from looped.datamodules.base import IGNORE, rows_as_keys
 from looped.datamodules.groups import GroupComposition
@@ -104,35 +103,8 @@ def test_deterministic_given_seed_and_different_across_ranks_and_seeds():
     assert not np.array_equal(a.train_batch(0, 5)[0], other.train_batch(0, 5)[0])
 
 
-def group_data_settings():
-    """Distinct (data arguments, training batches) of the group recipes."""
-    settings = {}
-    for path in sorted(RECIPES.rglob("*.yaml")):
-        recipe = yaml.safe_load(path.read_text())
-        if not recipe.get("data", {}).get("class_path", "").endswith("GroupComposition"):
-            continue
-        args = {k: v for k, v in recipe["data"]["init_args"].items() if k != "num_workers"}
-        key = repr(sorted(args.items()))
-        batches = max(recipe["trainer"]["max_steps"], settings.get(key, (None, 0, ""))[1])
-        settings[key] = (args, batches, path.stem)
-    return list(settings.values())
-
-
 def test_recipes_exist():
-    assert len(list((RECIPES / "groups").glob("*.yaml"))) >= 3 and group_data_settings()
-
-
-@pytest.mark.parametrize("args, max_steps, name", group_data_settings(), ids=lambda v: v if isinstance(v, str) else "")
-def test_no_training_sample_is_evaluated(args, max_steps, name):
-    """Every training sample a recipe's run can draw (up to 50k here) is absent from val and test."""
-    task = GroupComposition(**args)
-    val, test = rows_as_keys(task.eval_set(1)[0]), rows_as_keys(task.eval_set(2)[0])
-    assert len(set(val)) == len(val) == task.val_size and len(set(test)) == task.test_size
-    assert not set(val) & set(test)
-    eval_keys = set(val) | set(test)
-    for index in range(min(max_steps, 50_000 // task.batch_size)):
-        x, _ = task.train_batch(rank=0, index=index)
-        assert not eval_keys.intersection(rows_as_keys(x))
+    assert len(list((RECIPES / "groups").glob("*.yaml"))) >= 3
 
 
 def test_collisions_with_eval_are_redrawn():

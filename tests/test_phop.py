@@ -3,7 +3,6 @@
 import numpy as np
 import pytest
 import torch
-import yaml
 from torch.utils.data import DataLoader
 
 from looped.datamodules import PHop
@@ -77,33 +76,6 @@ def test_ranks_and_seeds_draw_different_streams():
     assert not torch.equal(stream(task, 0, 0, 1, rank=0)[0], stream(task, 0, 0, 1, rank=1)[0])
     other = PHop(length=32, hops=3, batch_size=8, seed=1)
     assert not torch.equal(stream(task, 0, 0, 1)[0], stream(other, 0, 0, 1)[0])
-
-
-def phop_data_settings():
-    """Distinct (data arguments, training batches) of the p-hop recipes; rows of a table share one."""
-    settings = {}
-    for path in sorted(RECIPES.rglob("*.yaml")):
-        recipe = yaml.safe_load(path.read_text())
-        if not recipe.get("data", {}).get("class_path", "").endswith("PHop"):
-            continue
-        args = {k: v for k, v in recipe["data"]["init_args"].items() if k != "num_workers"}
-        key = repr(sorted(args.items()))
-        batches = max(recipe["trainer"]["max_steps"], settings.get(key, (None, 0, ""))[1])
-        settings[key] = (args, batches, path.stem)
-    return list(settings.values())
-
-
-@pytest.mark.parametrize("args, max_steps, name", phop_data_settings(), ids=lambda v: v if isinstance(v, str) else "")
-def test_no_training_sample_is_evaluated(args, max_steps, name):
-    """Every training sample a recipe's run can draw (up to 50k here) is absent from val and test."""
-    task = PHop(**args)
-    val, test = rows_as_keys(task.eval_set(1)[0]), rows_as_keys(task.eval_set(2)[0])
-    assert len(set(val)) == len(val) == task.val_size and len(set(test)) == task.test_size
-    assert not set(val) & set(test)
-    eval_keys = set(val) | set(test)
-    for index in range(min(max_steps, 50_000 // task.batch_size)):
-        x, _ = task.train_batch(rank=0, index=index)
-        assert not eval_keys.intersection(rows_as_keys(x))
 
 
 def test_collisions_with_eval_are_redrawn():

@@ -1,0 +1,45 @@
+"""No recipe ever trains on a validation or test sample, for every synthetic task."""
+
+import importlib
+
+import pytest
+import yaml
+
+from looped.datamodules.base import SyntheticTask, rows_as_keys
+
+from conftest import RECIPES
+
+
+def data_class(class_path: str):
+    module, _, name = class_path.rpartition(".")
+    return getattr(importlib.import_module(module), name)
+
+
+def synthetic_data_settings():
+    """Distinct (data class, arguments, training batches) over the recipes; rows of a table share one."""
+    settings = {}
+    for path in sorted(RECIPES.rglob("*.yaml")):
+        recipe = yaml.safe_load(path.read_text())
+        class_path = recipe.get("data", {}).get("class_path", "")
+        if not class_path or not issubclass(data_class(class_path), SyntheticTask):
+            continue
+        args = {k: v for k, v in recipe["data"].get("init_args", {}).items() if k != "num_workers"}
+        key = class_path + repr(sorted(args.items()))
+        batches = max(recipe["trainer"]["max_steps"], settings.get(key, (None, None, 0, ""))[2])
+        settings[key] = (class_path, args, batches, path.stem)
+    return list(settings.values())
+
+
+@pytest.mark.parametrize(
+    "class_path, args, max_steps, name", synthetic_data_settings(), ids=lambda v: v if isinstance(v, str) else ""
+)
+def test_no_training_sample_is_evaluated(class_path, args, max_steps, name):
+    """Every training sample a recipe's run can draw (up to 50k here) is absent from val and test."""
+    task = data_class(class_path)(**args)
+    val, test = rows_as_keys(task.eval_set(1)[0]), rows_as_keys(task.eval_set(2)[0])
+    assert len(set(val)) == len(val) == task.val_size and len(set(test)) == task.test_size
+    assert not set(val) & set(test)
+    eval_keys = set(val) | set(test)
+    for index in range(min(max_steps, 50_000 // task.batch_size)):
+        x, _ = task.train_batch(rank=0, index=index)
+        assert not eval_keys.intersection(rows_as_keys(x))
