@@ -27,7 +27,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
-IGNORE = -100
+from looped.module import IGNORE  # the one 'no loss here' label
+
 _TRAIN, _VAL, _TEST = 0, 1, 2
 
 

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-IGNORE = -100
+from looped.module import IGNORE  # the one 'no loss here' label
 
 
 @dataclass

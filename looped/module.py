@@ -23,7 +23,7 @@ from looped.loop_schedule import LoopSchedule
 from looped.model import LoopedConfig, LoopedTransformer
 from looped.regularizer import BlockRegularizer
 
-IGNORE = -100
+IGNORE = -100  # label of positions without loss (PyTorch cross_entropy's ignore_index)
 OptimizerFactory = Callable[[Iterable], torch.optim.Optimizer]
 
 
