@@ -120,6 +120,7 @@ class LoopedLM(L.LightningModule):
         )
         self.val_metrics, self.test_metrics = metrics(), metrics()
         self._batch_shape: Optional[tuple[int, int]] = None
+        self._loops_this_step = config.loops  # what the last training step ran (random with a loop_schedule)
 
     # -- forward and loss -------------------------------------------------------
     def forward(self, input_ids: Tensor, loops: Optional[int] = None, return_loop_states: bool = False):
@@ -253,5 +254,4 @@ class LoopedLM(L.LightningModule):
         if self._batch_shape is None:
             return None
         batch, seq_len = self._batch_shape
-        loops = getattr(self, "_loops_this_step", self.config.loops)
-        return 3 * batch * seq_len * self.model.flops_per_token(seq_len, loops=loops)
+        return 3 * batch * seq_len * self.model.flops_per_token(seq_len, loops=self._loops_this_step)
