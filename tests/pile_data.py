@@ -1,0 +1,33 @@
+"""Small Pile-format shards (zstd JSONL, ``text`` + ``meta.pile_set_name``) made on the spot: no download."""
+
+import json
+import random
+from pathlib import Path
+
+import zstandard
+
+WORDS = "the cat sat on a mat while looped transformers reason over latent thoughts and hops".split()
+
+
+def documents(shard: int, n: int) -> list[str]:
+    rng = random.Random(shard)
+    return [f"doc {shard}-{i}: " + " ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 40))) for i in range(n)]
+
+
+def write_shard(path: Path, texts: list[str], compress: bool = True) -> Path:
+    lines = [json.dumps({"text": t, "meta": {"pile_set_name": "Pile-CC"}}) for t in texts]
+    data = ("\n".join(lines) + "\n").encode()
+    path.write_bytes(zstandard.ZstdCompressor().compress(data) if compress else data)
+    return path
+
+
+def make_shards(folder: Path, shards: int = 3, per_shard: int = 60) -> list[str]:
+    """``shards`` files ``NN.jsonl.zst`` (the last one plain ``.jsonl``); returns every document's text."""
+    folder.mkdir(parents=True, exist_ok=True)
+    texts = []
+    for s in range(shards):
+        docs = documents(s, per_shard)
+        suffix = ".jsonl" if s == shards - 1 else ".jsonl.zst"
+        write_shard(folder / f"{s:02d}{suffix}", docs, compress=suffix.endswith(".zst"))
+        texts += docs
+    return texts
