@@ -1,8 +1,9 @@
-"""Data modules: one file per task family, all built on ``SyntheticTask``."""
+"""Data modules: one file per task family, built on ``SyntheticTask``; ``PileDataModule`` streams prepared text."""
 
 from looped.datamodules.base import SyntheticTask
 from looped.datamodules.groups import GroupComposition
 from looped.datamodules.phop import PHop
+from looped.datamodules.pile import PileDataModule
 from looped.datamodules.primitives import ReasoningPrimitives
 
-__all__ = ["SyntheticTask", "GroupComposition", "PHop", "ReasoningPrimitives"]
+__all__ = ["SyntheticTask", "GroupComposition", "PHop", "ReasoningPrimitives", "PileDataModule"]

@@ -14,13 +14,15 @@ from looped.cli import LoopedCLI, lightning_main
 from conftest import RECIPES, ROOT
 
 ALL_RECIPES = sorted(RECIPES.rglob("*.yaml"))
+# Pile recipes need a prepared dataset and build a 1B model: tests/test_pile_recipes.py builds them on the meta device.
+BUILD_RECIPES = [p for p in ALL_RECIPES if not p.relative_to(RECIPES).parts[0].startswith("pile")]
 
 
 def test_there_are_recipes():
     assert (RECIPES / "quickstart.yaml") in ALL_RECIPES and len(list((RECIPES / "phop").glob("*.yaml"))) >= 14
 
 
-@pytest.mark.parametrize("path", ALL_RECIPES, ids=lambda p: str(p.relative_to(RECIPES)))
+@pytest.mark.parametrize("path", BUILD_RECIPES, ids=lambda p: str(p.relative_to(RECIPES)))
 def test_every_recipe_parses_and_builds(path, run_dir):
     """Parse against the code's signatures and instantiate model + data: a recipe can never rot."""
     cli = LoopedCLI(args=["--config", str(path)], run=False)

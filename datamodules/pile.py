@@ -1,0 +1,255 @@
+"""``PileDataModule``: streams the token chunks written by ``looped prepare pile``, resumable to the batch.
+
+Training blocks of ``seq_len + 1`` tokens come from ``DIR/train`` through
+litdata's ``StreamingDataset`` + ``TokensLoader`` (shuffled, sharded over ranks
+and workers); a batch is ``{input_ids: block[:-1], labels: block[1:]}``.
+Validation is a list of named sets (``eval_names``), in order:
+
+* ``pile`` — held-out documents from ``DIR/val`` (perplexity = exp(val/loss_pile));
+* ``primitives_{math,code}_d{0,1}`` — the paper's k-shot reasoning primitives
+  (Table 3), rendered as text by ``ReasoningPrimitives`` and tokenized with the
+  dataset's own tokenizer; only the answer's tokens are labelled.
+
+Exact resume: the train loader's position lives in this module's
+``state_dict``, which Lightning stores in every checkpoint and hands back before
+training restarts. Lightning alone does not restore a ``StreamingDataLoader``
+on ``fit(ckpt_path=...)`` (litData #775), and a loader built before the
+restore (e.g. by reading ``trainer.estimated_stepping_batches``, Lightning
+#20550) would miss it; both paths are covered here.
+"""
+
+from __future__ import annotations
+
+import json
+from itertools import islice
+from typing import Any, Optional
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from looped.datamodules.base import EvalSet
+from looped.datamodules.primitives import ReasoningPrimitives
+from looped.module import IGNORE
+from looped.prepare import MANIFEST, TOKENIZER_FILE, ByteTokenizer, FileTokenizer
+
+PRIMITIVE_SETS = [(flavour, depth) for flavour in ("math", "code") for depth in (0, 1)]
+
+
+def _read_text(url: str) -> str:
+    """A small file from a local path or an object-store URL (fsspec: ``s3://`` needs ``s3fs``)."""
+    if "://" not in url:
+        with open(url, encoding="utf-8") as f:
+            return f.read()
+    import fsspec
+
+    with fsspec.open(url, "r", encoding="utf-8") as f:
+        return f.read()
+
+
+class PileDataModule(L.LightningDataModule):
+    """Language modelling on a dataset prepared by ``looped prepare pile``.
+
+    Args:
+        path: the prepared directory (local, or an object-store URL litdata can stream from).
+        seq_len: tokens per training sequence (the paper: 1280).
+        batch_size: sequences per step and device (global batch = batch_size × devices × nodes ×
+            accumulate_grad_batches; the paper: 512).
+        eval_batch_size: sequences per validation batch (default: ``batch_size``).
+        num_workers: loader processes per device.
+        seed: shuffling seed (litdata reshuffles chunks and items every epoch from it).
+        shuffle: shuffle the training stream.
+        val_batches: validate on the first N batches of ``val`` (default: all of it).
+        primitives_shots: solved examples before each reasoning-primitive query (the paper: 5).
+        primitives_size: prompts per reasoning-primitive set; 0 leaves the sets out.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        seq_len: int = 1280,
+        batch_size: int = 8,
+        eval_batch_size: Optional[int] = None,
+        num_workers: int = 4,
+        seed: int = 0,
+        shuffle: bool = True,
+        val_batches: Optional[int] = None,
+        primitives_shots: int = 5,
+        primitives_size: int = 256,
+    ) -> None:
+        super().__init__()
+        for name, value, low in (("seq_len", seq_len, 1), ("batch_size", batch_size, 1), ("num_workers", num_workers, 0),
+                                 ("primitives_shots", primitives_shots, 0), ("primitives_size", primitives_size, 0)):
+            if value < low:
+                raise ValueError(f"data.{name} must be >= {low}, got {value}")
+        if val_batches is not None and val_batches < 1:
+            raise ValueError(f"data.val_batches must be >= 1 or null, got {val_batches}")
+        self.path = path.rstrip("/")
+        self._seq_len = seq_len
+        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
+        self.num_workers, self.seed, self.shuffle, self.val_batches = num_workers, seed, shuffle, val_batches
+        self.primitives_shots, self.primitives_size = primitives_shots, primitives_size
+        self.manifest = self._read_manifest()
+        self._train_loader = None
+        self._pending_state: Optional[dict] = None
+        self._primitives: Optional[dict[str, EvalSet]] = None
+
+    # -- what the model links to --------------------------------------------------------------
+    @property
+    def seq_len(self) -> int:
+        return self._seq_len
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.manifest["tokenizer"]["vocab_size"])
+
+    @property
+    def eos_id(self) -> int:
+        return int(self.manifest["tokenizer"]["eos_id"])
+
+    @property
+    def eval_names(self) -> list[str]:
+        """Names of the validation sets, in the order ``val_dataloader`` returns them."""
+        names = ["pile"]
+        if self.primitives_size:
+            names += [f"primitives_{flavour}_d{depth}" for flavour, depth in PRIMITIVE_SETS]
+        return names
+
+    def _read_manifest(self) -> dict:
+        url = f"{self.path}/{MANIFEST}"
+        fix = f"prepare it with `looped prepare pile --input SHARDS --output {self.path}`"
+        try:
+            manifest = json.loads(_read_text(url))
+            manifest["tokenizer"]["vocab_size"], manifest["splits"]["train"]["sources"]
+        except FileNotFoundError:
+            raise FileNotFoundError(f"data.path: {url} does not exist; {fix}") from None
+        except (ValueError, KeyError, TypeError) as error:
+            raise ValueError(f"data.path: {url} is not a prepare manifest ({error!r}); {fix} again") from None
+        except ImportError as error:
+            raise ImportError(f"data.path: reading {url} needs an fsspec backend: {error}") from None
+        if not manifest["splits"]["train"]["sources"]:
+            raise ValueError(f"data.path: {self.path} has no prepared training data yet; {fix}")
+        return manifest
+
+    def tokenizer(self):
+        """The tokenizer the data was prepared with (``ByteTokenizer`` or the copied ``tokenizer.json``)."""
+        if self.manifest["tokenizer"]["kind"] == "bytes":
+            return ByteTokenizer()
+        return FileTokenizer(_read_text(f"{self.path}/{TOKENIZER_FILE}"), origin=f"{self.path}/{TOKENIZER_FILE}")
+
+    # -- streams ----------------------------------------------------------------------------------
+    def _dataset(self, split: str, shuffle: bool):
+        from litdata import StreamingDataset
+        from litdata.streaming.item_loader import TokensLoader
+
+        try:
+            return StreamingDataset(
+                f"{self.path}/{split}", item_loader=TokensLoader(block_size=self.seq_len + 1),
+                shuffle=shuffle, drop_last=True, seed=self.seed,
+            )
+        except (FileNotFoundError, ValueError) as error:
+            raise FileNotFoundError(
+                f"data.path: cannot open the {split} chunks in {self.path}/{split} ({error}); prepare it again with "
+                f"`looped prepare pile --input SHARDS --output {self.path}` (it resumes what is done)"
+            ) from None
+
+    def train_dataloader(self):
+        from litdata import StreamingDataLoader
+
+        loader = StreamingDataLoader(
+            self._dataset("train", self.shuffle), batch_size=self.batch_size, num_workers=self.num_workers,
+            collate_fn=shifted_pairs, drop_last=True, pin_memory=torch.cuda.is_available(),
+        )
+        if self._pending_state is not None:
+            loader.load_state_dict(self._pending_state)
+            self._pending_state = None
+        self._train_loader = loader
+        return loader
+
+    def val_dataloader(self) -> list:
+        from litdata import StreamingDataLoader
+
+        pile = StreamingDataLoader(
+            self._dataset("val", False), batch_size=self.eval_batch_size, num_workers=min(self.num_workers, 1),
+            collate_fn=shifted_pairs,
+        )
+        loaders: list = [pile if self.val_batches is None else FirstBatches(pile, self.val_batches)]
+        for name, dataset in self.primitive_sets().items():
+            loaders.append(DataLoader(dataset, batch_size=self.eval_batch_size, shuffle=False))
+        return loaders
+
+    # -- reasoning primitives -------------------------------------------------------------------------
+    def primitive_sets(self) -> dict[str, EvalSet]:
+        """``{name: EvalSet}`` of k-shot prompts tokenized with the dataset's tokenizer, built once."""
+        if self._primitives is None:
+            tokenizer, self._primitives = self.tokenizer(), {}
+            for (flavour, depth), name in zip(PRIMITIVE_SETS, self.eval_names[1:]):
+                task = ReasoningPrimitives(
+                    depth=depth, flavour=flavour, shots=self.primitives_shots,
+                    val_size=self.primitives_size, test_size=self.primitives_size, seed=self.seed,
+                )
+                ids, labels = task.eval_set(1)
+                prompts = [(task.decode(row), task.vocab[label[-1]]) for row, label in zip(ids, labels)]
+                self._primitives[name] = EvalSet(*encode_prompts(prompts, tokenizer, self.seq_len, self.eos_id))
+        return self._primitives
+
+    # -- exact resume -------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        if self._train_loader is None:
+            return {}
+        return {"train_loader": self._train_loader.state_dict()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state = state_dict.get("train_loader")
+        if state is None:
+            return
+        if self._train_loader is not None:  # built before the restore (Lightning #20550)
+            self._train_loader.load_state_dict(state)
+        else:
+            self._pending_state = state
+
+
+def shifted_pairs(blocks: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Blocks of ``seq_len + 1`` tokens → next-token pairs (int64, as embeddings and the loss need)."""
+    tokens = torch.stack(blocks).long()
+    return {"input_ids": tokens[:, :-1], "labels": tokens[:, 1:]}
+
+
+def encode_prompts(
+    prompts: list[tuple[str, str]], tokenizer, seq_len: int, pad_id: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(prompt, answer)`` pairs → left-padded ``input_ids``/``labels`` ``[n t]``, labels on the answer only.
+
+    Prompt and `` answer`` are encoded separately (a BPE merge across the boundary would
+    hide where the answer starts); a space that encodes alone joins the prompt. Prompts longer than ``seq_len`` lose their earliest
+    tokens (earlier shots), as evaluation harnesses truncate long contexts.
+    """
+    rows, space = [], tokenizer.encode(" ")
+    for prompt, answer in prompts:
+        context, target = tokenizer.encode(prompt), tokenizer.encode(" " + answer)
+        if target[: len(space)] == space:  # the separator is its own token (bytes): context, not answer
+            context, target = context + space, target[len(space):]
+        tokens = context + target
+        labels = [IGNORE] * (len(context) - 1) + target  # label at t = token t+1
+        rows.append((tokens[:-1][-seq_len:], labels[-seq_len:]))
+    width = max(len(ids) for ids, _ in rows)
+    input_ids = np.full((len(rows), width), pad_id, dtype=np.int64)
+    labels = np.full((len(rows), width), IGNORE, dtype=np.int64)
+    for i, (ids, lab) in enumerate(rows):
+        input_ids[i, width - len(ids):] = ids
+        labels[i, width - len(lab):] = lab
+    return input_ids, labels
+
+
+class FirstBatches:
+    """The first ``n`` batches of a loader (litdata loaders take no sampler to shorten them)."""
+
+    def __init__(self, loader, n: int) -> None:
+        self.loader, self.n = loader, n
+
+    def __iter__(self):
+        return islice(iter(self.loader), self.n)
+
+    def __len__(self) -> int:
+        return min(self.n, len(self.loader))
