@@ -179,6 +179,10 @@ class PileDataModule(L.LightningDataModule):
             loaders.append(DataLoader(dataset, batch_size=self.eval_batch_size, shuffle=False))
         return loaders
 
+    def test_dataloader(self) -> list:
+        """The held-out sets again (``looped run`` tests the final weights on them; the paper reports validation)."""
+        return self.val_dataloader()
+
     # -- reasoning primitives -------------------------------------------------------------------------
     def primitive_sets(self) -> dict[str, EvalSet]:
         """``{name: EvalSet}`` of k-shot prompts tokenized with the dataset's tokenizer, built once."""
