@@ -1,4 +1,4 @@
-"""Command line: ``looped {fit,validate,test,predict,run,report}`` and ``lightning run RECIPE.yaml``.
+"""Command line: ``looped {fit,validate,test,predict,run,report,sweep}`` and ``lightning run RECIPE.yaml``.
 
 ``looped run RECIPE.yaml [--key value ...]`` trains the recipe, then tests the
 best checkpoint. ``looped report RUNS... --output DIR`` turns TensorBoard logs
@@ -62,6 +62,11 @@ def main(argv: Optional[list[str]] = None) -> None:
         from looped.report import main as report  # matplotlib only when reporting
 
         report(argv[1:])
+        return
+    if argv and argv[0] == "sweep":
+        from looped.sweep import main as sweep
+
+        sweep(argv[1:])
         return
     LoopedCLI(args=argv)
 
