@@ -1,4 +1,4 @@
-"""Command line: ``looped {fit,validate,test,predict,run,report,prepare}`` and ``lightning run RECIPE.yaml``.
+"""Command line: ``looped {fit,validate,test,predict,run,report,prepare,sweep}`` and ``lightning run RECIPE.yaml``.
 
 ``looped run RECIPE.yaml [--key value ...]`` trains the recipe, then tests the
 best checkpoint. ``looped report RUNS... --output DIR`` turns TensorBoard logs
@@ -8,6 +8,7 @@ into the paper's tables and figures. Every other subcommand is LightningCLI's ow
 
 from __future__ import annotations
 
+import importlib
 import sys
 from importlib import metadata
 from typing import Optional
@@ -17,6 +18,12 @@ from lightning.pytorch.cli import LightningCLI
 
 from looped.module import LoopedLM
 
+# ``looped TOOL ...`` subcommands beside LightningCLI's own: the module whose ``main(argv)`` runs each.
+TOOLS = {
+    "report": "looped.report",  # tables and figures from finished runs
+    "prepare": "looped.prepare",  # Pile shards -> litdata token chunks; BPE tokenizer training
+    "sweep": "looped.sweep",  # a grid of recipe variants, one run directory per cell
+}
 USAGE_RUN = "usage: looped run RECIPE.yaml [--section.key value ...]   (e.g. --trainer.max_steps 200)"
 
 
@@ -58,15 +65,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     if argv and argv[0] == "run":
         run(argv[1:])
         return
-    if argv and argv[0] == "report":
-        from looped.report import main as report  # matplotlib only when reporting
-
-        report(argv[1:])
-        return
-    if argv and argv[0] == "prepare":
-        from looped.prepare import main as prepare  # tokenizers/zstandard only when preparing data
-
-        prepare(argv[1:])
+    if argv and argv[0] in TOOLS:
+        # Imported on demand: matplotlib, tokenizers, zstandard only load for the tool that needs them.
+        importlib.import_module(TOOLS[argv[0]]).main(argv[1:])
         return
     LoopedCLI(args=argv)
 

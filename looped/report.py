@@ -23,6 +23,7 @@ import yaml
 from looped.analysis import (
     ModelShape, fit_line, fit_log_depth, gap_families, gap_table, paper_order, parse_shape, scaling_ratio, task_groups,
 )
+from looped.study import plot_study, study_points, study_table
 
 DPI = 100
 PER_LOOP = re.compile(r"_loop(\d+)$")
@@ -390,7 +391,10 @@ def write_report(runs: list[Run], output: Path, metrics: Sequence[str] = (), gro
     if fits:
         parts.append("## Scaling with effective depth (Figure 3)\n\n`acc = α·log(D) + β` (natural log, acc in %).\n\n"
                      + _markdown(["metric", "looped", "α_loop", "β_loop", "α_base", "β_base", "α_loop/α_base"], fits))
-    figures = [plot_isoplot(everything, output, isoplot_metric)]
+    study = study_points(everything)
+    if study:
+        parts.append("## Width × problem size (`looped sweep` cells; ✓ = solved)\n\n" + study_table(study))
+    figures = [plot_isoplot(everything, output, isoplot_metric), plot_study(study, output / "study_heatmap.png")]
     for run in everything:
         figures += [plot_per_loop(run, output), plot_cosine(run, output)]
     figures = [f for f in figures if f is not None]
