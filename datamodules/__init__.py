@@ -2,7 +2,8 @@
 
 from looped.datamodules.base import SyntheticTask
 from looped.datamodules.groups import GroupComposition
+from looped.datamodules.igsm import IGSM
 from looped.datamodules.phop import PHop
 from looped.datamodules.primitives import ReasoningPrimitives
 
-__all__ = ["SyntheticTask", "GroupComposition", "PHop", "ReasoningPrimitives"]
+__all__ = ["SyntheticTask", "GroupComposition", "IGSM", "PHop", "ReasoningPrimitives"]
