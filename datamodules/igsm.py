@@ -26,7 +26,7 @@ A sample lists the equations in a uniformly SHUFFLED order (not topological:
 an equation may read a parameter defined further right), then ``?``, the
 queried parameter and ``=``; the answer ``0..6`` is the only label, at ``=``::
 
-    E#I = 4 ; F#K = E#J * E#I ; E#J = E#I + E#I ; B#F = 3 ; ? F#K =      → 2
+    E#I = 4 ; F#K = E#J * E#I ; E#J = E#I + E#I ; B#F = 3 ; ? F#K =      → 4
 
 Every sample of one setting has the same length (5 tokens per constant, 9 per
 derived equation, 4 for the query), so padding only appears with ``pad_to``

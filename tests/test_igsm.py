@@ -184,3 +184,8 @@ def test_vocab_and_text():
     text = task.decode(task.train_batch(0, 0)[0][0])
     assert text.count(" ; ") == 4 and text.endswith(" =") and "?" in text
     assert task.seq_len == 2 * 5 + 2 * 9 + 4
+
+
+def test_documented_example():
+    """The example in the module docstring and the README evaluates to what they say."""
+    assert reference("E#I = 4 ; F#K = E#J * E#I ; E#J = E#I + E#I ; B#F = 3 ; ? F#K =")[:2] == (4, 2)
