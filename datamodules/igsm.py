@@ -238,14 +238,19 @@ class IGSM(SyntheticTask):
         rows = np.arange(m)[:, None]
         ends = np.nonzero(input_ids == self._ids[";"])[1].reshape(m, e)  # each equation's ';'
         is_derived = input_ids[rows, ends - 2] != self._ids["="]  # a constant ends '= c ;'
-        key = lambda a, b: (input_ids[rows, a] - self._entity0) * 26 + input_ids[rows, b] - self._entity0  # noqa: E731
         start = np.where(is_derived, ends - 8, ends - 4)
-        own = key(start, start + 1)
+
+        def key(at: np.ndarray) -> np.ndarray:
+            """A number per parameter name ``u v`` whose ``u`` sits at column ``at``."""
+            at = np.broadcast_to(at, (m, np.shape(at)[-1]))
+            return (input_ids[rows, at] - self._entity0) * 26 + input_ids[rows, at + 1] - self._entity0
+
+        own = key(start)
         # Equation index of each parameter name, per row.
         lookup = np.zeros((m, 26 * 26), dtype=np.int64)
         np.put_along_axis(lookup, own, np.broadcast_to(np.arange(e), (m, e)), axis=1)
-        left = np.where(is_derived, np.take_along_axis(lookup, key(start + 3, start + 4), axis=1), 0)
-        right = np.where(is_derived, np.take_along_axis(lookup, key(start + 6, start + 7), axis=1), 0)
+        left = np.where(is_derived, np.take_along_axis(lookup, key(start + 3), axis=1), 0)
+        right = np.where(is_derived, np.take_along_axis(lookup, key(start + 6), axis=1), 0)
         operator = np.where(is_derived, input_ids[rows, start + 5] - self._op0, 0)
         value = np.where(is_derived, 0, input_ids[rows, start + 3] - self._digit0)
         ready = ends.copy()  # rightmost ';' among the parameter and everything it reads
@@ -258,6 +263,6 @@ class IGSM(SyntheticTask):
         labels = np.full_like(input_ids, IGNORE)
         known = ready == ends
         np.put_along_axis(labels, ends, np.where(known, self._digit0 + value, IGNORE), axis=1)
-        query = lookup[np.arange(m), key(np.full((m, 1), -3), np.full((m, 1), -2))[:, 0]]
-        labels[:, -1] = self._digit0 + value[np.arange(m), query]
+        query = np.take_along_axis(lookup, key(np.array([input_ids.shape[1] - 3])), axis=1)  # ? u v =
+        labels[:, -1] = self._digit0 + np.take_along_axis(value, query, axis=1)[:, 0]
         return labels
