@@ -2,8 +2,9 @@
 
 from looped.datamodules.base import SyntheticTask
 from looped.datamodules.groups import GroupComposition
+from looped.datamodules.igsm import IGSM
 from looped.datamodules.phop import PHop
 from looped.datamodules.pile import PileDataModule
 from looped.datamodules.primitives import ReasoningPrimitives
 
-__all__ = ["SyntheticTask", "GroupComposition", "PHop", "ReasoningPrimitives", "PileDataModule"]
+__all__ = ["SyntheticTask", "GroupComposition", "IGSM", "PHop", "PileDataModule", "ReasoningPrimitives"]
