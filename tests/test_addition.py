@@ -10,6 +10,8 @@ from torch.utils.data import DataLoader
 from looped.datamodules.addition import NaryAddition
 from looped.datamodules.base import IGNORE, TrainStream, rows_as_keys
 
+from conftest import RECIPES
+
 
 def solve(text: str, digits: int) -> tuple[list[int], int]:
     """Slow and literal: ``a+b+…=`` (the decoded input, maybe followed by answer digits) -> operands and their sum."""
@@ -168,3 +170,34 @@ def test_pad_to_only_adds_left_padding():
     assert lx.shape[1] == 200
     np.testing.assert_array_equal(lx[:, -x.shape[1] :], x)
     np.testing.assert_array_equal(ly[:, -y.shape[1] :], y)
+
+
+def test_recipe_trains_and_validates_over_every_set(run_dir):
+    """fast_dev_run of a CPU recipe through LoopedLM, with one loader per set; val/exact_match pools all sets."""
+    from lightning import Trainer
+
+    from looped.cli import LoopedCLI
+
+    cli = LoopedCLI(
+        args=["--config", str(RECIPES / "addition" / "cpu_1x4.yaml"), "--trainer.fast_dev_run", "2",
+              "--data.val_size", "48", "--data.eval_batch_size", "32"],
+        run=False,
+    )
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    assert len(cli.trainer.val_dataloaders) == len(cli.datamodule.eval_names) == 2
+    task = cli.datamodule
+
+    def oracle(input_ids, **_):
+        """Right on every n=4 problem (solved from the text), one digit off on every n=8 one."""
+        logits = torch.zeros(*input_ids.shape, task.vocab_size)
+        for row, ids in enumerate(input_ids):
+            operands, total = solve(task.decode(ids), task.digits)
+            answer = [int(c) for c in str(total).zfill(task.answer_digits)]
+            answer[0] = answer[0] if len(operands) == 4 else (answer[0] + 1) % 10
+            logits[row, -task.answer_digits :][range(task.answer_digits), answer] = 1.0
+        return logits
+
+    cli.model.forward = oracle
+    trainer = Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False, callbacks=[])
+    metrics = trainer.validate(cli.model, datamodule=task, verbose=False)[0]
+    assert metrics["val/exact_match"] == pytest.approx(0.5)  # 48 of the 96 samples, both sets counted
