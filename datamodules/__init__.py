@@ -1,5 +1,6 @@
 """Data modules: one file per task family, built on ``SyntheticTask``; ``PileDataModule`` streams prepared text."""
 
+from looped.datamodules.addition import NaryAddition
 from looped.datamodules.base import SyntheticTask
 from looped.datamodules.groups import GroupComposition
 from looped.datamodules.igsm import IGSM
@@ -7,4 +8,6 @@ from looped.datamodules.phop import PHop
 from looped.datamodules.pile import PileDataModule
 from looped.datamodules.primitives import ReasoningPrimitives
 
-__all__ = ["SyntheticTask", "GroupComposition", "IGSM", "PHop", "PileDataModule", "ReasoningPrimitives"]
+__all__ = [
+    "SyntheticTask", "GroupComposition", "IGSM", "NaryAddition", "PHop", "PileDataModule", "ReasoningPrimitives",
+]

@@ -11,7 +11,10 @@ A task only says how to draw samples (``generate``) and what its tokens are
   restored ``global_step``);
 * fixed validation and test sets drawn from their own seeds, disjoint from each
   other, with every training sample that collides with them redrawn, so no
-  evaluation sample is ever trained on.
+  evaluation sample is ever trained on. A task with several named evaluation
+  sets (``eval_names``, e.g. one per problem size) gets one validation and one
+  test loader per name, in that order, all disjoint from each other and from
+  training.
 
 Batches are dicts ``{"input_ids": [b t], "labels": [b t]}`` with labels -100
 except at answer positions.
@@ -19,8 +22,9 @@ except at answer positions.
 
 from __future__ import annotations
 
+import zlib
 from abc import abstractmethod
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Union
 
 import lightning as L
 import numpy as np
@@ -52,8 +56,8 @@ class SyntheticTask(L.LightningDataModule):
     Args:
         batch_size: training samples per batch (per device).
         eval_batch_size: samples per validation / test batch (default: ``batch_size``).
-        val_size: samples in the fixed validation set.
-        test_size: samples in the fixed test set.
+        val_size: samples in the fixed validation set (in each one, with ``eval_names``).
+        test_size: samples in the fixed test set (in each one, with ``eval_names``).
         seed: root seed; training, validation and test streams derive from it.
         num_workers: dataloader worker processes for the training stream.
     """
@@ -76,11 +80,14 @@ class SyntheticTask(L.LightningDataModule):
         self.test_size = test_size
         self.seed = seed
         self.num_workers = num_workers
-        self._eval_sets: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self._eval_sets: dict[tuple[int, Optional[str]], tuple[np.ndarray, np.ndarray]] = {}
         self._eval_keys: set[bytes] = set()
 
     supervise: str = "last"
     """``last``: train on the answer only; ``all``: also on ``labels_at_every_position`` (tasks that have it)."""
+
+    eval_names: list[str] = []
+    """Named evaluation sets, each drawn by ``generate_eval``; empty: one validation and one test set."""
 
     # -- what a task defines ------------------------------------------------
     @property
@@ -97,6 +104,10 @@ class SyntheticTask(L.LightningDataModule):
     def generate(self, rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
         """Draw ``n`` samples: ``input_ids`` and ``labels``, int64 arrays ``[n t]``."""
 
+    def generate_eval(self, name: str, rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """Draw ``n`` samples of the evaluation set ``name`` (one of ``eval_names``); default: ``generate``."""
+        return self.generate(rng, n)
+
     # -- derived -------------------------------------------------------------
     @property
     def vocab_size(self) -> int:
@@ -110,19 +121,37 @@ class SyntheticTask(L.LightningDataModule):
         return np.random.default_rng([self.seed, purpose, rank, index])
 
     # -- evaluation sets -------------------------------------------------------
-    def eval_set(self, purpose: int) -> tuple[np.ndarray, np.ndarray]:
-        """The fixed validation (``_VAL``) or test (``_TEST``) set, built once."""
-        if not self._eval_sets:
-            seen: set[bytes] = set()
-            for which, size in ((_VAL, self.val_size), (_TEST, self.test_size)):
-                self._eval_sets[which] = self._draw_unique(which, size, seen)
-            self._eval_keys = seen
-        return self._eval_sets[purpose]
+    def eval_set(self, purpose: int, name: Optional[str] = None) -> tuple[np.ndarray, np.ndarray]:
+        """The fixed validation (``_VAL``) or test (``_TEST``) set, or its set ``name`` of ``eval_names``.
 
-    def _draw_unique(self, purpose: int, size: int, seen: set[bytes]) -> tuple[np.ndarray, np.ndarray]:
+        All sets are built together, once, each excluding every sample drawn before it.
+        """
+        self._build_eval_sets()
+        if (purpose, name) not in self._eval_sets:
+            sets = self.eval_names or [None]
+            raise KeyError(f"{type(self).__name__} has no evaluation set {name!r}; its sets are {sets}")
+        return self._eval_sets[purpose, name]
+
+    def _build_eval_sets(self) -> None:
+        if self._eval_sets:
+            return
+        seen: set[bytes] = set()
+        for which, size in ((_VAL, self.val_size), (_TEST, self.test_size)):
+            for name in self.eval_names or [None]:
+                self._eval_sets[which, name] = self._draw_unique(which, size, seen, name)
+        self._eval_keys = seen
+
+    def _draw_unique(
+        self, purpose: int, size: int, seen: set[bytes], name: Optional[str] = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         ids, labels, attempt = [], [], 0
         while sum(len(x) for x in ids) < size:
-            x, y = self.generate(self.rng(purpose, 0, attempt), size)
+            if name is None:
+                x, y = self.generate(self.rng(purpose, 0, attempt), size)
+            else:
+                # Seeded by the name, not its position: a set stays the same when others are added.
+                rng = np.random.default_rng([self.seed, purpose, 0, attempt, zlib.crc32(name.encode())])
+                x, y = self.generate_eval(name, rng, size)
             keep = []
             for i, key in enumerate(rows_as_keys(x)):
                 if key not in seen and len(keep) + sum(len(a) for a in ids) < size:
@@ -133,14 +162,15 @@ class SyntheticTask(L.LightningDataModule):
             attempt += 1
             if attempt > 100:
                 raise ValueError(
-                    f"{type(self).__name__}: could not draw {size} distinct evaluation samples; "
-                    "the task has too few distinct samples, lower data.val_size / data.test_size or make the task larger"
+                    f"{type(self).__name__}: could not draw {size} distinct evaluation samples"
+                    + (f" for set {name!r}" if name is not None else "")
+                    + "; the task has too few distinct samples, lower data.val_size / data.test_size or make the task larger"
                 )
         return np.concatenate(ids), np.concatenate(labels)
 
     @property
     def eval_keys(self) -> set[bytes]:
-        self.eval_set(_VAL)
+        self._build_eval_sets()
         return self._eval_keys
 
     def train_batch(self, rank: int, index: int) -> tuple[np.ndarray, np.ndarray]:
@@ -163,7 +193,7 @@ class SyntheticTask(L.LightningDataModule):
 
     # -- Lightning hooks -------------------------------------------------------
     def setup(self, stage: Optional[str] = None) -> None:
-        self.eval_set(_VAL)
+        self._build_eval_sets()
 
     def _consumed_batches(self) -> int:
         """Batches this rank already trained on (after a resume: restored from the checkpoint)."""
@@ -187,13 +217,18 @@ class SyntheticTask(L.LightningDataModule):
             generator=torch.Generator().manual_seed(self.seed),
         )
 
-    def _eval_loader(self, purpose: int) -> DataLoader:
-        return DataLoader(EvalSet(*self.eval_set(purpose)), batch_size=self.eval_batch_size, shuffle=False)
+    def _eval_loader(self, purpose: int) -> Union[DataLoader, list[DataLoader]]:
+        """One loader, or one per name of ``eval_names`` in that order (Lightning's ``dataloader_idx``)."""
+        loaders = [
+            DataLoader(EvalSet(*self.eval_set(purpose, name)), batch_size=self.eval_batch_size, shuffle=False)
+            for name in self.eval_names or [None]
+        ]
+        return loaders if self.eval_names else loaders[0]
 
-    def val_dataloader(self) -> DataLoader:
+    def val_dataloader(self) -> Union[DataLoader, list[DataLoader]]:
         return self._eval_loader(_VAL)
 
-    def test_dataloader(self) -> DataLoader:
+    def test_dataloader(self) -> Union[DataLoader, list[DataLoader]]:
         return self._eval_loader(_TEST)
 
     def describe(self) -> str:

@@ -163,7 +163,7 @@ class LoopedLM(L.LightningModule):
         self.log("train/loss", loss, prog_bar=True)
         return loss
 
-    def _eval_step(self, batch: dict[str, Tensor], metrics: nn.ModuleDict, stage: str) -> None:
+    def _eval_step(self, batch: dict[str, Tensor], metrics: nn.ModuleDict) -> None:
         labels = batch["labels"]
         logits = self(batch["input_ids"])
         metrics["loss"].update(self.compute_loss(logits, labels), weight=(labels != IGNORE).sum())
@@ -171,14 +171,25 @@ class LoopedLM(L.LightningModule):
         preds = logits.argmax(-1)
         metrics["exact_match"].update(preds, labels)
         metrics["token_accuracy"].update(preds, labels)
+
+    def _log_eval(self, metrics: nn.ModuleDict, stage: str) -> None:
+        # Logged once per epoch, not per batch: with several evaluation sets (one loader each, a
+        # task's eval_names) Lightning would key per-batch logs by loader; here they pool all sets.
         for name, metric in metrics.items():
-            self.log(f"{stage}/{name}", metric, prog_bar=name == "exact_match", on_epoch=True, on_step=False)
+            self.log(f"{stage}/{name}", metric.compute(), prog_bar=name == "exact_match")
+            metric.reset()
 
-    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
-        self._eval_step(batch, self.val_metrics, "val")
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._eval_step(batch, self.val_metrics)
 
-    def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
-        self._eval_step(batch, self.test_metrics, "test")
+    def test_step(self, batch: dict[str, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._eval_step(batch, self.test_metrics)
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_eval(self.val_metrics, "val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_eval(self.test_metrics, "test")
 
     def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         return self(batch["input_ids"]).argmax(-1)

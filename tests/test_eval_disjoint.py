@@ -34,12 +34,15 @@ def synthetic_data_settings():
     "class_path, args, max_steps, name", synthetic_data_settings(), ids=lambda v: v if isinstance(v, str) else ""
 )
 def test_no_training_sample_is_evaluated(class_path, args, max_steps, name):
-    """Every training sample a recipe's run can draw (up to 50k here) is absent from val and test."""
+    """Every training sample a recipe's run can draw (up to 50k here) is absent from every val and test set."""
     task = data_class(class_path)(**args)
-    val, test = rows_as_keys(task.eval_set(1)[0]), rows_as_keys(task.eval_set(2)[0])
-    assert len(set(val)) == len(val) == task.val_size and len(set(test)) == task.test_size
-    assert not set(val) & set(test)
-    eval_keys = set(val) | set(test)
+    eval_keys: set[bytes] = set()
+    for purpose, size in ((1, task.val_size), (2, task.test_size)):
+        for name in task.eval_names or [None]:  # each named set, or the single one
+            keys = rows_as_keys(task.eval_set(purpose, name)[0])
+            assert len(set(keys)) == len(keys) == size
+            assert not eval_keys & set(keys)  # disjoint from every set drawn before
+            eval_keys |= set(keys)
     for index in range(min(max_steps, 50_000 // task.batch_size)):
         x, _ = task.train_batch(rank=0, index=index)
         assert not eval_keys.intersection(rows_as_keys(x))
