@@ -5,4 +5,11 @@ from looped.datamodules.groups import GroupComposition
 from looped.datamodules.phop import PHop
 from looped.datamodules.primitives import ReasoningPrimitives
 
+# Chain-of-thought DP tasks (Feng et al. 2023), direct and cot formats
+from looped.datamodules.arithmetic import ModularArithmetic
+from looped.datamodules.cot import CoTTask
+from looped.datamodules.edit_distance import EditDistance
+from looped.datamodules.lis import LongestIncreasingSubsequence
+
 __all__ = ["SyntheticTask", "GroupComposition", "PHop", "ReasoningPrimitives"]
+__all__ += ["CoTTask", "ModularArithmetic", "LongestIncreasingSubsequence", "EditDistance"]
