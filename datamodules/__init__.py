@@ -8,6 +8,13 @@ from looped.datamodules.phop import PHop
 from looped.datamodules.pile import PileDataModule
 from looped.datamodules.primitives import ReasoningPrimitives
 
+# Chain-of-thought DP tasks (Feng et al. 2023), direct and cot formats
+from looped.datamodules.arithmetic import ModularArithmetic
+from looped.datamodules.cot import CoTTask
+from looped.datamodules.edit_distance import EditDistance
+from looped.datamodules.lis import LongestIncreasingSubsequence
+
 __all__ = [
     "SyntheticTask", "GroupComposition", "IGSM", "NaryAddition", "PHop", "PileDataModule", "ReasoningPrimitives",
+    "CoTTask", "ModularArithmetic", "LongestIncreasingSubsequence", "EditDistance",
 ]

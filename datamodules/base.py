@@ -217,12 +217,17 @@ class SyntheticTask(L.LightningDataModule):
             generator=torch.Generator().manual_seed(self.seed),
         )
 
+    def eval_extras(self, input_ids: np.ndarray, labels: np.ndarray) -> dict[str, np.ndarray]:
+        """Extra per-sample arrays for evaluation batches (e.g. a gold answer for decoding); none by default."""
+        return {}
+
     def _eval_loader(self, purpose: int) -> Union[DataLoader, list[DataLoader]]:
         """One loader, or one per name of ``eval_names`` in that order (Lightning's ``dataloader_idx``)."""
-        loaders = [
-            DataLoader(EvalSet(*self.eval_set(purpose, name)), batch_size=self.eval_batch_size, shuffle=False)
-            for name in self.eval_names or [None]
-        ]
+        loaders = []
+        for name in self.eval_names or [None]:
+            input_ids, labels = self.eval_set(purpose, name)
+            dataset = EvalSet(input_ids, labels, self.eval_extras(input_ids, labels))
+            loaders.append(DataLoader(dataset, batch_size=self.eval_batch_size, shuffle=False))
         return loaders if self.eval_names else loaders[0]
 
     def val_dataloader(self) -> Union[DataLoader, list[DataLoader]]:
@@ -256,12 +261,13 @@ class TrainStream(IterableDataset):
 
 
 class EvalSet(Dataset):
-    def __init__(self, input_ids: np.ndarray, labels: np.ndarray) -> None:
+    def __init__(self, input_ids: np.ndarray, labels: np.ndarray, extras: Optional[dict[str, np.ndarray]] = None) -> None:
         self.input_ids = torch.from_numpy(input_ids)
         self.labels = torch.from_numpy(labels)
+        self.extras = {name: torch.from_numpy(np.asarray(v)) for name, v in (extras or {}).items()}
 
     def __len__(self) -> int:
         return len(self.input_ids)
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {"input_ids": self.input_ids[i], "labels": self.labels[i]}
+        return {"input_ids": self.input_ids[i], "labels": self.labels[i], **{k: v[i] for k, v in self.extras.items()}}
