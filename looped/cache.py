@@ -78,7 +78,6 @@ class DecodeCache:
         return self.layers
 
     @staticmethod
-    @torch.no_grad()
     def positions(offset: int, t: int, device: torch.device) -> tuple[Tensor, Tensor]:
         """Query indices ``[t 1]`` (absolute, from ``offset``) and key indices ``[1 offset+t]``."""
         q_idx = torch.arange(offset, offset + t, device=device)[:, None]

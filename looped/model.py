@@ -322,9 +322,9 @@ class LoopedTransformer(nn.Module):
                 f"{self.config.max_seq_len}; lower max_new_tokens to at most {self.config.max_seq_len - p} "
                 "or raise max_seq_len"
             )
-        tokens = [prompt]
         if max_new_tokens == 0:
             return prompt
+        tokens = [prompt]
         cache = DecodeCache(capacity=p + max_new_tokens)
         logits = self(prompt, loops=loops, cache=cache)[:, -1]
         done = torch.zeros(b, dtype=torch.bool, device=prompt.device)
@@ -348,7 +348,6 @@ class LoopedTransformer(nn.Module):
         Training costs three times this (backward = 2 × forward).
         """
         c = self.config
-        loops = c.loops if loops is None else loops
         ffn = (6 if c.activation == "swiglu" else 4) * c.d_model * c.d_ff
         per_layer = 8 * c.d_model**2 + ffn + 4 * seq_len * c.d_model
         return self.applications(loops) * per_layer + 2 * c.d_model * c.vocab_size

@@ -49,6 +49,8 @@ class Perplexity(MeanMetric):
 
 def final_answer(continuation: Tensor, eos_id: int) -> Tensor:
     """The token right before the first ``eos_id`` of each row of ``[b n]``; -1 when there is none."""
+    if continuation.shape[1] == 0:  # nothing was generated (prompt_len == t): no answer
+        return continuation.new_full(continuation.shape[:1], -1)
     is_eos = continuation == eos_id
     first = is_eos.int().argmax(dim=1)  # index of the first eos (0 when there is none)
     before = continuation.gather(1, (first - 1).clamp(min=0)[:, None])[:, 0]
