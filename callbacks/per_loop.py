@@ -7,7 +7,9 @@ hidden state through the head, so the accuracy of an early exit after loop
 not ``max_eval_loops`` of them. Only labelled positions are read out.
 
 With a ``TensorBoardLogger`` the curve is also drawn (``{stage}/exact_match_per_loop``,
-see ``per_loop_figure``).
+see ``per_loop_figure``). With several named evaluation sets (the data module's
+``eval_names``) the curve is over all of them, and each set also gets its own
+``{stage}/exact_match_loop{n}_{name}``.
 """
 
 from __future__ import annotations
@@ -51,31 +53,41 @@ class PerLoopAccuracy(L.Callback):
 
     def __init__(self, max_eval_loops: Optional[int] = None) -> None:
         self.max_eval_loops = max_eval_loops
-        self._correct: Optional[Tensor] = None
-        self._total: Optional[Tensor] = None
+        # Per evaluation dataloader: exact matches after each loop [n], and samples seen.
+        self._correct: dict[int, Tensor] = {}
+        self._total: dict[int, Tensor] = {}
 
     def loops_to_eval(self, pl_module: L.LightningModule) -> int:
         return self.max_eval_loops or 2 * pl_module.config.loops
 
     def _reset(self, pl_module: L.LightningModule) -> None:
-        n = self.loops_to_eval(pl_module)
-        self._correct = torch.zeros(n, device=pl_module.device)
-        self._total = torch.zeros((), device=pl_module.device)
+        self._correct, self._total = {}, {}
 
-    def _update(self, pl_module: L.LightningModule, batch: dict[str, Tensor]) -> None:
+    def _update(self, pl_module: L.LightningModule, batch: dict[str, Tensor], dataloader_idx: int) -> None:
         with torch.no_grad():
             right = exact_match_per_loop(
                 pl_module.model, batch["input_ids"], batch["labels"], self.loops_to_eval(pl_module)
             )
-        self._correct += right.sum(dim=1)
-        self._total += right.shape[1]
+        if dataloader_idx not in self._correct:
+            self._correct[dataloader_idx] = torch.zeros(right.shape[0], device=right.device)
+            self._total[dataloader_idx] = torch.zeros((), device=right.device)
+        self._correct[dataloader_idx] += right.sum(dim=1)
+        self._total[dataloader_idx] += right.shape[1]
 
     def _finish(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> list[float]:
-        correct = trainer.strategy.reduce(self._correct, reduce_op="sum")
-        total = trainer.strategy.reduce(self._total, reduce_op="sum")
-        accuracy = (correct / total.clamp(min=1)).tolist()
+        names = list(getattr(pl_module, "eval_names", []) or [])
+        # Every rank reduces the same tensors in the same order: one (zero) entry per dataloader
+        # even where this rank saw no batch of it.
+        n_loaders = max(len(names), max(self._correct, default=0) + 1)
+        zeros = torch.zeros(self.loops_to_eval(pl_module), device=pl_module.device)
+        correct = [trainer.strategy.reduce(self._correct.get(i, zeros), reduce_op="sum") for i in range(n_loaders)]
+        total = [trainer.strategy.reduce(self._total.get(i, zeros[0]), reduce_op="sum") for i in range(n_loaders)]
+        accuracy = (sum(correct) / sum(total).clamp(min=1)).tolist()
         for n, value in enumerate(accuracy, start=1):
             pl_module.log(f"{stage}/exact_match_loop{n}", value, sync_dist=False)
+        for i, name in enumerate(names):
+            for n, value in enumerate((correct[i] / total[i].clamp(min=1)).tolist(), start=1):
+                pl_module.log(f"{stage}/exact_match_loop{n}_{name}", value, sync_dist=False)
         if trainer.is_global_zero and not trainer.sanity_checking:
             draw = lambda: per_loop_figure(accuracy, trained_loops=pl_module.config.loops)  # noqa: E731
             log_figure(trainer, f"{stage}/exact_match_per_loop", draw)
@@ -88,10 +100,10 @@ class PerLoopAccuracy(L.Callback):
         self._reset(pl_module)
 
     def on_validation_batch_end(self, trainer, pl_module, outputs: Any, batch, batch_idx, dataloader_idx=0) -> None:
-        self._update(pl_module, batch)
+        self._update(pl_module, batch, dataloader_idx)
 
     def on_test_batch_end(self, trainer, pl_module, outputs: Any, batch, batch_idx, dataloader_idx=0) -> None:
-        self._update(pl_module, batch)
+        self._update(pl_module, batch, dataloader_idx)
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
         self._finish(trainer, pl_module, "val")

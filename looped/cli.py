@@ -31,7 +31,8 @@ class LoopedCLI(LightningCLI):
     """LightningCLI whose recipes name any ``LoopedLM`` subclass and any ``LightningDataModule``.
 
     The data module is the single source of ``vocab_size`` and sequence length:
-    both are linked into ``model.config`` after the data module is built.
+    both are linked into ``model.config`` after the data module is built; its
+    ``eos_id``, if it has one, into ``model.eos_id``.
     """
 
     def __init__(self, *args, **kwargs) -> None:
@@ -45,6 +46,13 @@ class LoopedCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("data.vocab_size", "model.init_args.config.vocab_size", apply_on="instantiate")
         parser.link_arguments("data.seq_len", "model.init_args.config.max_seq_len", apply_on="instantiate")
+        # Tasks scored by generation say which token ends an answer; every other data module has no eos_id.
+        parser.link_arguments("data", "model.init_args.eos_id", compute_fn=data_eos_id, apply_on="instantiate")
+
+
+def data_eos_id(data) -> Optional[int]:
+    """The data module's ``eos_id`` (tasks scored by generation), else None."""
+    return getattr(data, "eos_id", None)
 
 
 def run(argv: list[str]) -> LoopedCLI:

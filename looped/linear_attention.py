@@ -34,6 +34,7 @@ from einops import einsum, rearrange
 from torch import Tensor
 
 from looped.attention import AttentionMixer, register_mixer
+from looped.cache import LayerCache
 
 FEATURE_MAPS: dict[str, Callable[[Tensor], Tensor]] = {
     "elu": lambda x: F.elu(x) + 1.0,  # the paper's choice: positive, smooth, gradient everywhere
@@ -138,6 +139,27 @@ class LinearAttention(AttentionMixer):
             den = einsum(q, z, "b h e, b h e -> b h")
             out = num / (den.unsqueeze(-1) + self.eps)
         return out.to(v.dtype), (s, z)
+
+    def attend_cached(self, q: Tensor, k: Tensor, v: Tensor, cache: LayerCache) -> Tensor:
+        """Decoding: the recurrent state ``(S, z)`` is the cache, O(1) per token.
+
+        A prefill (empty cache, several positions) runs the chunked form and sums its
+        keys into the state; every later position goes through ``step``.
+        """
+        if cache.state is None and q.shape[-2] > 1:
+            out = self.attend(q, k, v)
+            dtype = compute_dtype(v.dtype)
+            with torch.autocast(device_type=q.device.type, enabled=False):
+                phi_k = self.phi(k.to(dtype))
+                cache.state = (einsum(phi_k, v.to(dtype), "b h t e, b h t f -> b h e f"), phi_k.sum(-2))
+            return out
+        if cache.state is None:
+            cache.state = self.init_state(q.shape[0], q.device, v.dtype)
+        outs = []
+        for i in range(q.shape[-2]):
+            out, cache.state = self.step(q[:, :, i], k[:, :, i], v[:, :, i], cache.state)
+            outs.append(out)
+        return torch.stack(outs, dim=-2)
 
     def extra_repr(self) -> str:
         return f"feature_map={self.feature_map!r}, chunk_size={self.chunk_size}, eps={self.eps}"

@@ -7,21 +7,29 @@ One class covers every row of the papers this project reproduces:
 * middle looping ``(p⊗1, k⊗L, c⊗1)``: ``prelude_layers=p, coda_layers=c``;
 * the unshared model the block regulariser acts on: ``loops=1``.
 
+Generation (``generate``) decodes one token per step from a ``DecodeCache``
+with one slot per layer application (``looped/cache.py``).
+
 Dimension letters: b batch, t time (sequence position), d model width,
 f feed-forward width, v vocabulary, n loop index.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, field
-from typing import Literal, Optional, Union
+from typing import Iterator, Literal, Optional, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from looped.attention import MIXERS, RotaryEmbedding, build_mixer
+from looped.cache import DecodeCache, LayerCache
+
+Slots = Iterator[Optional[LayerCache]]  # one decode-cache slot per layer application, in order
+NO_CACHE: Slots = itertools.repeat(None)
 
 
 @dataclass
@@ -160,8 +168,8 @@ class TransformerLayer(nn.Module):
         self.ffn = FeedForward(config)
         self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: Tensor, rope: Optional[RotaryEmbedding] = None) -> Tensor:
-        x = x + self.dropout(self.attn(self.attn_norm(x), rope))
+    def forward(self, x: Tensor, rope: Optional[RotaryEmbedding] = None, cache: Optional[LayerCache] = None) -> Tensor:
+        x = x + self.dropout(self.attn(self.attn_norm(x), rope, cache))
         return x + self.dropout(self.ffn(self.ffn_norm(x)))
 
 
@@ -221,6 +229,7 @@ class LoopedTransformer(nn.Module):
         loops: Optional[int] = None,
         return_loop_states: bool = False,
         grad_loops: Optional[int] = None,
+        cache: Optional[DecodeCache] = None,
     ) -> Union[Tensor, tuple[Tensor, list[Tensor]]]:
         """Logits ``[b t v]`` after ``loops`` applications of the block (default: the trained L).
 
@@ -229,21 +238,27 @@ class LoopedTransformer(nn.Module):
         ``n + 1`` — every loop's prediction from one forward pass.
         ``grad_loops=m`` runs all but the last ``m`` loops without autograd
         (truncated backpropagation through the loop).
+
+        With a ``cache`` (decoding), ``input_ids`` are the positions after the
+        ``cache.length`` already seen, and every layer application reads and
+        extends its own slot; the logits equal those of the full sequence's forward.
         """
         loops = self.config.loops if loops is None else loops
         if loops < 1:
             raise ValueError(f"loops must be >= 1, got {loops}")
+        offset = 0 if cache is None else cache.length  # absolute position of input_ids[:, 0]
         t = input_ids.shape[1]
-        if t > self.config.max_seq_len:
+        if offset + t > self.config.max_seq_len:
             raise ValueError(
-                f"input has {t} positions but LoopedConfig.max_seq_len={self.config.max_seq_len}; "
-                "raise max_seq_len or shorten the data's sequence length"
+                f"input has {offset + t} positions but LoopedConfig.max_seq_len={self.config.max_seq_len}; "
+                "raise max_seq_len or shorten the data's sequence length (or the generation)"
             )
+        slots = NO_CACHE if cache is None else iter(cache.bind(self.applications(loops)))
         x = self.embed(input_ids)
         if self.pos_embed is not None:
-            x = x + self.pos_embed.weight[:t]
+            x = x + self.pos_embed.weight[offset : offset + t]
         for layer in self.prelude:
-            x = layer(x, self.rope)
+            x = layer(x, self.rope, next(slots))
         loop_input = x
         loop_states = []
         first_with_grad = 0 if grad_loops is None else max(0, loops - grad_loops)
@@ -251,19 +266,21 @@ class LoopedTransformer(nn.Module):
             if self.config.input_injection == "add" and n > 0:
                 x = x + loop_input
             with torch.set_grad_enabled(torch.is_grad_enabled() and n >= first_with_grad):
-                x = self.apply_block(x)
+                x = self.apply_block(x, slots)
             if return_loop_states:
                 loop_states.append(x)
-        logits = self.readout(x)
+        logits = self.readout(x, slots=slots)
+        if cache is not None:
+            cache.length += t
         return (logits, loop_states) if return_loop_states else logits
 
-    def apply_block(self, x: Tensor) -> Tensor:
+    def apply_block(self, x: Tensor, slots: Slots = NO_CACHE) -> Tensor:
         """One application of the shared block (the unit of activation checkpointing)."""
         for layer in self.block:
-            x = layer(x, self.rope)
+            x = layer(x, self.rope, next(slots))
         return x
 
-    def readout(self, hidden: Tensor, positions: Optional[Tensor] = None) -> Tensor:
+    def readout(self, hidden: Tensor, positions: Optional[Tensor] = None, slots: Slots = NO_CACHE) -> Tensor:
         """Logits from a hidden state: ``coda → norm → head``.
 
         ``positions`` (a boolean mask ``[b t]``) keeps only those positions' logits,
@@ -273,10 +290,54 @@ class LoopedTransformer(nn.Module):
         if positions is not None and len(self.coda) == 0:
             hidden = hidden[positions]
         for layer in self.coda:
-            hidden = layer(hidden, self.rope)
+            hidden = layer(hidden, self.rope, next(slots))
         if positions is not None and len(self.coda) > 0:
             hidden = hidden[positions]
         return self.head(self.norm(hidden))
+
+    def applications(self, loops: Optional[int] = None) -> int:
+        """Layer applications in one forward pass with ``loops`` loops (decode-cache slots)."""
+        c = self.config
+        return c.prelude_layers + c.block_layers * (c.loops if loops is None else loops) + c.coda_layers
+
+    @torch.no_grad()
+    def generate(
+        self, prompt: Tensor, max_new_tokens: int, eos_id: Optional[int] = None, loops: Optional[int] = None
+    ) -> Tensor:
+        """Greedy continuation of ``prompt`` ``[b p]``: ``[b p+n]`` with ``n <= max_new_tokens``.
+
+        One forward over the prompt fills a ``DecodeCache``; each later token costs
+        one position per layer application. With ``eos_id``, a row that has emitted
+        it keeps emitting it, and decoding stops once every row has. Dropout follows
+        the module's mode: call ``eval()`` first for deterministic output.
+        """
+        b, p = prompt.shape
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        if p < 1:
+            raise ValueError("generate needs a prompt of at least one token")
+        if p + max_new_tokens > self.config.max_seq_len:
+            raise ValueError(
+                f"prompt of {p} tokens + max_new_tokens={max_new_tokens} exceeds LoopedConfig.max_seq_len="
+                f"{self.config.max_seq_len}; lower max_new_tokens to at most {self.config.max_seq_len - p} "
+                "or raise max_seq_len"
+            )
+        if max_new_tokens == 0:
+            return prompt
+        tokens = [prompt]
+        cache = DecodeCache(capacity=p + max_new_tokens)
+        logits = self(prompt, loops=loops, cache=cache)[:, -1]
+        done = torch.zeros(b, dtype=torch.bool, device=prompt.device)
+        for n in range(max_new_tokens):
+            token = logits.argmax(-1)
+            if eos_id is not None:
+                token = token.masked_fill(done, eos_id)
+                done |= token == eos_id
+            tokens.append(token[:, None])
+            if n == max_new_tokens - 1 or (eos_id is not None and bool(done.all())):
+                break
+            logits = self(token[:, None], loops=loops, cache=cache)[:, -1]
+        return torch.cat(tokens, dim=1)
 
     def flops_per_token(self, seq_len: int, loops: Optional[int] = None) -> int:
         """Matmul FLOPs of one *forward* pass per token, counting the block ``loops`` times.
@@ -287,11 +348,9 @@ class LoopedTransformer(nn.Module):
         Training costs three times this (backward = 2 × forward).
         """
         c = self.config
-        loops = c.loops if loops is None else loops
         ffn = (6 if c.activation == "swiglu" else 4) * c.d_model * c.d_ff
         per_layer = 8 * c.d_model**2 + ffn + 4 * seq_len * c.d_model
-        applications = c.prelude_layers + c.block_layers * loops + c.coda_layers
-        return applications * per_layer + 2 * c.d_model * c.vocab_size
+        return self.applications(loops) * per_layer + 2 * c.d_model * c.vocab_size
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -1,9 +1,12 @@
 """``LoopedLM``: the LightningModule that trains a ``LoopedTransformer`` on ``{input_ids, labels}`` batches.
 
 Loss is cross-entropy on ``labels`` (-100 = no loss). Metrics (torchmetrics):
-exact match (a sample counts only if every labelled position is right) and
-token accuracy. A new task subclasses this in a few lines (override
-``compute_loss`` or the ``*_step`` hooks; see README).
+exact match (a sample counts only if every labelled position is right), token
+accuracy and perplexity; with a data module's ``eval_names`` also per named
+evaluation set (``val/exact_match_n8``); for tasks scored by generation (batches
+with ``prompt_len``) the greedy-decoded final answer's accuracy. A new task
+subclasses this in a few lines (override ``compute_loss`` or the ``*_step``
+hooks; see README).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from typing import Any, Callable, Iterable, Optional
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassExactMatch
@@ -30,6 +34,27 @@ OptimizerFactory = Callable[[Iterable], torch.optim.Optimizer]
 def adamw(params: Iterable) -> torch.optim.Optimizer:
     """The default optimiser (recipes usually name one: ``class_path: torch.optim.Adafactor``)."""
     return torch.optim.AdamW(params, lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1)
+
+
+class Perplexity(MeanMetric):
+    """``exp`` of the token-weighted mean loss: update it like the loss, with ``weight`` = labelled tokens.
+
+    Reuses the loss already computed; ``torchmetrics.text.Perplexity`` would run a
+    second softmax over the whole vocabulary.
+    """
+
+    def compute(self) -> Tensor:
+        return super().compute().exp()
+
+
+def final_answer(continuation: Tensor, eos_id: int) -> Tensor:
+    """The token right before the first ``eos_id`` of each row of ``[b n]``; -1 when there is none."""
+    if continuation.shape[1] == 0:  # nothing was generated (prompt_len == t): no answer
+        return continuation.new_full(continuation.shape[:1], -1)
+    is_eos = continuation == eos_id
+    first = is_eos.int().argmax(dim=1)  # index of the first eos (0 when there is none)
+    before = continuation.gather(1, (first - 1).clamp(min=0)[:, None])[:, 0]
+    return torch.where(is_eos.any(dim=1) & (first > 0), before, torch.full_like(before, -1))
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -69,6 +94,9 @@ class LoopedLM(L.LightningModule):
             (``loops: 1``); None: off.
         loop_schedule: random loop counts, truncated backpropagation and a per-loop loss
             for training; None: always the config's L with full backpropagation (the paper).
+        eos_id: end-of-sequence token of a task scored by generation (linked from the data
+            module's ``eos_id`` by ``LoopedCLI``); evaluation batches with ``prompt_len`` are then
+            greedily decoded and the token before the first ``eos_id`` is scored against ``answer``.
     """
 
     def __init__(
@@ -80,6 +108,7 @@ class LoopedLM(L.LightningModule):
         min_lr_ratio: float = 0.1,
         regularizer: Optional[BlockRegularizer] = None,
         loop_schedule: Optional[LoopSchedule] = None,
+        eos_id: Optional[int] = None,
     ) -> None:
         super().__init__()
         # Checkpoints hold plain data only (they load with torch.load(weights_only=True));
@@ -97,8 +126,10 @@ class LoopedLM(L.LightningModule):
                 "min_lr_ratio": min_lr_ratio,
                 "regularizer": asdict(regularizer) if regularizer is not None else None,
                 "loop_schedule": asdict(loop_schedule) if loop_schedule is not None else None,
+                "eos_id": eos_id,
             }
         )
+        self.eos_id = eos_id
         self.config = config
         self.optimizer_factory = optimizer
         self.warmup_steps = warmup_steps
@@ -109,18 +140,26 @@ class LoopedLM(L.LightningModule):
         if regularizer is not None:
             regularizer.check(self.model.block)
         self.loop_schedule = loop_schedule or LoopSchedule()
-        metrics = lambda: nn.ModuleDict(  # noqa: E731 - one fresh set per stage
-            {
-                "exact_match": MulticlassExactMatch(num_classes=config.vocab_size, ignore_index=IGNORE),
-                "token_accuracy": MulticlassAccuracy(
-                    num_classes=config.vocab_size, ignore_index=IGNORE, average="micro"
-                ),
-                "loss": MeanMetric(),
-            }
-        )
-        self.val_metrics, self.test_metrics = metrics(), metrics()
+        self.val_metrics, self.test_metrics = self.make_metrics(), self.make_metrics()
+        # Per named evaluation set, made in setup() from the data module's eval_names: {stage: {name: metrics}}.
+        self.eval_names: list[str] = []
+        self.eval_set_metrics = nn.ModuleDict({"val": nn.ModuleDict(), "test": nn.ModuleDict()})
         self._batch_shape: Optional[tuple[int, int]] = None
+        self._samples_logged = False  # decoded samples go to TensorBoard once per evaluation
         self._loops_this_step = config.loops  # what the last training step ran (random with a loop_schedule)
+
+    def make_metrics(self) -> nn.ModuleDict:
+        """One fresh set of evaluation metrics (per stage, and per named evaluation set)."""
+        vocab = self.config.vocab_size
+        metrics = {
+            "exact_match": MulticlassExactMatch(num_classes=vocab, ignore_index=IGNORE),
+            "token_accuracy": MulticlassAccuracy(num_classes=vocab, ignore_index=IGNORE, average="micro"),
+            "loss": MeanMetric(),
+            "perplexity": Perplexity(),
+        }
+        if self.eos_id is not None:
+            metrics["answer_accuracy"] = MeanMetric()  # mean of 0/1 correctness = accuracy
+        return nn.ModuleDict(metrics)
 
     # -- forward and loss -------------------------------------------------------
     def forward(self, input_ids: Tensor, loops: Optional[int] = None, return_loop_states: bool = False):
@@ -163,33 +202,109 @@ class LoopedLM(L.LightningModule):
         self.log("train/loss", loss, prog_bar=True)
         return loss
 
-    def _eval_step(self, batch: dict[str, Tensor], metrics: nn.ModuleDict) -> None:
+    def _eval_step(self, batch: dict[str, Tensor], metrics: nn.ModuleDict, stage: str, dataloader_idx: int = 0) -> None:
         labels = batch["labels"]
         logits = self(batch["input_ids"])
-        metrics["loss"].update(self.compute_loss(logits, labels), weight=(labels != IGNORE).sum())
+        loss, tokens = self.compute_loss(logits, labels), (labels != IGNORE).sum()
         # Exact match over the whole sequence: positions with no label count as right.
         preds = logits.argmax(-1)
-        metrics["exact_match"].update(preds, labels)
-        metrics["token_accuracy"].update(preds, labels)
+        answer_right = self.answer_correct(batch) if "prompt_len" in batch else None
+        # Every batch counts towards the stage's overall metrics and those of its named set.
+        groups = [metrics]
+        if self.eval_names:
+            groups.append(self.eval_set_metrics[stage][self.eval_set_name(dataloader_idx)])
+        for group in groups:
+            group["loss"].update(loss, weight=tokens)
+            group["perplexity"].update(loss, weight=tokens)
+            group["exact_match"].update(preds, labels)
+            group["token_accuracy"].update(preds, labels)
+            if answer_right is not None:
+                group["answer_accuracy"].update(answer_right.float())
 
-    def _log_eval(self, metrics: nn.ModuleDict, stage: str) -> None:
-        # Logged once per epoch, not per batch: with several evaluation sets (one loader each, a
-        # task's eval_names) Lightning would key per-batch logs by loader; here they pool all sets.
-        for name, metric in metrics.items():
-            self.log(f"{stage}/{name}", metric.compute(), prog_bar=name == "exact_match")
-            metric.reset()
+    def _log_eval_metrics(self, metrics: nn.ModuleDict, stage: str) -> None:
+        """``{stage}/{metric}`` over all batches and ``{stage}/{metric}_{name}`` per named set.
+
+        Logged once per epoch, not per step: Lightning refuses one key logged from
+        several dataloaders, and the overall metric spans all of them.
+        """
+        groups = [("", metrics), *((f"_{name}", group) for name, group in self.eval_set_metrics[stage].items())]
+        for suffix, group in groups:
+            for name, metric in group.items():
+                if metric.update_called:  # answer_accuracy only for tasks scored by generation
+                    self.log(f"{stage}/{name}{suffix}", metric, prog_bar=name == "exact_match" and not suffix)
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._eval_step(batch, self.val_metrics)
+        self._eval_step(batch, self.val_metrics, "val", dataloader_idx)
 
     def test_step(self, batch: dict[str, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._eval_step(batch, self.test_metrics)
+        self._eval_step(batch, self.test_metrics, "test", dataloader_idx)
+
+    def eval_set_name(self, dataloader_idx: int) -> str:
+        if dataloader_idx >= len(self.eval_names):
+            raise ValueError(
+                f"evaluation dataloader {dataloader_idx} has no name: the data module's eval_names "
+                f"{self.eval_names} must name every loader its val_dataloader()/test_dataloader() returns"
+            )
+        return self.eval_names[dataloader_idx]
+
+    # -- scoring by generation -------------------------------------------------------
+    def generate_answers(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """Greedy continuation ``[b n]`` of each prompt and its final answer ``[b]`` (-1: no eos emitted).
+
+        The prompt is ``input_ids[:, :prompt_len]``; decoding runs with the model's
+        decode cache for at most the gold sequence's remaining ``t - prompt_len`` tokens.
+        """
+        if self.eos_id is None:
+            raise ValueError(
+                "the evaluation batches carry prompt_len (a task scored by generation) but LoopedLM.eos_id is None; "
+                "give the data module an eos_id attribute (LoopedCLI links it) or set model.init_args.eos_id"
+            )
+        input_ids, prompt_len = batch["input_ids"], batch["prompt_len"]
+        p = int(prompt_len[0])
+        if not bool((prompt_len == p).all()):
+            raise ValueError(
+                f"prompt_len differs within a batch ({sorted(set(prompt_len.tolist()))}); the data module must "
+                "left-pad the prompts of an evaluation set to one length"
+            )
+        out = self.model.generate(input_ids[:, :p], max_new_tokens=input_ids.shape[1] - p, eos_id=self.eos_id)
+        continuation = out[:, p:]
+        return continuation, final_answer(continuation, self.eos_id)
+
+    def answer_correct(self, batch: dict[str, Tensor]) -> Tensor:
+        """Bool ``[b]``: the greedy-decoded final answer equals ``batch["answer"]``."""
+        continuation, predicted = self.generate_answers(batch)
+        if self._trainer is not None and not self.trainer.sanity_checking and not self._samples_logged:
+            self._samples_logged = True
+            self.log_samples(batch, continuation)
+        return predicted == batch["answer"]
+
+    def log_samples(self, batch: dict[str, Tensor], continuation: Tensor, n: int = 4) -> None:
+        """A few decoded samples as TensorBoard text, when the data module can ``decode(ids)``."""
+        decode = getattr(getattr(self.trainer, "datamodule", None), "decode", None)
+        loggers = [lg for lg in self.trainer.loggers if isinstance(lg, TensorBoardLogger)]
+        if decode is None or not loggers or not self.trainer.is_global_zero:
+            return
+        p = int(batch["prompt_len"][0])
+        rows = [
+            f"prompt: `{decode(ids[:p].tolist())}`  \ngenerated: `{decode(gen.tolist())}`  \n"
+            f"gold: `{decode([i for i in ids[p:].tolist() if i >= 0])}`"
+            for ids, gen in zip(batch["input_ids"][:n].cpu(), continuation[:n].cpu())
+        ]
+        stage = "test" if self.trainer.testing else "val"
+        for logger in loggers:
+            logger.experiment.add_text(f"{stage}/samples", "\n\n".join(rows), global_step=self.global_step)
+
+    def on_validation_epoch_start(self) -> None:
+        self._samples_logged = False
+
+    def on_test_epoch_start(self) -> None:
+        self._samples_logged = False
 
     def on_validation_epoch_end(self) -> None:
-        self._log_eval(self.val_metrics, "val")
+        self._log_eval_metrics(self.val_metrics, "val")
 
     def on_test_epoch_end(self) -> None:
-        self._log_eval(self.test_metrics, "test")
+        self._log_eval_metrics(self.test_metrics, "test")
 
     def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         return self(batch["input_ids"]).argmax(-1)
@@ -199,6 +314,7 @@ class LoopedLM(L.LightningModule):
         data = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         if data is None:
             return
+        self.set_eval_names(list(getattr(data, "eval_names", None) or []))
         if getattr(data, "vocab_size", self.config.vocab_size) > self.config.vocab_size:
             raise ValueError(
                 f"vocabulary mismatch: the data has {data.vocab_size} token ids but "
@@ -210,6 +326,16 @@ class LoopedLM(L.LightningModule):
                 f"the data's sequences have {data.seq_len} positions but model.init_args.config.max_seq_len="
                 f"{self.config.max_seq_len}; raise max_seq_len or shorten the data"
             )
+
+    def set_eval_names(self, names: list[str]) -> None:
+        """Metrics per named evaluation set. Runs in ``setup``, before Lightning moves the module to its device."""
+        if len(set(names)) != len(names) or not all(isinstance(n, str) and n and "." not in n for n in names):
+            raise ValueError(f"data.eval_names must be distinct non-empty names without '.', got {names}")
+        if names == self.eval_names:
+            return
+        self.eval_names = names
+        for stage in ("val", "test"):
+            self.eval_set_metrics[stage] = nn.ModuleDict({name: self.make_metrics() for name in names})
 
     # -- optimisation ---------------------------------------------------------------
     def parameter_groups(self) -> list[dict[str, Any]]:

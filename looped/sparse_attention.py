@@ -129,6 +129,15 @@ class SparseAttention(AttentionMixer):
     def extra_repr(self) -> str:
         return f"pattern={self.pattern!r}, window={self.window}, stride={self.stride}"
 
+    def visible(self, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        """The pattern at absolute positions: decoding with a KV cache masks exactly as training does."""
+        zero = torch.zeros((), dtype=torch.long, device=q_idx.device)
+        return sparse_mask_mod(self.pattern, self.window, self.stride)(zero, zero, q_idx, kv_idx)
+
+    def first_visible_key(self, offset: int) -> int:
+        # A sliding window reads only its last `window` keys: O(window) work per decoded token.
+        return max(0, offset - self.window + 1) if self.pattern == "local" else 0
+
     def attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         t = q.shape[-2]
         p = self.dropout if self.training else 0.0

@@ -1,0 +1,85 @@
+"""Decoding state: one slot per *layer application*, so generation costs one token per step.
+
+A looped model applies its shared block L times, and every application sees a
+different residual stream, so it has its own keys and values (or recurrent
+state): a block of k layers looped L times owns ``k·L`` slots, prelude and coda
+layers one each. ``DecodeCache`` holds those slots in the order the forward pass
+applies the layers; each mixer reads and extends its own ``LayerCache``.
+
+Dimension letters: b batch, h heads, t time, e head width.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+from torch import Tensor
+
+
+class LayerCache:
+    """What one layer application has seen so far.
+
+    ``offset`` is the number of positions already consumed (the absolute position
+    of the next query, for RoPE and causal masks); ``state`` is the mixer's own:
+    a recurrent state for linear attention, nothing for KV-cache mixers, which use
+    ``append`` instead.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.offset = 0
+        self.state: Any = None
+        self._keys: Optional[Tensor] = None
+        self._values: Optional[Tensor] = None
+
+    def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Store keys and values ``[b h t e]`` at positions ``offset..offset+t-1``; return all of them so far.
+
+        The buffers are allocated once at ``capacity`` positions, so a step writes
+        one position instead of copying the whole cache (``torch.cat`` would).
+        """
+        end = self.offset + k.shape[-2]
+        if end > self.capacity:
+            raise ValueError(f"decode cache is full: {end} positions requested, capacity {self.capacity}")
+        if self._keys is None:
+            b, h, _, e = k.shape
+            self._keys = k.new_empty(b, h, self.capacity, e)
+            self._values = v.new_empty(b, h, self.capacity, v.shape[-1])
+        self._keys[:, :, self.offset : end] = k
+        self._values[:, :, self.offset : end] = v
+        return self._keys[:, :, :end], self._values[:, :, :end]
+
+
+class DecodeCache:
+    """Per-application decoding state of a ``LoopedTransformer`` (see module doc).
+
+    Made empty with the longest sequence it will hold; the model fills it with a
+    prefill ``model(prompt, cache=cache)`` and extends it with every later call.
+    Every call must use the same loop count: the slots are bound to layer applications.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        if capacity < 1:
+            raise ValueError(f"DecodeCache capacity must be >= 1, got {capacity}")
+        self.capacity = capacity
+        self.length = 0
+        self.layers: list[LayerCache] = []
+
+    def bind(self, applications: int) -> list[LayerCache]:
+        """The slots for a forward pass with ``applications`` layer applications (made on first use)."""
+        if not self.layers:
+            self.layers = [LayerCache(self.capacity) for _ in range(applications)]
+        elif len(self.layers) != applications:
+            raise ValueError(
+                f"this DecodeCache was filled by a forward with {len(self.layers)} layer applications, "
+                f"this call has {applications}: keep `loops` the same for the whole generation"
+            )
+        return self.layers
+
+    @staticmethod
+    def positions(offset: int, t: int, device: torch.device) -> tuple[Tensor, Tensor]:
+        """Query indices ``[t 1]`` (absolute, from ``offset``) and key indices ``[1 offset+t]``."""
+        q_idx = torch.arange(offset, offset + t, device=device)[:, None]
+        kv_idx = torch.arange(offset + t, device=device)[None, :]
+        return q_idx, kv_idx
