@@ -111,7 +111,7 @@ def load_sweep(path: str | Path, runs_dir: str | Path = "runs") -> Sweep:
         _need(isinstance(task_spec, dict) and "recipe" in task_spec, f"tasks.{task}", "needs recipe: PATH")
         recipe = Path(task_spec["recipe"])
         if not recipe.is_absolute() and not recipe.exists():
-            recipe = path.parent / recipe  # relative to the sweep file
+            recipe = Path(os.path.normpath(path.parent / recipe))  # relative to the sweep file
         _need(recipe.exists(), f"tasks.{task}.recipe", f"{task_spec['recipe']} does not exist")
         sizes = task_spec.get("sizes") or [None]
         size_key = task_spec.get("size_key", "data.init_args.size")

@@ -127,3 +127,31 @@ def test_study_points_read_cell_records_and_keep_the_best_version(tmp_path):
     [point] = study_points(runs)
     assert (point.task, point.panel, point.width, point.size, point.accuracy) == ("lis", "mixer=linear", "64", "8", 0.93)
     assert point.solved
+
+
+SWEEPS = sorted((RECIPES / "sweeps").glob("*.yaml"))
+
+
+def test_the_study_sweeps_exist():
+    assert {p.name for p in SWEEPS} >= {"efficient_cot.yaml", "efficient_cot_cpu.yaml"}
+
+
+@pytest.mark.parametrize("path", SWEEPS, ids=lambda p: p.name)
+def test_every_sweep_cell_builds(path, run_dir):
+    """Each task × size × mixer of a shipped sweep parses and builds (at the sweep's smallest width)."""
+    from looped.cli import LoopedCLI
+
+    sweep = load_sweep(path)
+    widths = {c.labels.get("width", "") for c in sweep.cells}
+    smallest = min(widths, key=lambda w: float(w or 0))
+    cells = [c for c in sweep.cells if c.labels.get("width", "") == smallest]
+    assert len(cells) * len(widths) == len(sweep.cells)
+    for cell in cells:
+        args = ["--config", cell.recipe]
+        for key, value in cell.overrides.items():
+            args += [f"--{key}", value if isinstance(value, str) else json.dumps(value)]
+        cli = LoopedCLI(args=args, run=False)
+        config = cli.model.config
+        assert config.attention == cell.overrides["model.init_args.config.attention"]
+        assert cli.datamodule.size == cell.size
+        assert config.max_seq_len == cli.datamodule.seq_len
