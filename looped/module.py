@@ -69,6 +69,8 @@ class LoopedLM(L.LightningModule):
             (``loops: 1``); None: off.
         loop_schedule: random loop counts, truncated backpropagation and a per-loop loss
             for training; None: always the config's L with full backpropagation (the paper).
+        activation_checkpointing: recompute each layer application in backward (``looped.parallel``).
+        compile: ``torch.compile`` each layer (``looped.parallel``).
     """
 
     def __init__(
@@ -80,6 +82,8 @@ class LoopedLM(L.LightningModule):
         min_lr_ratio: float = 0.1,
         regularizer: Optional[BlockRegularizer] = None,
         loop_schedule: Optional[LoopSchedule] = None,
+        activation_checkpointing: bool = False,
+        compile: bool = False,
     ) -> None:
         super().__init__()
         # Checkpoints hold plain data only (they load with torch.load(weights_only=True));
@@ -118,9 +122,14 @@ class LoopedLM(L.LightningModule):
                 "loss": MeanMetric(),
             }
         )
-        self.val_metrics, self.test_metrics = metrics(), metrics()
+        with torch.device("cpu"):  # not on init_module(empty_init=True)'s meta device: metric states have no re-init
+            self.val_metrics, self.test_metrics = metrics(), metrics()
         self._batch_shape: Optional[tuple[int, int]] = None
         self._loops_this_step = config.loops  # what the last training step ran (random with a loop_schedule)
+        # Scaling out (looped.parallel): applied in configure_model, where the strategy's mesh is known.
+        self.activation_checkpointing = activation_checkpointing
+        self.compile_layers = compile
+        self.hparams.update(activation_checkpointing=activation_checkpointing, compile=compile)
 
     # -- forward and loss -------------------------------------------------------
     def forward(self, input_ids: Tensor, loops: Optional[int] = None, return_loop_states: bool = False):
@@ -182,6 +191,29 @@ class LoopedLM(L.LightningModule):
 
     def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         return self(batch["input_ids"]).argmax(-1)
+
+    # -- scaling out -------------------------------------------------------------------
+    def configure_model(self) -> None:
+        """FSDP2 under ``ModelParallelStrategy`` (its ``device_mesh``), plus checkpointing/compile if asked.
+
+        A model built on the meta device (``with trainer.init_module(empty_init=True): LoopedLM(...)``)
+        is sharded first, then each rank materialises only its shards. Without a mesh and
+        without those flags this does nothing. Idempotent: fit then test shards once.
+        """
+        from looped.parallel import is_meta, materialize, mixed_precision_policy, parallelize
+
+        if getattr(self, "_parallelized", False):
+            return
+        mesh = self.device_mesh
+        if mesh is None and not (self.activation_checkpointing or self.compile_layers):
+            return
+        meta = is_meta(self.model)
+        precision = self.trainer.precision if self._trainer is not None else "32-true"
+        policy = mixed_precision_policy(precision) if mesh is not None else None
+        parallelize(self.model, mesh, self.activation_checkpointing, self.compile_layers, mp_policy=policy)
+        if meta:
+            materialize(self.model, self.trainer.strategy.root_device if self._trainer is not None else self.device)
+        self._parallelized = True
 
     # -- checks before compute ----------------------------------------------------
     def setup(self, stage: str) -> None:
