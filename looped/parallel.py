@@ -40,8 +40,8 @@ def parallelize(
     """Apply activation checkpointing, ``torch.compile`` and FSDP2 to ``model`` in place; returns it.
 
     Args:
-        device_mesh: the strategy's mesh (Lightning's ``ModelParallelStrategy`` names its dimensions
-            ``data_parallel`` and ``tensor_parallel``), a 1-D data-parallel mesh, or None: no sharding.
+        device_mesh: the strategy's mesh (see ``data_parallel_mesh``), a 1-D mesh (FSDP), a 2-D
+            ``(replicate, shard)`` mesh (HSDP), or None: no sharding.
         activation_checkpointing: recompute every layer application in backward instead of storing it.
         compile: compile every layer with ``torch.compile`` (one graph, reused by all L applications).
         mp_policy: FSDP2 ``MixedPrecisionPolicy`` (see ``mixed_precision_policy``); None: parameters'
@@ -72,17 +72,18 @@ def parallelize(
 
 
 def data_parallel_mesh(device_mesh):
-    """The data-parallel sub-mesh; refuses tensor parallelism, which these layers do not implement."""
+    """The mesh to shard over: all ranks are data-parallel (these layers implement no tensor parallelism).
+
+    Lightning's ``ModelParallelStrategy`` builds a ``(data_parallel, tensor_parallel)`` mesh. With
+    ``tensor_parallel_size=1`` this is the 1-D data-parallel mesh: plain FSDP over every rank. With
+    its defaults (``auto``: nodes × GPUs per node) the 2-D mesh is used as HSDP: parameters are
+    sharded within a node and replicated across nodes, and every rank still trains on its own data.
+    """
     names = device_mesh.mesh_dim_names or ()
-    if "tensor_parallel" in names and device_mesh["tensor_parallel"].size() > 1:
-        raise ValueError(
-            f"ModelParallelStrategy(tensor_parallel_size={device_mesh['tensor_parallel'].size()}): looped models "
-            "shard with FSDP2 only; use ModelParallelStrategy(data_parallel_size=<world size>, tensor_parallel_size=1)"
-        )
-    if "data_parallel" in names:
-        return device_mesh["data_parallel"]
-    if device_mesh.ndim != 1:
-        raise ValueError(f"parallelize: expected a 1-D data-parallel mesh or named dimensions, got {names}")
+    if names == ("data_parallel", "tensor_parallel"):
+        return device_mesh["data_parallel"] if device_mesh["tensor_parallel"].size() == 1 else device_mesh
+    if device_mesh.ndim > 2:
+        raise ValueError(f"parallelize: expected a 1-D (FSDP) or 2-D (HSDP) mesh, got dimensions {names}")
     return device_mesh
 
 

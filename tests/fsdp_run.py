@@ -106,6 +106,7 @@ def main() -> None:
     parser.add_argument("--resume")
     parser.add_argument("--save")
     parser.add_argument("--penalty", action="store_true")
+    parser.add_argument("--hsdp", action="store_true", help="ModelParallelStrategy's default 2-D mesh (HSDP)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     L.seed_everything(0)
@@ -115,7 +116,7 @@ def main() -> None:
         default_root_dir=args.out,
         accelerator="cpu",
         devices=args.devices,
-        strategy=ModelParallelStrategy(data_parallel_size=args.devices, tensor_parallel_size=1),
+        strategy=ModelParallelStrategy() if args.hsdp else ModelParallelStrategy(args.devices, tensor_parallel_size=1),
         precision="32-true",
         max_steps=args.max_steps,
         limit_val_batches=0,
@@ -137,6 +138,7 @@ def main() -> None:
         trainer.save_checkpoint(args.save)
     if args.penalty:
         recorder.record["penalty"] = penalty_check(trainer.strategy.device_mesh["data_parallel"])
+    recorder.record["mesh"] = list(trainer.strategy.device_mesh.shape)
     if trainer.is_global_zero:
         torch.save(recorder.record, Path(args.out) / f"{args.tag}.pt")
     trainer.strategy.barrier()

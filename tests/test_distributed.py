@@ -94,28 +94,31 @@ def assert_same_weights(a: dict, b: dict) -> None:
         assert torch.equal(a[name], b[name]), name
 
 
+def assert_gradients_match_one_process(run: dict) -> None:
+    """(c) The shared block's FSDP2 gradient, summed over its 3 uses and averaged over ranks, equals the
+    gradient of one plain model on the global batch (2 ranks × 4 samples, one label each)."""
+    import fsdp_run
+
+    module = LoopedLM(fsdp_run.config(run["start"]["embed.weight"].shape[0], 13))
+    module.model.load_state_dict(run["start"])
+    batch = {k: torch.cat([b[k] for b in run["batch"]]) for k in ("input_ids", "labels")}
+    assert ((batch["labels"] != -100).sum(1) == 1).all()  # equal label counts: mean of means = global mean
+    loss = module.compute_loss(module.model(batch["input_ids"]), batch["labels"])
+    assert loss.item() == pytest.approx(sum(run["losses"][0]) / 2, rel=1e-5)
+    loss.backward()
+    for name, p in module.model.named_parameters():
+        torch.testing.assert_close(run["grads"][name], p.grad, rtol=1e-4, atol=1e-6, msg=name)
+    assert run["grads"]["block.1.ffn.w2.weight"].abs().sum() > 0
+
+
 @pytest.mark.slow
 def test_fsdp2_training_gradients_and_sharded_resume(tmp_path):
     """2 ranks: gradients equal one process's; a sharded checkpoint resumes exactly, on 2 ranks or on 1."""
     ckpt = tmp_path / "ckpt"
     saved = launch(tmp_path, "save", "--devices", "2", "--max-steps", "3", "--save", str(ckpt), "--penalty")
-    assert (ckpt / ".metadata").exists() or any(ckpt.glob("*.distcp"))  # a sharded (DCP) checkpoint
+    assert len(list(ckpt.glob("*.distcp"))) == 2  # a sharded (DCP) checkpoint: one file per rank
 
-    # (c) The shared block's FSDP2 gradient, summed over its 3 uses and averaged over ranks, equals
-    # the gradient of one plain model on the global batch (2 ranks × 4 samples, one label each).
-    import fsdp_run
-
-    module = LoopedLM(fsdp_run.config(saved["start"]["embed.weight"].shape[0], 13))
-    module.model.load_state_dict(saved["start"])
-    batch = {k: torch.cat([b[k] for b in saved["batch"]]) for k in ("input_ids", "labels")}
-    assert ((batch["labels"] != -100).sum(1) == 1).all()  # equal label counts: mean of means = global mean
-    loss = module.compute_loss(module.model(batch["input_ids"]), batch["labels"])
-    assert loss.item() == pytest.approx(sum(saved["losses"][0]) / 2, rel=1e-5)
-    loss.backward()
-    for name, p in module.model.named_parameters():
-        torch.testing.assert_close(saved["grads"][name], p.grad, rtol=1e-4, atol=1e-6, msg=name)
-    assert saved["grads"]["block.1.ffn.w2.weight"].abs().sum() > 0
-
+    assert_gradients_match_one_process(saved)
     # BlockRegularizer.penalty on sharded weights: the unsharded value and gradient.
     check = saved["penalty"]
     assert check["value"] == pytest.approx(check["expected"], rel=1e-6) and check["graded"] == 20
@@ -134,3 +137,8 @@ def test_fsdp2_training_gradients_and_sharded_resume(tmp_path):
     single = launch(tmp_path, "single", "--devices", "1", "--max-steps", "4", "--resume", str(ckpt))
     assert_same_weights(single["start"], saved["end"])
     assert len(single["losses"]) == 1 and all(map(torch.isfinite, torch.tensor(single["losses"])))
+
+    # ModelParallelStrategy's defaults (auto: 1 node × 2 devices) give a 2-D mesh: HSDP, same gradients.
+    hsdp = launch(tmp_path, "hsdp", "--devices", "2", "--max-steps", "1", "--hsdp")
+    assert hsdp["mesh"] == [1, 2]
+    assert_gradients_match_one_process(hsdp)
