@@ -9,7 +9,7 @@ The model file stays plain PyTorch; this module applies, in order,
 2. ``torch.compile`` per layer (``nn.Module.compile`` keeps parameter names unchanged);
 3. ``fully_shard`` per ``TransformerLayer`` (prelude, shared block, coda), then the root
    (embedding, final norm, head). The shared block's layers are sharded once and used
-   L times: their all-gather is kept for the whole forward (``reshard_after_forward=False``,
+   L times: with L > 1 their all-gather is kept for the whole forward (``reshard_after_forward=False``,
    the unsharded block is only k layers) and autograd sums the L uses' gradients before the
    one reduce-scatter (``tests/test_distributed.py`` checks this against one process).
 
@@ -65,8 +65,9 @@ def parallelize(
     for layer in [*model.prelude, *model.coda]:
         fully_shard(layer, **shard)
     for layer in model.block:
-        # Gathered once per forward and kept for the L applications, not re-gathered L times.
-        fully_shard(layer, reshard_after_forward=False, **shard)
+        # A looped block is gathered once per forward and kept for its L applications instead of
+        # being re-gathered L times; an unshared stack (L = 1) reshards each layer as usual.
+        fully_shard(layer, reshard_after_forward=model.config.loops == 1, **shard)
     fully_shard(model, **shard)
     return model
 
