@@ -77,6 +77,11 @@ def main(argv: Optional[list[str]] = None) -> None:
         # Imported on demand: matplotlib, tokenizers, zstandard only load for the tool that needs them.
         importlib.import_module(TOOLS[argv[0]]).main(argv[1:])
         return
+    if argv and argv[0] == "lm-eval":
+        from looped.lm_eval_adapter import main as lm_eval  # needs the [eval] extra
+
+        lm_eval(argv[1:])
+        return
     LoopedCLI(args=argv)
 
 

@@ -97,6 +97,8 @@ class LoopedLM(L.LightningModule):
         eos_id: end-of-sequence token of a task scored by generation (linked from the data
             module's ``eos_id`` by ``LoopedCLI``); evaluation batches with ``prompt_len`` are then
             greedily decoded and the token before the first ``eos_id`` is scored against ``answer``.
+        activation_checkpointing: recompute each layer application in backward (``looped.parallel``).
+        compile: ``torch.compile`` each layer (``looped.parallel``).
     """
 
     def __init__(
@@ -109,6 +111,8 @@ class LoopedLM(L.LightningModule):
         regularizer: Optional[BlockRegularizer] = None,
         loop_schedule: Optional[LoopSchedule] = None,
         eos_id: Optional[int] = None,
+        activation_checkpointing: bool = False,
+        compile: bool = False,
     ) -> None:
         super().__init__()
         # Checkpoints hold plain data only (they load with torch.load(weights_only=True));
@@ -127,6 +131,8 @@ class LoopedLM(L.LightningModule):
                 "regularizer": asdict(regularizer) if regularizer is not None else None,
                 "loop_schedule": asdict(loop_schedule) if loop_schedule is not None else None,
                 "eos_id": eos_id,
+                "activation_checkpointing": activation_checkpointing,
+                "compile": compile,
             }
         )
         self.eos_id = eos_id
@@ -147,19 +153,24 @@ class LoopedLM(L.LightningModule):
         self._batch_shape: Optional[tuple[int, int]] = None
         self._samples_logged = False  # decoded samples go to TensorBoard once per evaluation
         self._loops_this_step = config.loops  # what the last training step ran (random with a loop_schedule)
+        # Scaling out (looped.parallel): applied in configure_model, where the strategy's mesh is known.
+        self.activation_checkpointing = activation_checkpointing
+        self.compile_layers = compile
 
     def make_metrics(self) -> nn.ModuleDict:
         """One fresh set of evaluation metrics (per stage, and per named evaluation set)."""
         vocab = self.config.vocab_size
-        metrics = {
-            "exact_match": MulticlassExactMatch(num_classes=vocab, ignore_index=IGNORE),
-            "token_accuracy": MulticlassAccuracy(num_classes=vocab, ignore_index=IGNORE, average="micro"),
-            "loss": MeanMetric(),
-            "perplexity": Perplexity(),
-        }
-        if self.eos_id is not None:
-            metrics["answer_accuracy"] = MeanMetric()  # mean of 0/1 correctness = accuracy
-        return nn.ModuleDict(metrics)
+        # On the CPU, not on init_module(empty_init=True)'s meta device: metric states cannot be re-initialised.
+        with torch.device("cpu"):
+            metrics = {
+                "exact_match": MulticlassExactMatch(num_classes=vocab, ignore_index=IGNORE),
+                "token_accuracy": MulticlassAccuracy(num_classes=vocab, ignore_index=IGNORE, average="micro"),
+                "loss": MeanMetric(),
+                "perplexity": Perplexity(),
+            }
+            if self.eos_id is not None:
+                metrics["answer_accuracy"] = MeanMetric()  # mean of 0/1 correctness = accuracy
+            return nn.ModuleDict(metrics)
 
     # -- forward and loss -------------------------------------------------------
     def forward(self, input_ids: Tensor, loops: Optional[int] = None, return_loop_states: bool = False):
@@ -308,6 +319,29 @@ class LoopedLM(L.LightningModule):
 
     def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         return self(batch["input_ids"]).argmax(-1)
+
+    # -- scaling out -------------------------------------------------------------------
+    def configure_model(self) -> None:
+        """FSDP2 under ``ModelParallelStrategy`` (its ``device_mesh``), plus checkpointing/compile if asked.
+
+        A model built on the meta device (``with trainer.init_module(empty_init=True): LoopedLM(...)``)
+        is sharded first, then each rank materialises only its shards. Without a mesh and
+        without those flags this does nothing. Idempotent: fit then test shards once.
+        """
+        from looped.parallel import is_meta, materialize, mixed_precision_policy, parallelize
+
+        if getattr(self, "_parallelized", False):
+            return
+        mesh = self.device_mesh
+        if mesh is None and not (self.activation_checkpointing or self.compile_layers):
+            return
+        meta = is_meta(self.model)
+        precision = self.trainer.precision if self._trainer is not None else "32-true"
+        policy = mixed_precision_policy(precision) if mesh is not None else None
+        parallelize(self.model, mesh, self.activation_checkpointing, self.compile_layers, mp_policy=policy)
+        if meta:
+            materialize(self.model, self.trainer.strategy.root_device if self._trainer is not None else self.device)
+        self._parallelized = True
 
     # -- checks before compute ----------------------------------------------------
     def setup(self, stage: str) -> None:

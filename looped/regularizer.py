@@ -51,9 +51,30 @@ def neighbour_cosines(weights: list[Tensor], block_layers: int) -> Tensor:
 
     Separate from ``block_cosines`` so a caller can pass gathered copies of sharded weights.
     """
+    if any(_is_dtensor(w) for w in weights):
+        return torch.stack([_sharded_cosine(a, b) for a, b in zip(weights[:-block_layers], weights[block_layers:])])
     lower = torch.stack([w.flatten() for w in weights[:-block_layers]])
     upper = torch.stack([w.flatten() for w in weights[block_layers:]])
     return F.cosine_similarity(lower, upper, dim=1)
+
+
+def _is_dtensor(w: Tensor) -> bool:
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(w, DTensor)
+
+
+def _sharded_cosine(a: Tensor, b: Tensor, eps: float = 1e-8) -> Tensor:
+    """``cos(a, b)`` of two FSDP2-sharded weights of one shape (hence one shard layout).
+
+    The products are local to each rank's shard; only the three sums are reduced across
+    ranks (``full_tensor`` is differentiable), so no rank gathers a whole weight and each
+    shard receives its own gradient. Same formula as ``F.cosine_similarity``.
+    """
+    sums = torch.stack([(a * b).sum(), (a * a).sum(), (b * b).sum()]).full_tensor()
+    return sums[0] / torch.sqrt(torch.clamp_min(sums[1] * sums[2], eps * eps))
 
 
 @dataclass
