@@ -27,13 +27,14 @@ from abc import abstractmethod
 from typing import Iterator, Optional, Union
 
 import lightning as L
+from lightning.pytorch.utilities import rank_zero_info
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
 from looped.module import IGNORE  # the one 'no loss here' label
 
-_TRAIN, _VAL, _TEST = 0, 1, 2
+_TRAIN, _VAL, _TEST, _TRAIN_SET = 0, 1, 2, 3
 
 
 def answer_at_end(sequences: np.ndarray, answer: np.ndarray, separator: int) -> tuple[np.ndarray, np.ndarray]:
@@ -60,6 +61,10 @@ class SyntheticTask(L.LightningDataModule):
         test_size: samples in the fixed test set (in each one, with ``eval_names``).
         seed: root seed; training, validation and test streams derive from it.
         num_workers: dataloader worker processes for the training stream.
+        train_size: None: a fresh sample for every training example (an endless stream);
+            N: a fixed training set of N samples drawn once at setup, which batches then sample
+            from (the paper's "4M train"). Drawing from memory is ~100× faster than generating,
+            so a GPU is never input-bound (see ``benchmarks/datagen.py``).
     """
 
     def __init__(
@@ -70,16 +75,21 @@ class SyntheticTask(L.LightningDataModule):
         test_size: int = 1024,
         seed: int = 0,
         num_workers: int = 0,
+        train_size: Optional[int] = None,
     ) -> None:
         super().__init__()
         if batch_size < 1:
             raise ValueError(f"data.batch_size must be >= 1, got {batch_size}")
+        if train_size is not None and train_size < batch_size:
+            raise ValueError(f"data.train_size ({train_size}) must hold at least one batch (data.batch_size={batch_size})")
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
         self.val_size = val_size
         self.test_size = test_size
         self.seed = seed
         self.num_workers = num_workers
+        self.train_size = train_size
+        self._train_set: Optional[tuple[np.ndarray, np.ndarray]] = None
         self._eval_sets: dict[tuple[int, Optional[str]], tuple[np.ndarray, np.ndarray]] = {}
         self._eval_keys: set[bytes] = set()
 
@@ -174,9 +184,34 @@ class SyntheticTask(L.LightningDataModule):
         return self._eval_keys
 
     def train_batch(self, rank: int, index: int) -> tuple[np.ndarray, np.ndarray]:
-        """Training batch ``index`` of ``rank``; samples that occur in val/test are redrawn."""
-        rng = self.rng(_TRAIN, rank, index)
-        x, y = self.generate(rng, self.batch_size)
+        """Training batch ``index`` of ``rank``: fresh samples (val/test ones redrawn), or drawn from the fixed set."""
+        if self.train_size is not None:
+            inputs, labels = self.train_set()
+            rows = self.rng(_TRAIN, rank, index).integers(0, len(inputs), size=self.batch_size)
+            return inputs[rows].astype(np.int64), labels[rows].astype(np.int64)
+        return self.fresh_batch(self.rng(_TRAIN, rank, index), self.batch_size)
+
+    def train_set(self) -> tuple[np.ndarray, np.ndarray]:
+        """The fixed training set of ``train_size`` samples (``data.train_size``), drawn once.
+
+        Built in chunks of fresh samples seeded by chunk index alone (the same set on every
+        rank; ranks sample different rows), so a smaller ``train_size`` is a prefix of a
+        larger one. Stored as int16 (labels include -100), a quarter of int64's memory.
+        """
+        if self._train_set is None:
+            rank_zero_info(f"{type(self).__name__}: drawing the fixed training set of {self.train_size:,} samples")
+            dtype = np.int16 if self.vocab_size < 2**15 else np.int32
+            chunk, parts, n = 4096, [], 0
+            while n < self.train_size:
+                x, y = self.fresh_batch(self.rng(_TRAIN_SET, 0, len(parts)), min(chunk, self.train_size - n))
+                parts.append((x.astype(dtype), y.astype(dtype)))
+                n += len(x)
+            self._train_set = (np.concatenate([x for x, _ in parts]), np.concatenate([y for _, y in parts]))
+        return self._train_set
+
+    def fresh_batch(self, rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """``n`` newly generated training samples; any that occur in val/test are redrawn."""
+        x, y = self.generate(rng, n)
         eval_keys = self.eval_keys
         clash = [i for i, key in enumerate(rows_as_keys(x)) if key in eval_keys]
         while clash:
@@ -194,6 +229,8 @@ class SyntheticTask(L.LightningDataModule):
     # -- Lightning hooks -------------------------------------------------------
     def setup(self, stage: Optional[str] = None) -> None:
         self._build_eval_sets()
+        if self.train_size is not None and stage in (None, "fit"):
+            self.train_set()  # once, before dataloader workers fork (they share it copy-on-write)
 
     def _consumed_batches(self) -> int:
         """Batches this rank already trained on (after a resume: restored from the checkpoint)."""

@@ -1,0 +1,48 @@
+"""``data.train_size``: a fixed training set drawn once, sampled by every rank, never overlapping evaluation."""
+
+import numpy as np
+import pytest
+
+from looped.datamodules import PHop
+from looped.datamodules.base import _TRAIN_SET, rows_as_keys
+
+
+def task(**kwargs):
+    args = dict(alphabet_size=4, length=16, hops=2, batch_size=32, val_size=256, test_size=256, seed=3)
+    return PHop(**{**args, **kwargs})
+
+
+def test_batches_are_rows_of_the_fixed_set_and_the_set_avoids_every_eval_sample():
+    t = task(train_size=3000)
+    t.setup("fit")
+    inputs, labels = t.train_set()
+    assert inputs.shape == (3000, t.seq_len) and labels.shape == inputs.shape
+    members = {key: i for i, key in enumerate(rows_as_keys(inputs))}
+    eval_keys = set(rows_as_keys(t.eval_set(1)[0])) | set(rows_as_keys(t.eval_set(2)[0]))
+    assert not eval_keys & set(members)
+    for rank in (0, 1):
+        x, y = t.train_batch(rank, 7)
+        assert x.dtype == np.int64 and y.dtype == np.int64  # what the model sees, as without a fixed set
+        for row_x, row_y in zip(x, y):
+            i = members[row_x.tobytes()]
+            assert np.array_equal(labels[i], row_y)  # the stored labels come with their input
+    assert not np.array_equal(t.train_batch(0, 7)[0], t.train_batch(1, 7)[0])  # ranks draw different rows
+    assert np.array_equal(t.train_batch(0, 7)[0], task(train_size=3000).train_batch(0, 7)[0])  # deterministic
+
+
+def test_a_smaller_set_is_a_prefix_of_a_larger_one():
+    small, large = task(train_size=5000).train_set(), task(train_size=9000).train_set()
+    assert np.array_equal(small[0], large[0][:5000]) and np.array_equal(small[1], large[1][:5000])
+
+
+def test_the_set_keeps_dense_labels_and_matches_fresh_generation():
+    t = task(train_size=4096, supervise="all")
+    inputs, labels = t.train_set()
+    assert np.array_equal(labels, t.labels_at_every_position(inputs.astype(np.int64)))
+    fresh_x, _ = t.fresh_batch(t.rng(_TRAIN_SET, 0, 0), 4096)  # chunk 0 is one fresh draw
+    assert np.array_equal(inputs, fresh_x)
+
+
+def test_a_set_smaller_than_a_batch_is_refused():
+    with pytest.raises(ValueError, match="data.train_size"):
+        task(train_size=8)
