@@ -4,7 +4,7 @@
 label per axis, the metric and the "solved" threshold). This module turns the finished
 runs into the study's table and heatmap: per task a row of panels, one panel per mixer
 (every axis but ``width``), width on the y axis, problem size on the x axis, each cell
-coloured by its final-answer accuracy and marked solved (✓) at ``accuracy ≥ solved_at``.
+coloured and labelled by its final-answer accuracy, marked solved (✓) at ``accuracy ≥ solved_at``.
 """
 
 from __future__ import annotations
@@ -104,8 +104,8 @@ def plot_study(points: Sequence[StudyPoint], path: Path):
 
     tasks = sorted({p.task for p in points})
     panels = sorted({p.panel for p in points})
-    fig, axes = plt.subplots(len(tasks), len(panels), figsize=(2.6 * len(panels) + 0.8, 2.4 * len(tasks) + 0.4),
-                             squeeze=False)
+    fig, axes = plt.subplots(len(tasks), len(panels), figsize=(2.6 * len(panels) + 1.2, 2.4 * len(tasks) + 0.6),
+                             squeeze=False, layout="constrained")
     image = None
     for row, task in enumerate(tasks):
         widths = _sorted(p.width for p in points if p.task == task)
@@ -116,9 +116,9 @@ def plot_study(points: Sequence[StudyPoint], path: Path):
             for p in points:
                 if p.task == task and p.panel == panel:
                     grid[widths.index(p.width), sizes.index(p.size)] = 100 * p.accuracy
-                    if p.solved:
-                        ax.text(sizes.index(p.size), widths.index(p.width), "✓", ha="center", va="center",
-                                color="white", fontsize=11, fontweight="bold")
+                    label = f"{100 * p.accuracy:.0f}" + (" ✓" if p.solved else "")
+                    ax.text(sizes.index(p.size), widths.index(p.width), label, ha="center", va="center",
+                            color="black" if p.accuracy > 0.6 else "white", fontsize=8)
             image = ax.imshow(grid, origin="lower", cmap="viridis", vmin=0, vmax=100, aspect="auto")
             ax.set_xticks(range(len(sizes)), sizes)
             ax.set_yticks(range(len(widths)), widths)
@@ -127,7 +127,7 @@ def plot_study(points: Sequence[StudyPoint], path: Path):
                 ax.set_xlabel("problem size")
             if col == 0:
                 ax.set_ylabel("width")
-    fig.colorbar(image, ax=axes, shrink=0.8, label="final-answer accuracy %")
+    fig.colorbar(image, ax=axes, shrink=0.9, label="final-answer accuracy %")
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
