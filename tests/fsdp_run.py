@@ -11,6 +11,7 @@ and, for the first step, the global batch and the gathered gradients.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 
 from looped import LoopedConfig, LoopedLM
 from looped.datamodules import PHop
+from looped.optim import Adafactor
 from looped.parallel import full_state_dict
 from looped.regularizer import BlockRegularizer
 
@@ -107,6 +109,7 @@ def main() -> None:
     parser.add_argument("--save")
     parser.add_argument("--penalty", action="store_true")
     parser.add_argument("--hsdp", action="store_true", help="ModelParallelStrategy's default 2-D mesh (HSDP)")
+    parser.add_argument("--adafactor", action="store_true", help="looped.optim.Adafactor (the Pile recipes') instead of AdamW")
     args = parser.parse_args()
     torch.set_num_threads(1)
     L.seed_everything(0)
@@ -131,6 +134,7 @@ def main() -> None:
         module = LoopedLM(
             config(datamodule.vocab_size, datamodule.seq_len), warmup_steps=2, decay_steps=DECAY_STEPS,
             activation_checkpointing=True,
+            **({"optimizer": functools.partial(Adafactor, lr=0.01)} if args.adafactor else {}),
         )
     assert next(module.model.parameters()).is_meta
     trainer.fit(module, datamodule=datamodule, ckpt_path=args.resume)

@@ -14,6 +14,7 @@ import torch
 
 from looped import LoopedConfig, LoopedLM
 from looped.model import FeedForward, LoopedTransformer
+from looped.optim import Adafactor
 from looped.parallel import materialize, parallelize
 
 from conftest import ROOT
@@ -78,6 +79,54 @@ def test_configure_model_without_a_mesh_changes_nothing():
     assert all(torch.equal(p, before[n]) for n, p in module.model.named_parameters())
 
 
+def test_adafactor_on_plain_parameters_is_stock_adafactor():
+    """Unsharded, ``looped.optim.Adafactor`` is torch's: same parameters and state, step hooks run once per step."""
+    torch.manual_seed(0)
+    model = LoopedTransformer(tiny(bias=True))
+    copy = LoopedTransformer(tiny(bias=True))
+    copy.load_state_dict(model.state_dict())
+    stock = torch.optim.Adafactor(model.parameters(), lr=0.01, weight_decay=0.1)  # also hooks the stock class's step
+    ours = Adafactor(copy.parameters(), lr=0.01, weight_decay=0.1)
+    calls = []
+    ours.register_step_pre_hook(lambda *_: calls.append(1))
+    for step in range(3):
+        ids = torch.randint(0, 11, (2, 16))
+        for m, optimizer in ((model, stock), (copy, ours)):
+            optimizer.zero_grad()
+            m(ids).square().mean().backward()
+            optimizer.step()
+    assert len(calls) == 3
+    for (name, a), b in zip(model.named_parameters(), copy.parameters()):
+        assert torch.equal(a, b), name
+        assert all(torch.equal(v, ours.state[b][k]) for k, v in stock.state[a].items()), name
+
+
+@pytest.mark.slow
+def test_sharded_adafactor_equals_stock_adafactor_on_the_whole_tensors(tmp_path):
+    """2 ranks over gloo, FSDP (1-D mesh) and HSDP (2-D mesh): 5 steps of ``looped.optim.Adafactor`` on
+    sharded 3-D, 2-D (one splitting unevenly) and 1-D parameters, plus an unsharded one, equal stock
+    ``torch.optim.Adafactor`` on unsharded copies given the same gradients, parameters and state alike."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "tests" / "adafactor_run.py"), str(tmp_path), "--world-size", "2"],
+        env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    runs = torch.load(tmp_path / "adafactor.pt", weights_only=False)
+    for mesh, steps in runs.items():
+        assert len(steps) == 5
+        for step, record in enumerate(steps):
+            for name, (sharded, stock) in record["params"].items():
+                torch.testing.assert_close(sharded, stock, rtol=0, atol=1e-6, msg=f"{mesh} step {step} {name}")
+            for name, state in record["state"].items():
+                assert set(state) == ({"step", "variance"} if record["params"][name][1].dim() == 1 else {"step", "row_var", "col_var"})
+                for key, (sharded, stock) in state.items():
+                    torch.testing.assert_close(sharded, stock, rtol=0, atol=1e-6, msg=f"{mesh} step {step} {name}.{key}")
+        # The updates are not vanishing: the parameters moved at every step.
+        for before, after in zip(steps, steps[1:]):
+            assert all(not torch.equal(before["params"][n][1], p[1]) for n, p in after["params"].items())
+
+
 def launch(out, tag: str, *args: str) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "tests")}
     result = subprocess.run(
@@ -113,9 +162,12 @@ def assert_gradients_match_one_process(run: dict) -> None:
 
 @pytest.mark.slow
 def test_fsdp2_training_gradients_and_sharded_resume(tmp_path):
-    """2 ranks: gradients equal one process's; a sharded checkpoint resumes exactly, on 2 ranks or on 1."""
+    """2 ranks: gradients equal one process's; a sharded checkpoint resumes exactly, on 2 ranks or on 1.
+
+    The save/resume runs train with ``looped.optim.Adafactor`` (the Pile recipes' optimiser, whose
+    state for sharded parameters is whole, replicated tensors); the HSDP run with the default AdamW."""
     ckpt = tmp_path / "ckpt"
-    saved = launch(tmp_path, "save", "--devices", "2", "--max-steps", "3", "--save", str(ckpt), "--penalty")
+    saved = launch(tmp_path, "save", "--devices", "2", "--max-steps", "3", "--save", str(ckpt), "--penalty", "--adafactor")
     assert len(list(ckpt.glob("*.distcp"))) == 2  # a sharded (DCP) checkpoint: one file per rank
 
     assert_gradients_match_one_process(saved)
@@ -125,16 +177,16 @@ def test_fsdp2_training_gradients_and_sharded_resume(tmp_path):
     assert check["grad_error"] < 1e-6
 
     # (a) + (b): resume for 3 more steps on 2 ranks; compare with an uninterrupted 6-step run.
-    resumed = launch(tmp_path, "resumed", "--devices", "2", "--max-steps", "6", "--resume", str(ckpt))
+    resumed = launch(tmp_path, "resumed", "--devices", "2", "--max-steps", "6", "--resume", str(ckpt), "--adafactor")
     assert_same_weights(resumed["start"], saved["end"])
-    straight = launch(tmp_path, "straight", "--devices", "2", "--max-steps", "6")
+    straight = launch(tmp_path, "straight", "--devices", "2", "--max-steps", "6", "--adafactor")
     assert_same_weights(straight["start"], saved["start"])
     torch.testing.assert_close(torch.tensor(resumed["losses"]), torch.tensor(straight["losses"][3:]), rtol=1e-5, atol=0)
     for name, value in straight["end"].items():
         torch.testing.assert_close(resumed["end"][name], value, rtol=1e-5, atol=1e-6, msg=name)
 
     # 2 → 1 rank: torch.distributed.checkpoint reshards on load.
-    single = launch(tmp_path, "single", "--devices", "1", "--max-steps", "4", "--resume", str(ckpt))
+    single = launch(tmp_path, "single", "--devices", "1", "--max-steps", "4", "--resume", str(ckpt), "--adafactor")
     assert_same_weights(single["start"], saved["end"])
     assert len(single["losses"]) == 1 and all(map(torch.isfinite, torch.tensor(single["losses"])))
 
