@@ -220,6 +220,8 @@ class LoopedLM(L.LightningModule):
         # Exact match over the whole sequence: positions with no label count as right.
         preds = logits.argmax(-1)
         answer_right = self.answer_correct(batch) if "prompt_len" in batch else None
+        if answer_right is None:
+            self.maybe_log_samples(batch, preds)
         # Every batch counts towards the stage's overall metrics and those of its named set.
         groups = [metrics]
         if self.eval_names:
@@ -284,23 +286,37 @@ class LoopedLM(L.LightningModule):
     def answer_correct(self, batch: dict[str, Tensor]) -> Tensor:
         """Bool ``[b]``: the greedy-decoded final answer equals ``batch["answer"]``."""
         continuation, predicted = self.generate_answers(batch)
-        if self._trainer is not None and not self.trainer.sanity_checking and not self._samples_logged:
-            self._samples_logged = True
-            self.log_samples(batch, continuation)
+        self.maybe_log_samples(batch, continuation=continuation)
         return predicted == batch["answer"]
 
-    def log_samples(self, batch: dict[str, Tensor], continuation: Tensor, n: int = 4) -> None:
-        """A few decoded samples as TensorBoard text, when the data module can ``decode(ids)``."""
+    def maybe_log_samples(self, batch: dict[str, Tensor], preds: Optional[Tensor] = None,
+                          continuation: Optional[Tensor] = None) -> None:
+        """Log samples from the first evaluation batch of each validation or test run (not the sanity check)."""
+        if self._trainer is None or self.trainer.sanity_checking or self._samples_logged:
+            return
+        self._samples_logged = True
+        self.log_samples(batch, preds, continuation)
+
+    def log_samples(self, batch: dict[str, Tensor], preds: Optional[Tensor] = None,
+                    continuation: Optional[Tensor] = None, n: int = 4, chars: int = 400) -> None:
+        """A few decoded samples with the model's answers as TensorBoard text, when the data module can ``decode``.
+
+        Tasks scored by generation show prompt, greedy continuation and gold; the others show the
+        input and, at the labelled positions, the model's argmax prediction and the gold tokens.
+        """
         decode = getattr(getattr(self.trainer, "datamodule", None), "decode", None)
         loggers = [lg for lg in self.trainer.loggers if isinstance(lg, TensorBoardLogger)]
         if decode is None or not loggers or not self.trainer.is_global_zero:
             return
-        p = int(batch["prompt_len"][0])
-        rows = [
-            f"prompt: `{decode(ids[:p].tolist())}`  \ngenerated: `{decode(gen.tolist())}`  \n"
-            f"gold: `{decode([i for i in ids[p:].tolist() if i >= 0])}`"
-            for ids, gen in zip(batch["input_ids"][:n].cpu(), continuation[:n].cpu())
-        ]
+        text = lambda ids: decode(ids.tolist())[-chars:]  # noqa: E731 - the end holds the answer
+        ids, labels = batch["input_ids"][:n].cpu(), batch["labels"][:n].cpu()
+        if continuation is not None:
+            p = int(batch["prompt_len"][0])
+            rows = [f"prompt: `{text(row[:p])}`  \ngenerated: `{text(gen)}`  \ngold: `{text(row[p:])}`"
+                    for row, gen in zip(ids, continuation[:n].cpu())]
+        else:
+            rows = [f"input: `{text(row)}`  \npredicted: `{text(pred[lab != IGNORE])}`  \ngold: `{text(lab[lab != IGNORE])}`"
+                    for row, pred, lab in zip(ids, preds[:n].cpu(), labels)]
         stage = "test" if self.trainer.testing else "val"
         for logger in loggers:
             logger.experiment.add_text(f"{stage}/samples", "\n\n".join(rows), global_step=self.global_step)

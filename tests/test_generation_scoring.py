@@ -159,3 +159,30 @@ def test_fit_end_to_end_logs_answer_accuracy_and_samples(tmp_path):
     assert samples, events.Tags()
     text = events.Tensors(samples[0])[0].tensor_proto.string_val[0].decode()
     assert "prompt:" in text and "<eos>" in text
+
+
+def test_tasks_scored_at_labelled_positions_log_input_prediction_and_gold(tmp_path):
+    """Every task, not only generated ones, puts a handful of validation samples with the model's answers in TensorBoard."""
+    from looped.datamodules import PHop
+
+    data = PHop(alphabet_size=4, length=12, hops=2, batch_size=8, val_size=16, test_size=16)
+    config = LoopedConfig(vocab_size=data.vocab_size, max_seq_len=data.seq_len, d_model=16, n_heads=2, d_ff=32)
+    module = LoopedLM(config)
+    trainer = L.Trainer(
+        accelerator="cpu", max_steps=2, val_check_interval=2, check_val_every_n_epoch=None,
+        logger=TensorBoardLogger(tmp_path, name="tb"), enable_progress_bar=False, enable_model_summary=False,
+        enable_checkpointing=False, num_sanity_val_steps=0,
+    )
+    trainer.fit(module, datamodule=data)
+    events = EventAccumulator(str(trainer.logger.log_dir), size_guidance={"tensors": 0}).Reload()
+    text = events.Tensors("val/samples/text_summary")[0].tensor_proto.string_val[0].decode()
+    rows = text.split("\n\n")
+    inputs, labels = data.eval_set(1)
+    module.eval()
+    with torch.no_grad():
+        preds = module(torch.from_numpy(inputs[:4])).argmax(-1)
+    assert len(rows) == 4
+    for row, ids, lab, pred in zip(rows, inputs, labels, preds):
+        answer = lab != -100
+        assert row == (f"input: `{data.decode(ids)}`  \npredicted: `{data.decode(pred[torch.from_numpy(answer)])}`  \n"
+                       f"gold: `{data.decode(lab[answer])}`")
