@@ -1,4 +1,4 @@
-"""Command line: ``looped {fit,validate,test,predict,run,report,prepare,sweep}`` and ``lightning run RECIPE.yaml``.
+"""Command line: ``looped {fit,validate,test,predict,run,report,prepare,sweep,lm-eval}`` and ``lightning run RECIPE.yaml``.
 
 ``looped run RECIPE.yaml [--key value ...]`` trains the recipe, then tests the
 best checkpoint. ``looped report RUNS... --output DIR`` turns TensorBoard logs
@@ -23,6 +23,7 @@ TOOLS = {
     "report": "looped.report",  # tables and figures from finished runs
     "prepare": "looped.prepare",  # Pile shards -> litdata token chunks; BPE tokenizer training
     "sweep": "looped.sweep",  # a grid of recipe variants, one run directory per cell
+    "lm-eval": "looped.lm_eval_adapter",  # lm-evaluation-harness with the `looped` model (the [eval] extra)
 }
 USAGE_RUN = "usage: looped run RECIPE.yaml [--section.key value ...]   (e.g. --trainer.max_steps 200)"
 
@@ -75,12 +76,12 @@ def main(argv: Optional[list[str]] = None) -> None:
         return
     if argv and argv[0] in TOOLS:
         # Imported on demand: matplotlib, tokenizers, zstandard only load for the tool that needs them.
-        importlib.import_module(TOOLS[argv[0]]).main(argv[1:])
-        return
-    if argv and argv[0] == "lm-eval":
-        from looped.lm_eval_adapter import main as lm_eval  # needs the [eval] extra
-
-        lm_eval(argv[1:])
+        try:
+            tool = importlib.import_module(TOOLS[argv[0]])
+        except ModuleNotFoundError as err:
+            extra = " (pip install -e '.[eval]')" if argv[0] == "lm-eval" else ""
+            raise SystemExit(f"looped {argv[0]}: needs the package {err.name!r}{extra}") from err
+        tool.main(argv[1:])
         return
     LoopedCLI(args=argv)
 
