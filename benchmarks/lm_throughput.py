@@ -22,7 +22,7 @@ import statistics
 
 import torch
 
-from loop_overhead import matmul_peak, train_steps  # benchmarks/ is on sys.path when run as a script
+from loop_overhead import interleaved_step_times, matmul_peak  # benchmarks/ is on sys.path when run as a script
 from looped import LoopedConfig, LoopedTransformer
 
 
@@ -60,17 +60,7 @@ def main() -> None:
     models = {"looped (4⊗1)": ours, "litgpt GPT": litgpt_model(args.vocab, args.seq_len, d, layers, heads, d_ff)}
     batch = torch.randint(0, args.vocab, (args.batch, args.seq_len + 1), device=args.device)
     tokens = args.batch * args.seq_len
-    runs = {}
-    for name, model in models.items():
-        model.to(args.device).train()
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-        train_steps(model, optimizer, batch, 2, args.device, dtype)  # warm up allocator and kernels
-        runs[name] = (model, optimizer, [])
-    names = list(runs)
-    for round_ in range(args.rounds):
-        for name in names if round_ % 2 == 0 else names[::-1]:  # ABBA
-            model, optimizer, times = runs[name]
-            times.append(train_steps(model, optimizer, batch, 1, args.device, dtype))
+    runs = interleaved_step_times(models, batch, args.rounds, 1, args.device, dtype)
 
     peak = matmul_peak(args.device, dtype)
     flops_per_token = 3 * ours.flops_per_token(args.seq_len)
@@ -78,10 +68,10 @@ def main() -> None:
     print(f"measured matmul peak: {peak / 1e9:.1f} GFLOP/s")
     print(f"{'model':<14} {'params':>11} {'tokens/s':>10} {'MFU':>7}")
     throughput = {}
-    for name, (model, _, times) in runs.items():
+    for name, times in runs.items():
         tps = tokens / statistics.median(times)
         throughput[name] = tps
-        params = sum(p.numel() for p in model.parameters())
+        params = sum(p.numel() for p in models[name].parameters())
         print(f"{name:<14} {params:>11,} {tps:>10,.0f} {flops_per_token * tps / peak:>7.1%}")
     looped, litgpt = throughput.values()
     print(f"looped/litgpt tokens/s ratio (target >= 1.0): {looped / litgpt:.3f}")

@@ -58,6 +58,27 @@ def train_steps(model, optimizer, batch: torch.Tensor, steps: int, device: str, 
     return time.perf_counter() - start
 
 
+def interleaved_step_times(models: dict, batch: torch.Tensor, rounds: int, steps: int, device: str,
+                           dtype: torch.dtype) -> dict[str, list[float]]:
+    """Seconds per training step of each model (AdamW), the models taking turns in ABBA order.
+
+    Taking turns step by step, not model by model, is what makes the ratio repeatable on a
+    shared machine: a burst of load from elsewhere hits both models alike.
+    """
+    runs = {}
+    for name, model in models.items():
+        model.to(device).train()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        train_steps(model, optimizer, batch, 2, device, dtype)  # warm up allocator and kernels
+        runs[name] = (model, optimizer, [])
+    names = list(runs)
+    for round_ in range(rounds):
+        for name in names if round_ % 2 == 0 else names[::-1]:
+            model, optimizer, times = runs[name]
+            times.append(train_steps(model, optimizer, batch, steps, device, dtype) / steps)
+    return {name: times for name, (_, _, times) in runs.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cpu")
@@ -81,25 +102,15 @@ def main() -> None:
     }
     batch = torch.randint(0, 512, (args.batch, args.seq_len + 1), device=args.device)
     tokens = args.batch * args.seq_len
-    runs = {}
-    for name, model in models.items():
-        model.to(args.device).train()
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-        train_steps(model, optimizer, batch, 2, args.device, dtype)  # warm up allocator and kernels
-        runs[name] = (model, optimizer, [])
-    names = list(runs)
-    for round_ in range(args.rounds):
-        # ABBA order: a burst of load from elsewhere hits both models alike.
-        for name in names if round_ % 2 == 0 else names[::-1]:
-            model, optimizer, times = runs[name]
-            times.append(train_steps(model, optimizer, batch, args.steps, args.device, dtype) / args.steps)
+    runs = interleaved_step_times(models, batch, args.rounds, args.steps, args.device, dtype)
 
     peak = matmul_peak(args.device, dtype)
     print(f"device {args.device}, {args.dtype}; batch {args.batch} x {args.seq_len} tokens; d_model {args.d_model}")
     print(f"measured matmul peak: {peak / 1e9:.1f} GFLOP/s")
     print(f"{'model':<16} {'params':>9} {'tokens/s':>10} {'MFU':>7}")
     throughput = {}
-    for name, (model, _, times) in runs.items():
+    for name, times in runs.items():
+        model = models[name]
         tps = tokens / statistics.median(times)
         flops = 3 * model.flops_per_token(args.seq_len) * tps
         throughput[name] = tps
