@@ -4,7 +4,7 @@ Loss is cross-entropy on ``labels`` (-100 = no loss). Metrics (torchmetrics):
 exact match (a sample counts only if every labelled position is right), token
 accuracy and perplexity; with a data module's ``eval_names`` also per named
 evaluation set (``val/exact_match_n8``); for tasks scored by generation (batches
-with ``prompt_len``) the greedy-decoded final answer's accuracy. A new task
+with ``prompt_len``) the greedy-decoded final answer's accuracy (``looped.generation``). A new task
 subclasses this in a few lines (override ``compute_loss`` or the ``*_step``
 hooks; see README).
 """
@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassExactMatch
 
+from looped.generation import generate_answers, sample_rows
 from looped.loop_schedule import LoopSchedule
 from looped.model import LoopedConfig, LoopedTransformer
 from looped.regularizer import BlockRegularizer
@@ -45,16 +46,6 @@ class Perplexity(MeanMetric):
 
     def compute(self) -> Tensor:
         return super().compute().exp()
-
-
-def final_answer(continuation: Tensor, eos_id: int) -> Tensor:
-    """The token right before the first ``eos_id`` of each row of ``[b n]``; -1 when there is none."""
-    if continuation.shape[1] == 0:  # nothing was generated (prompt_len == t): no answer
-        return continuation.new_full(continuation.shape[:1], -1)
-    is_eos = continuation == eos_id
-    first = is_eos.int().argmax(dim=1)  # index of the first eos (0 when there is none)
-    before = continuation.gather(1, (first - 1).clamp(min=0)[:, None])[:, 0]
-    return torch.where(is_eos.any(dim=1) & (first > 0), before, torch.full_like(before, -1))
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -262,26 +253,8 @@ class LoopedLM(L.LightningModule):
 
     # -- scoring by generation -------------------------------------------------------
     def generate_answers(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
-        """Greedy continuation ``[b n]`` of each prompt and its final answer ``[b]`` (-1: no eos emitted).
-
-        The prompt is ``input_ids[:, :prompt_len]``; decoding runs with the model's
-        decode cache for at most the gold sequence's remaining ``t - prompt_len`` tokens.
-        """
-        if self.eos_id is None:
-            raise ValueError(
-                "the evaluation batches carry prompt_len (a task scored by generation) but LoopedLM.eos_id is None; "
-                "give the data module an eos_id attribute (LoopedCLI links it) or set model.init_args.eos_id"
-            )
-        input_ids, prompt_len = batch["input_ids"], batch["prompt_len"]
-        p = int(prompt_len[0])
-        if not bool((prompt_len == p).all()):
-            raise ValueError(
-                f"prompt_len differs within a batch ({sorted(set(prompt_len.tolist()))}); the data module must "
-                "left-pad the prompts of an evaluation set to one length"
-            )
-        out = self.model.generate(input_ids[:, :p], max_new_tokens=input_ids.shape[1] - p, eos_id=self.eos_id)
-        continuation = out[:, p:]
-        return continuation, final_answer(continuation, self.eos_id)
+        """Greedy continuation ``[b n]`` of each prompt and its final answer ``[b]`` (see ``looped.generation``)."""
+        return generate_answers(self.model, batch, self.eos_id)
 
     def answer_correct(self, batch: dict[str, Tensor]) -> Tensor:
         """Bool ``[b]``: the greedy-decoded final answer equals ``batch["answer"]``."""
@@ -308,15 +281,7 @@ class LoopedLM(L.LightningModule):
         loggers = [lg for lg in self.trainer.loggers if isinstance(lg, TensorBoardLogger)]
         if decode is None or not loggers or not self.trainer.is_global_zero:
             return
-        text = lambda ids: decode(ids.tolist())[-chars:]  # noqa: E731 - the end holds the answer
-        ids, labels = batch["input_ids"][:n].cpu(), batch["labels"][:n].cpu()
-        if continuation is not None:
-            p = int(batch["prompt_len"][0])
-            rows = [f"prompt: `{text(row[:p])}`  \ngenerated: `{text(gen)}`  \ngold: `{text(row[p:])}`"
-                    for row, gen in zip(ids, continuation[:n].cpu())]
-        else:
-            rows = [f"input: `{text(row)}`  \npredicted: `{text(pred[lab != IGNORE])}`  \ngold: `{text(lab[lab != IGNORE])}`"
-                    for row, pred, lab in zip(ids, preds[:n].cpu(), labels)]
+        rows = sample_rows(decode, batch, preds, continuation, n, chars)
         stage = "test" if self.trainer.testing else "val"
         for logger in loggers:
             logger.experiment.add_text(f"{stage}/samples", "\n\n".join(rows), global_step=self.global_step)

@@ -8,7 +8,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch.utils.data import DataLoader
 
 from looped import LoopedConfig, LoopedLM
-from looped.module import final_answer
+from looped.generation import final_answer
 
 VOCAB, T, P, PAD = 6, 12, 5, 0
 
