@@ -31,3 +31,13 @@ def make_shards(folder: Path, shards: int = 3, per_shard: int = 60) -> list[str]
         write_shard(folder / f"{s:02d}{suffix}", docs, compress=suffix.endswith(".zst"))
         texts += docs
     return texts
+
+
+def prepared_pile(root: Path, shards: int, per_shard: int, val_fraction: float, workers: int) -> Path:
+    """Shards made under ``root/shards`` and prepared by ``looped prepare``'s code into ``root/data``."""
+    from looped.prepare import find_sources, prepare_pile
+
+    make_shards(root / "shards", shards=shards, per_shard=per_shard)
+    prepare_pile(find_sources(str(root / "shards")), str(root / "data"), val_fraction=val_fraction, workers=workers,
+                 chunk_bytes="4kb")
+    return root / "data"

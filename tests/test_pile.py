@@ -9,17 +9,13 @@ from looped.datamodules import PileDataModule
 from looped.datamodules.primitives import ReasoningPrimitives
 from looped.model import LoopedConfig
 from looped.module import IGNORE
-from looped.prepare import find_sources, prepare_pile
 
-from pile_data import make_shards
+from pile_data import prepared_pile
 
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("piledm")
-    make_shards(root / "shards", shards=4, per_shard=120)
-    prepare_pile(find_sources(str(root / "shards")), str(root / "data"), val_fraction=0.1, workers=2, chunk_bytes="4kb")
-    return root / "data"
+    return prepared_pile(tmp_path_factory.mktemp("piledm"), shards=4, per_shard=120, val_fraction=0.1, workers=2)
 
 
 def test_batches_are_next_token_pairs_of_stored_blocks(data_dir):

@@ -7,10 +7,9 @@ import torch
 
 from looped.cli import LoopedCLI
 from looped.optim import Adafactor
-from looped.prepare import find_sources, prepare_pile
 
 from conftest import RECIPES, ROOT
-from pile_data import make_shards
+from pile_data import prepared_pile
 
 # row -> (prelude, k, L, coda, regulariser (k, λ) or None): the paper's Tables 3-4 and Figure 3.
 ROWS = {
@@ -37,10 +36,7 @@ SMOKE = [
 
 @pytest.fixture(scope="module")
 def tiny_pile(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tinypile")
-    make_shards(root / "shards", shards=2, per_shard=80)
-    prepare_pile(find_sources(str(root / "shards")), str(root / "data"), val_fraction=0.2, workers=1, chunk_bytes="4kb")
-    return root / "data"
+    return prepared_pile(tmp_path_factory.mktemp("tinypile"), shards=2, per_shard=80, val_fraction=0.2, workers=1)
 
 
 def test_rows_cover_the_paper_and_every_file_is_a_row():
