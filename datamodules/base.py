@@ -93,8 +93,18 @@ class SyntheticTask(L.LightningDataModule):
         self._eval_sets: dict[tuple[int, Optional[str]], tuple[np.ndarray, np.ndarray]] = {}
         self._eval_keys: set[bytes] = set()
 
-    supervise: str = "last"
-    """``last``: train on the answer only; ``all``: also on ``labels_at_every_position`` (tasks that have it)."""
+    _supervise: str = "last"
+
+    @property
+    def supervise(self) -> str:
+        """``last``: train on the answer only; ``all``: also on ``labels_at_every_position`` (tasks that have it)."""
+        return self._supervise
+
+    @supervise.setter
+    def supervise(self, value: str) -> None:
+        if value not in ("last", "all"):
+            raise ValueError(f"data.supervise must be 'last' or 'all', got {value!r}")
+        self._supervise = value
 
     eval_names: list[str] = []
     """Named evaluation sets, each drawn by ``generate_eval``; empty: one validation and one test set."""

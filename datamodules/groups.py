@@ -87,8 +87,6 @@ class GroupComposition(SyntheticTask):
         super().__init__(**kwargs)
         if group not in ("cyclic", "symmetric"):
             raise ValueError(f"data.group must be 'cyclic' or 'symmetric', got {group!r}")
-        if supervise not in ("last", "all"):
-            raise ValueError(f"data.supervise must be 'last' or 'all', got {supervise!r}")
         if group == "cyclic" and not 2 <= order <= MAX_CYCLIC_ORDER:
             raise ValueError(f"data.order must lie in 2..{MAX_CYCLIC_ORDER} for the cyclic group Z_m, got {order}")
         if group == "symmetric" and not 2 <= order <= MAX_SYMMETRIC_DEGREE:

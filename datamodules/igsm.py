@@ -82,8 +82,6 @@ class IGSM(SyntheticTask):
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
-        if supervise not in ("last", "all"):
-            raise ValueError(f"data.supervise must be 'last' or 'all', got {supervise!r}")
         if layers < 2:
             raise ValueError(f"data.layers must be >= 2 (an edge joins two consecutive layers), got {layers}")
         if entities_per_layer < 1:

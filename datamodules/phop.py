@@ -72,8 +72,6 @@ class PHop(SyntheticTask):
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
-        if supervise not in ("last", "all"):
-            raise ValueError(f"data.supervise must be 'last' or 'all', got {supervise!r}")
         self.supervise = supervise
         if not 2 <= alphabet_size <= 26:
             raise ValueError(f"data.alphabet_size must lie in 2..26, got {alphabet_size}")
