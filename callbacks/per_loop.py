@@ -76,13 +76,15 @@ class PerLoopAccuracy(L.Callback):
 
     def _finish(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> list[float]:
         names = list(getattr(pl_module, "eval_names", []) or [])
-        # Every rank reduces the same tensors in the same order: one (zero) entry per dataloader
-        # even where this rank saw no batch of it.
-        n_loaders = max(len(names), max(self._correct, default=0) + 1)
-        zeros = torch.zeros(self.loops_to_eval(pl_module), device=pl_module.device)
-        correct = [trainer.strategy.reduce(self._correct.get(i, zeros), reduce_op="sum") for i in range(n_loaders)]
-        total = [trainer.strategy.reduce(self._total.get(i, zeros[0]), reduce_op="sum") for i in range(n_loaders)]
-        accuracy = (sum(correct) / sum(total).clamp(min=1)).tolist()
+        # One row per evaluation set, known alike on every rank (not from the batches this rank saw, which
+        # could differ and leave ranks waiting on different collectives); one reduce for all of them.
+        loops = self.loops_to_eval(pl_module)
+        counts = torch.zeros(max(len(names), 1), loops + 1, device=pl_module.device)
+        for i, right in self._correct.items():
+            counts[i, :loops], counts[i, loops] = right, self._total[i]
+        counts = trainer.strategy.reduce(counts, reduce_op="sum")
+        correct, total = counts[:, :loops], counts[:, loops]
+        accuracy = (correct.sum(0) / total.sum().clamp(min=1)).tolist()
         for n, value in enumerate(accuracy, start=1):
             pl_module.log(f"{stage}/exact_match_loop{n}", value, sync_dist=False)
         for i, name in enumerate(names):
