@@ -29,6 +29,7 @@ from lm_eval import utils
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
+from looped.cache import DecodeCache
 from looped.module import LoopedLM
 
 EOT_CANDIDATES = ("<|endoftext|>", "</s>", "<eos>", "[EOS]", "<|end_of_text|>")
@@ -105,25 +106,24 @@ class LoopedEvalLM(LM):
         return self.tokenizer.decode(ids, skip_special_tokens=False)
 
     @torch.no_grad()
-    def _logprobs(self, sequences: list[list[int]]) -> list[torch.Tensor]:
-        """Log-probabilities ``[t v]`` of the next token at every position of each sequence (one padded batch)."""
-        width = max(map(len, sequences))
-        batch = torch.full((len(sequences), width), self.eot_token_id, dtype=torch.long)
-        for row, seq in enumerate(sequences):  # right padding: causal attention never sees it
-            batch[row, : len(seq)] = torch.tensor(seq)
-        logits = self.model(batch.to(self._device), loops=self.loops)
-        return [F.log_softmax(logits[row, : len(seq)].float(), dim=-1).cpu() for row, seq in enumerate(sequences)]
-
     def _score(self, pairs: list[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
-        """``(Σ log p(continuation | context), continuation is the greedy one)`` per (context, continuation) ids."""
+        """``(Σ log p(continuation | context), continuation is the greedy one)`` per (context, continuation) ids.
+
+        One padded forward per batch; the softmax runs only over the positions that predict
+        each continuation, on the model's device.
+        """
         results = []
         for start in range(0, len(pairs), self.batch_size):
             chunk = pairs[start : start + self.batch_size]
             # Input is context + continuation minus the last token, cut from the left to max_length.
             inputs = [(ctx + cont)[-(self.max_length + 1) :][:-1] for ctx, cont in chunk]
-            for (ctx, cont), seq, logprobs in zip(chunk, inputs, self._logprobs(inputs)):
-                scored = logprobs[len(seq) - len(cont) :]  # the positions that predict the continuation
-                target = torch.tensor(cont)
+            batch = torch.full((len(inputs), max(map(len, inputs))), self.eot_token_id, dtype=torch.long)
+            for row, seq in enumerate(inputs):  # right padding: causal attention never sees it
+                batch[row, : len(seq)] = torch.tensor(seq)
+            logits = self.model(batch.to(self._device), loops=self.loops)
+            for row, ((_, cont), seq) in enumerate(zip(chunk, inputs)):
+                scored = F.log_softmax(logits[row, len(seq) - len(cont) : len(seq)].float(), dim=-1)
+                target = torch.tensor(cont, device=scored.device)
                 total = scored.gather(1, target[:, None]).sum().item()
                 results.append((total, bool((scored.argmax(-1) == target).all())))
         return results
@@ -168,11 +168,15 @@ class LoopedEvalLM(LM):
             max_new = int(options.pop("max_gen_toks", 256))
             temperature = float(options.pop("temperature", 0.0) or 0.0)
             sample = bool(options.pop("do_sample", False)) and temperature > 0
-            ids = self.tok_encode(context) or [self.eot_token_id]
+            # Context cut from the left so that it and max_new tokens fit max_length (as lm-eval's HF model does).
+            ids = (self.tok_encode(context) or [self.eot_token_id])[-max(1, self.max_length - max_new) :]
+            max_new = min(max_new, self.max_length - len(ids))
             new: list[int] = []
             text = ""
+            # One prefill fills the decode cache; every later token is one position per layer application.
+            cache = DecodeCache(capacity=len(ids) + max(max_new, 1))
+            logits = self.model(torch.tensor([ids], device=self._device), loops=self.loops, cache=cache)
             for _ in range(max_new):
-                logits = self.model(torch.tensor([(ids + new)[-self.max_length :]], device=self._device), loops=self.loops)
                 last = logits[0, -1].float()
                 token = (
                     int(torch.multinomial(F.softmax(last / temperature, -1), 1)) if sample else int(last.argmax())
@@ -183,6 +187,7 @@ class LoopedEvalLM(LM):
                 text = self.tok_decode(new)
                 if any(stop in text for stop in until):
                     break
+                logits = self.model(torch.tensor([[token]], device=self._device), loops=self.loops, cache=cache)
             for stop in until:  # cut at the first stop sequence, which is not part of the answer
                 text = text.split(stop)[0]
             outputs.append(text)
