@@ -31,23 +31,7 @@ from lm_eval.api.registry import register_model
 
 from looped.cache import DecodeCache
 from looped.module import LoopedLM
-
-EOT_CANDIDATES = ("<|endoftext|>", "</s>", "<eos>", "[EOS]", "<|end_of_text|>")
-
-
-def load_tokenizer(path: Union[str, Path]):
-    """A ``tokenizers.Tokenizer`` from ``tokenizer.json`` or from a directory that holds one."""
-    from tokenizers import Tokenizer
-
-    path = Path(path)
-    file = path / "tokenizer.json" if path.is_dir() else path
-    if not file.is_file():
-        raise FileNotFoundError(
-            f"model_args tokenizer={path}: no tokenizer.json there; pass the prepared data directory "
-            "(it holds tokenizer.json) or the file itself"
-        )
-    return Tokenizer.from_file(str(file))
-
+from looped.prepare import load_tokenizer
 
 @register_model("looped")
 class LoopedEvalLM(LM):
@@ -77,11 +61,12 @@ class LoopedEvalLM(LM):
         self._device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         module = LoopedLM.load_from_checkpoint(str(path), map_location=self._device)
         self.model = module.model.eval()
-        self.tokenizer = load_tokenizer(tokenizer)
+        # The tokenizer the data was prepared with (looped.prepare): a tokenizer.json, or bytes.
+        self.tokenizer = load_tokenizer(tokenizer, eos_token=eot_token)
         vocab = self.model.config.vocab_size
-        if self.tokenizer.get_vocab_size() > vocab:
+        if self.tokenizer.vocab_size > vocab:
             raise ValueError(
-                f"vocabulary mismatch: tokenizer {tokenizer} has {self.tokenizer.get_vocab_size()} ids but the "
+                f"vocabulary mismatch: tokenizer {tokenizer} has {self.tokenizer.vocab_size} ids but the "
                 f"checkpoint's model has vocab_size={vocab}; use the tokenizer the model was trained with"
             )
         self.loops = int(loops) if loops is not None else None
@@ -91,19 +76,14 @@ class LoopedEvalLM(LM):
                 f"model_args max_length={self.max_length} exceeds the model's max_seq_len={self.model.config.max_seq_len}"
             )
         self.batch_size = 1 if str(batch_size).startswith("auto") else int(batch_size)
-        names = [eot_token] if eot_token else EOT_CANDIDATES
-        ids = [self.tokenizer.token_to_id(n) for n in names]
-        found = [i for i in ids if i is not None]
-        if not found:
-            raise ValueError(f"model_args eot_token: none of {names} is in the tokenizer; name its end-of-text token")
-        self.eot_token_id = found[0]
+        self.eot_token_id = self.tokenizer.eos_id
 
     # -- helpers ---------------------------------------------------------------------
     def tok_encode(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text, add_special_tokens=False).ids
+        return self.tokenizer.encode(text)
 
     def tok_decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=False)
+        return self.tokenizer.decode(ids)
 
     @torch.no_grad()
     def _score(self, pairs: list[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:

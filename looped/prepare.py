@@ -54,18 +54,18 @@ class ByteTokenizer:
 class FileTokenizer:
     """A Hugging Face ``tokenizer.json``; EOS is the first of ``EOS_CANDIDATES`` in its vocabulary."""
 
-    def __init__(self, text: str, origin: str = "tokenizer") -> None:
+    def __init__(self, text: str, origin: str = "tokenizer", eos_token: Optional[str] = None) -> None:
         from tokenizers import Tokenizer
 
         self.text = text
         self.tokenizer = Tokenizer.from_str(text)
         self.vocab_size = self.tokenizer.get_vocab_size(with_added_tokens=True)
         self.sha256 = hashlib.sha256(text.encode("utf-8")).hexdigest()
-        ids = [self.tokenizer.token_to_id(t) for t in EOS_CANDIDATES]
-        found = [i for i in ids if i is not None]
+        names = [eos_token] if eos_token else EOS_CANDIDATES
+        found = [i for i in (self.tokenizer.token_to_id(t) for t in names) if i is not None]
         if not found:
             raise ValueError(
-                f"{origin} has no end-of-document token (any of {', '.join(EOS_CANDIDATES)}); add one as a "
+                f"{origin} has no end-of-document token (any of {', '.join(names)}); add one as a "
                 "special token, or train one with `looped prepare tokenizer` (it adds <|endoftext|>)"
             )
         self.eos_id = found[0]
@@ -77,11 +77,25 @@ class FileTokenizer:
         return self.tokenizer.decode(list(ids))
 
 
-def load_tokenizer(path: Optional[str]):
-    """``FileTokenizer`` for a ``tokenizer.json`` path, ``ByteTokenizer`` for None."""
+def load_tokenizer(path: Optional[str], eos_token: Optional[str] = None):
+    """``FileTokenizer`` for a ``tokenizer.json`` path, ``ByteTokenizer`` for None.
+
+    A directory is read as ``looped prepare pile``'s output: its manifest says bytes or
+    names the ``tokenizer.json`` copied beside it.
+    """
     if path is None:
         return ByteTokenizer()
-    return FileTokenizer(Path(path).read_text(encoding="utf-8"), origin=str(path))
+    path = Path(path)
+    if path.is_dir():
+        manifest = path / "manifest.json"
+        if manifest.is_file() and json.loads(manifest.read_text())["tokenizer"]["kind"] == "bytes":
+            return ByteTokenizer()
+        path = path / "tokenizer.json"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"tokenizer {path}: no tokenizer.json there; pass the prepared data directory or the file itself"
+        )
+    return FileTokenizer(path.read_text(encoding="utf-8"), origin=str(path), eos_token=eos_token)
 
 
 def train_tokenizer(sources: list[str], vocab_size: int, output: str, sample_documents: int = 100_000) -> FileTokenizer:

@@ -123,3 +123,17 @@ def test_byte_tokenizer_and_trained_bpe_round_trip_text(tmp_path):
 def test_missing_input_is_named(tmp_path):
     with pytest.raises(SystemExit, match="no .jsonl or .jsonl.zst shards"):
         looped_main(["prepare", "pile", "--input", str(tmp_path / "nothing*"), "--output", str(tmp_path / "o")])
+
+
+def test_a_prepared_directory_names_its_own_tokenizer(prepared, tmp_path):
+    """``load_tokenizer(DIR)`` (what the lm-eval adapter is given) is the tokenizer DIR was prepared with."""
+    from looped.prepare import load_tokenizer
+
+    root, _, _ = prepared
+    assert isinstance(load_tokenizer(str(root / "data")), ByteTokenizer)  # prepared without a tokenizer file
+    out = tmp_path / "tokenizer.json"
+    looped_main(["prepare", "tokenizer", "--input", str(root / "shards"), "--vocab-size", "300", "--output", str(out)])
+    prepare_pile(find_sources(str(root / "shards")), str(tmp_path / "bpe"), str(out), val_fraction=0.2, workers=1)
+    assert load_tokenizer(str(tmp_path / "bpe")).sha256 == load_tokenizer(str(out)).sha256
+    with pytest.raises(FileNotFoundError, match="tokenizer.json"):
+        load_tokenizer(str(tmp_path / "shards_missing"))
