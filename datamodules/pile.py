@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from looped.datamodules.base import EvalSet
+from looped.datamodules.base import _VAL, EvalSet
 from looped.datamodules.primitives import ReasoningPrimitives
 from looped.module import IGNORE
 from looped.prepare import MANIFEST, TOKENIZER_FILE, ByteTokenizer, FileTokenizer
@@ -175,7 +175,7 @@ class PileDataModule(L.LightningDataModule):
             collate_fn=shifted_pairs,
         )
         loaders: list = [pile if self.val_batches is None else FirstBatches(pile, self.val_batches)]
-        for name, dataset in self.primitive_sets().items():
+        for dataset in self.primitive_sets().values():
             loaders.append(DataLoader(dataset, batch_size=self.eval_batch_size, shuffle=False))
         return loaders
 
@@ -193,7 +193,7 @@ class PileDataModule(L.LightningDataModule):
                     depth=depth, flavour=flavour, shots=self.primitives_shots,
                     val_size=self.primitives_size, test_size=self.primitives_size, seed=self.seed,
                 )
-                ids, labels = task.eval_set(1)
+                ids, labels = task.eval_set(_VAL)
                 prompts = [(task.decode(row), task.vocab[label[-1]]) for row, label in zip(ids, labels)]
                 self._primitives[name] = EvalSet(*encode_prompts(prompts, tokenizer, self.seq_len, self.eos_id))
         return self._primitives
