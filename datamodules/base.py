@@ -23,6 +23,7 @@ except at answer positions.
 from __future__ import annotations
 
 import zlib
+from functools import cached_property
 from abc import abstractmethod
 from typing import Iterator, Optional, Union
 
@@ -132,6 +133,11 @@ class SyntheticTask(L.LightningDataModule):
     @property
     def vocab_size(self) -> int:
         return len(self.vocab)
+
+    @cached_property
+    def token_ids(self) -> dict[str, int]:
+        """Token string -> id (the vocabulary is fixed once a task is built)."""
+        return {token: i for i, token in enumerate(self.vocab)}
 
     def decode(self, ids) -> str:
         """Readable text of a row of token ids (padding and -100 dropped)."""

@@ -77,7 +77,6 @@ class CoTTask(SyntheticTask):
                 f"{self.seq_len} tokens, more than data.max_seq_len={self.max_seq_len}; lower data.size "
                 "or raise data.max_seq_len"
             )
-        self._ids = {token: i for i, token in enumerate(self.vocab)}
 
     # -- what a task defines ------------------------------------------------------
     task_tokens: list[str]
@@ -117,7 +116,7 @@ class CoTTask(SyntheticTask):
         return self.max_prompt_len + cot + 3  # + <ans> answer <eos>
 
     def token(self, name: str) -> int:
-        return self._ids[name]
+        return self.token_ids[name]
 
     def generate(self, rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
         parts = self.sample(rng, n)

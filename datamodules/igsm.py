@@ -115,9 +115,8 @@ class IGSM(SyntheticTask):
                 f"{DERIVED_LEN} + {QUERY_LEN}); use data.pad_to >= {self.natural_len} or leave it unset"
             )
         self.pad_to = pad_to
-        self._ids = {token: i for i, token in enumerate(self.vocab)}
-        self._entity0, self._digit0 = self._ids["A"], self._ids["0"]
-        self._op0 = self._ids[OPERATORS[0]]
+        self._entity0, self._digit0 = self.token_ids["A"], self.token_ids["0"]
+        self._op0 = self.token_ids[OPERATORS[0]]
 
     # -- vocabulary and lengths ------------------------------------------------
     @property
@@ -202,24 +201,24 @@ class IGSM(SyntheticTask):
 
         # Tokens of every equation in topological order, [m e 9], with a mask of the used slots.
         name = np.stack([self._entity0 + parent, self._entity0 + child], axis=2)  # [m e 2]
-        tokens = np.full((m, e, DERIVED_LEN), self._ids[";"], dtype=np.int64)
+        tokens = np.full((m, e, DERIVED_LEN), self.token_ids[";"], dtype=np.int64)
         tokens[:, :, 0:2] = name
-        tokens[:, :, 2] = self._ids["="]
+        tokens[:, :, 2] = self.token_ids["="]
         tokens[:, :, 3:5] = np.take_along_axis(name, left[:, :, None], axis=1)
         tokens[:, :, 5] = self._op0 + operator
         tokens[:, :, 6:8] = np.take_along_axis(name, right[:, :, None], axis=1)
         constant_row = np.full((m, e, DERIVED_LEN), -1, dtype=np.int64)
         constant_row[:, :, :5] = tokens[:, :, :5]
         constant_row[:, :, 3] = self._digit0 + constant
-        constant_row[:, :, 4] = self._ids[";"]
+        constant_row[:, :, 4] = self.token_ids[";"]
         tokens = np.where(derived[:, :, None], tokens, constant_row)
         # Shuffle the presentation order; every row keeps the same number of tokens.
         order = np.argsort(rng.random((m, e)), axis=1)
         tokens = np.take_along_axis(tokens, order[:, :, None], axis=1).reshape(m, -1)
         body = tokens[tokens >= 0].reshape(m, self.natural_len - QUERY_LEN)
 
-        tail = np.stack([np.full(m, self._ids["?"]), *name[rows, query].T, np.full(m, self._ids["="])], axis=1)
-        pad = np.full((m, self.seq_len - self.natural_len), self._ids[PAD], dtype=np.int64)
+        tail = np.stack([np.full(m, self.token_ids["?"]), *name[rows, query].T, np.full(m, self.token_ids["="])], axis=1)
+        pad = np.full((m, self.seq_len - self.natural_len), self.token_ids[PAD], dtype=np.int64)
         input_ids = np.concatenate([pad, body, tail], axis=1)
         labels = np.full_like(input_ids, IGNORE)
         labels[:, -1] = self._digit0 + value[rows, query]
@@ -234,8 +233,8 @@ class IGSM(SyntheticTask):
         """
         m, e, p = len(input_ids), self.num_edges, self.modulus
         rows = np.arange(m)[:, None]
-        ends = np.nonzero(input_ids == self._ids[";"])[1].reshape(m, e)  # each equation's ';'
-        is_derived = input_ids[rows, ends - 2] != self._ids["="]  # a constant ends '= c ;'
+        ends = np.nonzero(input_ids == self.token_ids[";"])[1].reshape(m, e)  # each equation's ';'
+        is_derived = input_ids[rows, ends - 2] != self.token_ids["="]  # a constant ends '= c ;'
         start = np.where(is_derived, ends - 8, ends - 4)
 
         def key(at: np.ndarray) -> np.ndarray:

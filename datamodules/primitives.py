@@ -91,7 +91,6 @@ class ReasoningPrimitives(SyntheticTask):
                 f"data.pad_to={pad_to} is shorter than a sample of this setting ({self.natural_len} tokens)"
             )
         self.pad_to = pad_to
-        self._ids = {token: i for i, token in enumerate(self.vocab)}
 
     # -- vocabulary and lengths ------------------------------------------------
     @property
@@ -131,7 +130,7 @@ class ReasoningPrimitives(SyntheticTask):
     def _examples(self, rng: np.random.Generator, m: int) -> tuple[np.ndarray, np.ndarray]:
         """``m`` examples without their answer: tokens ``[m example_len]`` and answer ids ``[m]``."""
         n, s = self.num_variables, self.statements
-        letter0, value0 = self._ids["a"], self._ids["0"]
+        letter0, value0 = self.token_ids["a"], self.token_ids["0"]
         # Names without replacement per example: the first n hold values, the rest read them.
         names = np.argsort(rng.random((m, len(LETTERS))), axis=1)[:, :s]
         values = rng.integers(0, self.num_values, size=(m, n))
@@ -156,25 +155,25 @@ class ReasoningPrimitives(SyntheticTask):
         order = np.argsort(keys, axis=1)
         lhs = letter0 + np.take_along_axis(names, order, axis=1)
         rhs = np.take_along_axis(rhs, order, axis=1)
-        sep = self._ids["," if self.flavour == "math" else ";"]
-        body = np.stack([lhs, np.full_like(lhs, self._ids["="]), rhs, np.full_like(lhs, sep)], axis=2)
+        sep = self.token_ids["," if self.flavour == "math" else ";"]
+        body = np.stack([lhs, np.full_like(lhs, self.token_ids["="]), rhs, np.full_like(lhs, sep)], axis=2)
         body = body.reshape(m, 4 * s)
         if self.flavour == "math":
-            tail = [query_name, np.full(m, self._ids["="]), np.full(m, self._ids["?"])]
+            tail = [query_name, np.full(m, self.token_ids["="]), np.full(m, self.token_ids["?"])]
         else:
-            tail = [np.full(m, self._ids["print"]), np.full(m, self._ids["("]), query_name, np.full(m, self._ids[")"])]
+            tail = [np.full(m, self.token_ids["print"]), np.full(m, self.token_ids["("]), query_name, np.full(m, self.token_ids[")"])]
         return np.concatenate([body, np.stack(tail, axis=1)], axis=1), answer
 
     def generate(self, rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
         k = self.shots
         tokens, answer = self._examples(rng, n * (k + 1))
         tokens, answer = tokens.reshape(n, k + 1, -1), answer.reshape(n, k + 1)
-        separator = self._ids[";" if self.flavour == "math" else "\n"]
+        separator = self.token_ids[";" if self.flavour == "math" else "\n"]
         parts = []
         for shot in range(k):
             parts += [tokens[:, shot], answer[:, shot, None], np.full((n, 1), separator)]
         parts.append(tokens[:, k])
-        pad = np.full((n, self.seq_len - self.natural_len), self._ids[PAD])
+        pad = np.full((n, self.seq_len - self.natural_len), self.token_ids[PAD])
         input_ids = np.concatenate([pad, *parts], axis=1).astype(np.int64)
         labels = np.full_like(input_ids, IGNORE)
         labels[:, -1] = answer[:, k]
