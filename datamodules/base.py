@@ -9,6 +9,11 @@ A task only says how to draw samples (``generate``) and what its tokens are
   stream is the same for any number of workers, differs across ranks, and
   resumes at the exact batch it stopped at (the start index comes from the
   restored ``global_step``);
+* or, with ``train_size``, batches of rows drawn from a fixed training set. The
+  loader then hands over only the row indices (no worker, no copy of samples);
+  ``on_after_batch_transfer`` gathers the rows from a copy of the set on the
+  training device, so feeding a step costs one gather kernel whatever the
+  sample length (``benchmarks/datagen.py``);
 * fixed validation and test sets drawn from their own seeds, disjoint from each
   other, with every training sample that collides with them redrawn, so no
   evaluation sample is ever trained on. A task with several named evaluation
@@ -61,11 +66,14 @@ class SyntheticTask(L.LightningDataModule):
         val_size: samples in the fixed validation set (in each one, with ``eval_names``).
         test_size: samples in the fixed test set (in each one, with ``eval_names``).
         seed: root seed; training, validation and test streams derive from it.
-        num_workers: dataloader worker processes for the training stream.
+        num_workers: dataloader worker processes generating the training stream (unused with
+            ``train_size``: row indices are drawn in the training process).
         train_size: None: a fresh sample for every training example (an endless stream);
             N: a fixed training set of N samples drawn once at setup, which batches then sample
-            from (the paper's "4M train"). Drawing from memory is ~100× faster than generating,
-            so a GPU is never input-bound (see ``benchmarks/datagen.py``).
+            uniformly with replacement (the paper's "4M train"). The set is copied once to the
+            training device (int16: 4 bytes per token for inputs and labels, e.g. 4.1 GB for
+            p-hop's 4M x 257) and each step gathers its rows there, so a GPU is never input-bound
+            (see ``benchmarks/datagen.py``).
     """
 
     def __init__(
@@ -91,6 +99,8 @@ class SyntheticTask(L.LightningDataModule):
         self.num_workers = num_workers
         self.train_size = train_size
         self._train_set: Optional[tuple[np.ndarray, np.ndarray]] = None
+        self._train_set_on_device: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._rows_drawn: tuple[tuple[int, int], Optional[np.ndarray]] = ((-1, -1), None)
         self._eval_sets: dict[tuple[int, Optional[str]], tuple[np.ndarray, np.ndarray]] = {}
         self._eval_keys: set[bytes] = set()
 
@@ -199,11 +209,33 @@ class SyntheticTask(L.LightningDataModule):
         self._build_eval_sets()
         return self._eval_keys
 
+    ROWS_PER_DRAW = 256
+    """Batches of fixed-set row indices drawn per RNG call: one call costs ~20 µs to set up, a batch's rows ~1 µs."""
+
+    def train_rows(self, rank: int, index: int) -> np.ndarray:
+        """Rows of the fixed training set (``data.train_size``) that make batch ``index`` of ``rank``.
+
+        Uniform with replacement, seeded by ``(seed, rank, index // ROWS_PER_DRAW)``: a pure
+        function of the batch index, so a resumed run draws the batches it would have drawn.
+        """
+        if self.train_size is None:
+            raise ValueError("train_rows needs a fixed training set: set data.train_size")
+        draw, offset = divmod(index, self.ROWS_PER_DRAW)
+        key, rows = self._rows_drawn
+        if key != (rank, draw) or rows is None:
+            rng = self.rng(_TRAIN, rank, draw)
+            rows = rng.integers(0, self.train_size, size=(self.ROWS_PER_DRAW, self.batch_size))
+            self._rows_drawn = ((rank, draw), rows)
+        return rows[offset]
+
     def train_batch(self, rank: int, index: int) -> tuple[np.ndarray, np.ndarray]:
-        """Training batch ``index`` of ``rank``: fresh samples (val/test ones redrawn), or drawn from the fixed set."""
+        """Training batch ``index`` of ``rank`` as int64 arrays: fresh samples (val/test ones redrawn), or fixed-set rows.
+
+        The reference definition of the stream; the training loader delivers exactly these batches.
+        """
         if self.train_size is not None:
             inputs, labels = self.train_set()
-            rows = self.rng(_TRAIN, rank, index).integers(0, len(inputs), size=self.batch_size)
+            rows = self.train_rows(rank, index)
             return inputs[rows].astype(np.int64), labels[rows].astype(np.int64)
         return self.fresh_batch(self.rng(_TRAIN, rank, index), self.batch_size)
 
@@ -258,17 +290,37 @@ class SyntheticTask(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         trainer = self.trainer
         rank = trainer.global_rank if trainer is not None else 0
-        stream = TrainStream(self, rank=rank, start=self._consumed_batches())
+        start = self._consumed_batches()
+        # Its own generator: creating the iterator must not consume the global RNG
+        # (dropout's), or a resumed run would draw different dropout masks.
+        generator = torch.Generator().manual_seed(self.seed)
+        if self.train_size is not None:
+            # Only the row indices travel: on_after_batch_transfer gathers them on the device.
+            rows = TrainRows(self, rank=rank, start=start)
+            return DataLoader(rows, batch_size=None, num_workers=0, generator=generator)
         return DataLoader(
-            stream,
+            TrainStream(self, rank=rank, start=start),
             batch_size=None,  # the stream yields whole batches
             num_workers=self.num_workers,
             persistent_workers=False,
             pin_memory=torch.cuda.is_available(),
-            # Its own generator: creating the iterator must not consume the global RNG
-            # (dropout's), or a resumed run would draw different dropout masks.
-            generator=torch.Generator().manual_seed(self.seed),
+            generator=generator,
         )
+
+    def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
+        """A batch of fixed-set row indices becomes those rows, gathered on the batch's device."""
+        if "rows" not in batch:
+            return batch
+        inputs, labels = self.train_set_on(batch["rows"].device)
+        rows = batch["rows"]
+        return {"input_ids": inputs.index_select(0, rows).long(), "labels": labels.index_select(0, rows).long()}
+
+    def train_set_on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The fixed training set as tensors on ``device``, copied there once (on the CPU: shared, no copy)."""
+        if device not in self._train_set_on_device:
+            inputs, labels = self.train_set()
+            self._train_set_on_device[device] = (torch.from_numpy(inputs).to(device), torch.from_numpy(labels).to(device))
+        return self._train_set_on_device[device]
 
     def eval_extras(self, input_ids: np.ndarray, labels: np.ndarray) -> dict[str, np.ndarray]:
         """Extra per-sample arrays for evaluation batches (e.g. a gold answer for decoding); none by default."""
@@ -311,6 +363,23 @@ class TrainStream(IterableDataset):
             x, y = self.task.train_batch(self.rank, index)
             yield {"input_ids": torch.from_numpy(x), "labels": torch.from_numpy(y)}
             index += workers
+
+
+class TrainRows(IterableDataset):
+    """Row indices of the fixed-set batches ``start, start+1, ...`` of ``rank``: ``{"rows": [b]}``.
+
+    Made in the training process (a worker would only add a hand-off per batch);
+    ``SyntheticTask.on_after_batch_transfer`` turns them into ``input_ids`` and ``labels``.
+    """
+
+    def __init__(self, task: SyntheticTask, rank: int, start: int) -> None:
+        self.task, self.rank, self.start = task, rank, start
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        index = self.start
+        while True:
+            yield {"rows": torch.from_numpy(self.task.train_rows(self.rank, index))}
+            index += 1
 
 
 class EvalSet(Dataset):

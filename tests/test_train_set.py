@@ -1,7 +1,11 @@
 """``data.train_size``: a fixed training set drawn once, sampled by every rank, never overlapping evaluation."""
 
+import lightning as L
 import numpy as np
 import pytest
+import torch
+
+from looped import LoopedConfig, LoopedLM
 
 from looped.datamodules import PHop
 from looped.datamodules.base import _TRAIN_SET, rows_as_keys
@@ -46,3 +50,31 @@ def test_the_set_keeps_dense_labels_and_matches_fresh_generation():
 def test_a_set_smaller_than_a_batch_is_refused():
     with pytest.raises(ValueError, match="data.train_size"):
         task(train_size=8)
+
+
+class BatchRecorder(L.Callback):
+    def __init__(self) -> None:
+        self.batches: list[dict[str, torch.Tensor]] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.batches.append(batch)
+
+
+def test_the_trainer_gets_the_reference_batches_gathered_from_the_fixed_set(tmp_path):
+    """The loader hands over row indices only; the data module gathers them after the device transfer."""
+    t = task(train_size=3000, batch_size=8)
+    loader = t.train_dataloader()
+    assert set(next(iter(loader))) == {"rows"} and loader.num_workers == 0
+    recorder = BatchRecorder()
+    config = LoopedConfig(vocab_size=t.vocab_size, max_seq_len=t.seq_len, d_model=16, n_heads=2, d_ff=32)
+    trainer = L.Trainer(
+        default_root_dir=tmp_path, accelerator="cpu", devices=1, max_steps=t.ROWS_PER_DRAW + 3,
+        limit_val_batches=0, callbacks=[recorder], logger=False, enable_progress_bar=False,
+        enable_model_summary=False, enable_checkpointing=False,
+    )
+    trainer.fit(LoopedLM(config), datamodule=t)
+    assert len(recorder.batches) == t.ROWS_PER_DRAW + 3  # across a draw boundary of row indices
+    for index, batch in enumerate(recorder.batches):
+        x, y = t.train_batch(0, index)
+        assert batch["input_ids"].dtype == torch.int64 and batch["labels"].dtype == torch.int64
+        assert np.array_equal(batch["input_ids"].numpy(), x) and np.array_equal(batch["labels"].numpy(), y)
