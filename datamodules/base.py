@@ -98,8 +98,8 @@ class SyntheticTask(L.LightningDataModule):
         self.seed = seed
         self.num_workers = num_workers
         self.train_size = train_size
-        self._train_set: Optional[tuple[np.ndarray, np.ndarray]] = None
-        self._train_set_on_device: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._train_set: Optional[np.ndarray] = None  # [n 2 t]: each sample's input_ids and labels, side by side
+        self._train_set_on_device: dict[torch.device, torch.Tensor] = {}
         self._rows_drawn: tuple[tuple[int, int], Optional[np.ndarray]] = ((-1, -1), None)
         self._eval_sets: dict[tuple[int, Optional[str]], tuple[np.ndarray, np.ndarray]] = {}
         self._eval_keys: set[bytes] = set()
@@ -244,7 +244,8 @@ class SyntheticTask(L.LightningDataModule):
 
         Built in chunks of fresh samples seeded by chunk index alone (the same set on every
         rank; ranks sample different rows), so a smaller ``train_size`` is a prefix of a
-        larger one. Stored as int16 (labels include -100), a quarter of int64's memory.
+        larger one. Stored as int16 (labels include -100), a quarter of int64's memory, with
+        each sample's inputs and labels in one block ``[n 2 t]``, so a batch is one gather.
         """
         if self._train_set is None:
             rank_zero_info(f"{type(self).__name__}: drawing the fixed training set of {self.train_size:,} samples")
@@ -252,10 +253,10 @@ class SyntheticTask(L.LightningDataModule):
             chunk, parts, n = 4096, [], 0
             while n < self.train_size:
                 x, y = self.fresh_batch(self.rng(_TRAIN_SET, 0, len(parts)), min(chunk, self.train_size - n))
-                parts.append((x.astype(dtype), y.astype(dtype)))
+                parts.append(np.stack([x, y], axis=1).astype(dtype))
                 n += len(x)
-            self._train_set = (np.concatenate([x for x, _ in parts]), np.concatenate([y for _, y in parts]))
-        return self._train_set
+            self._train_set = np.concatenate(parts)
+        return self._train_set[:, 0], self._train_set[:, 1]
 
     def fresh_batch(self, rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
         """``n`` newly generated training samples; any that occur in val/test are redrawn."""
@@ -287,39 +288,37 @@ class SyntheticTask(L.LightningDataModule):
             return 0
         return trainer.global_step * trainer.accumulate_grad_batches
 
-    def train_dataloader(self) -> DataLoader:
+    def train_dataloader(self) -> Union[DataLoader, "TrainRows"]:
         trainer = self.trainer
         rank = trainer.global_rank if trainer is not None else 0
         start = self._consumed_batches()
-        # Its own generator: creating the iterator must not consume the global RNG
-        # (dropout's), or a resumed run would draw different dropout masks.
-        generator = torch.Generator().manual_seed(self.seed)
         if self.train_size is not None:
             # Only the row indices travel: on_after_batch_transfer gathers them on the device.
-            rows = TrainRows(self, rank=rank, start=start)
-            return DataLoader(rows, batch_size=None, num_workers=0, generator=generator)
+            # A plain iterable: a DataLoader would only add its per-batch bookkeeping.
+            return TrainRows(self, rank=rank, start=start)
         return DataLoader(
             TrainStream(self, rank=rank, start=start),
             batch_size=None,  # the stream yields whole batches
             num_workers=self.num_workers,
             persistent_workers=False,
             pin_memory=torch.cuda.is_available(),
-            generator=generator,
+            # Its own generator: creating the iterator must not consume the global RNG
+            # (dropout's), or a resumed run would draw different dropout masks.
+            generator=torch.Generator().manual_seed(self.seed),
         )
 
     def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
         """A batch of fixed-set row indices becomes those rows, gathered on the batch's device."""
         if "rows" not in batch:
             return batch
-        inputs, labels = self.train_set_on(batch["rows"].device)
-        rows = batch["rows"]
-        return {"input_ids": inputs.index_select(0, rows).long(), "labels": labels.index_select(0, rows).long()}
+        samples = self.train_set_on(batch["rows"].device).index_select(0, batch["rows"]).long()  # [b 2 t]
+        return {"input_ids": samples[:, 0], "labels": samples[:, 1]}
 
-    def train_set_on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """The fixed training set as tensors on ``device``, copied there once (on the CPU: shared, no copy)."""
+    def train_set_on(self, device: torch.device) -> torch.Tensor:
+        """The fixed training set ``[n 2 t]`` on ``device``, copied there once (on the CPU: shared, no copy)."""
         if device not in self._train_set_on_device:
-            inputs, labels = self.train_set()
-            self._train_set_on_device[device] = (torch.from_numpy(inputs).to(device), torch.from_numpy(labels).to(device))
+            self.train_set()
+            self._train_set_on_device[device] = torch.from_numpy(self._train_set).to(device)
         return self._train_set_on_device[device]
 
     def eval_extras(self, input_ids: np.ndarray, labels: np.ndarray) -> dict[str, np.ndarray]:
@@ -365,11 +364,12 @@ class TrainStream(IterableDataset):
             index += workers
 
 
-class TrainRows(IterableDataset):
+class TrainRows:
     """Row indices of the fixed-set batches ``start, start+1, ...`` of ``rank``: ``{"rows": [b]}``.
 
-    Made in the training process (a worker would only add a hand-off per batch);
-    ``SyntheticTask.on_after_batch_transfer`` turns them into ``input_ids`` and ``labels``.
+    The training loader of a fixed set, iterated in the training process (a worker
+    would only add a hand-off per batch); ``SyntheticTask.on_after_batch_transfer``
+    turns each into ``input_ids`` and ``labels``.
     """
 
     def __init__(self, task: SyntheticTask, rank: int, start: int) -> None:
