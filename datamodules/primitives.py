@@ -54,6 +54,9 @@ class ReasoningPrimitives(SyntheticTask):
         shots: solved examples before the query (the paper evaluates 5-shot).
         pad_to: left-pad every sample with ``<pad>`` to this length (default: no padding),
             so that settings of different sizes share one sequence length.
+        supervise: ``last`` trains on the final answer only; ``all`` also labels every variable
+            read on a right-hand side (``c=a``: the ``a``) with that variable's value, the one hop
+            that the query's chain repeats. Evaluation always scores the final answer alone.
         **kwargs: batch sizes, eval set sizes, seed, workers (see ``SyntheticTask``).
     """
 
@@ -65,9 +68,11 @@ class ReasoningPrimitives(SyntheticTask):
         num_variables: int = 4,
         shots: int = 0,
         pad_to: Optional[int] = None,
+        supervise: Literal["last", "all"] = "last",
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
+        self.supervise = supervise
         if depth not in (0, 1):
             raise ValueError(f"data.depth must be 0 or 1, got {depth}")
         if flavour not in ("math", "code"):
@@ -178,6 +183,32 @@ class ReasoningPrimitives(SyntheticTask):
         labels = np.full_like(input_ids, IGNORE)
         labels[:, -1] = answer[:, k]
         return input_ids, labels
+
+    def labels_at_every_position(self, input_ids: np.ndarray) -> np.ndarray:
+        """Each right-hand-side variable labelled with its value; the last position with the answer.
+
+        Read back from the tokens, left to right (every variable is assigned before it is read,
+        and a name's latest assignment is the one in force, also across the shots of a prompt).
+        """
+        m, t = input_ids.shape
+        rows = np.arange(m)
+        letter0, value0 = self.token_ids["a"], self.token_ids["0"]
+        is_letter = (input_ids >= letter0) & (input_ids < letter0 + len(LETTERS))
+        is_value = (input_ids >= value0) & (input_ids < value0 + self.num_values)
+        value_of = np.full((m, len(LETTERS)), IGNORE, dtype=np.int64)  # value token of each name
+        labels = np.full_like(input_ids, IGNORE)
+        for i in range(1, t - 1):  # an assignment: name at i-1, '=' at i, right-hand side at i+1
+            assign = (input_ids[:, i] == self.token_ids["="]) & is_letter[:, i - 1]
+            name = np.where(assign, input_ids[:, i - 1] - letter0, 0)
+            rhs = input_ids[:, i + 1]
+            read = assign & is_letter[:, i + 1]
+            held = np.where(read, value_of[rows, np.where(read, rhs - letter0, 0)], IGNORE)
+            labels[:, i + 1] = np.where(read, held, IGNORE)
+            new = np.where(is_value[:, i + 1], rhs, held)
+            value_of[rows, name] = np.where(assign & (read | is_value[:, i + 1]), new, value_of[rows, name])
+        query = input_ids[:, -3 if self.flavour == "math" else -2]  # x=?  |  print ( x )
+        labels[:, -1] = value_of[rows, query - letter0]
+        return labels
 
 
 def _split(tokens: list[str], separator: str) -> list[list[str]]:

@@ -162,3 +162,37 @@ def test_collisions_with_eval_are_redrawn():
 def test_bad_parameters_name_the_field(kwargs, field):
     with pytest.raises(ValueError, match=field):
         ReasoningPrimitives(**kwargs)
+
+
+@pytest.mark.parametrize("shots", [0, 3])
+@pytest.mark.parametrize("depth, flavour", SETTINGS)
+def test_dense_labels_are_the_values_read(depth, flavour, shots):
+    """``supervise="all"``: every right-hand-side variable is labelled with its value, recomputed
+    here statement by statement from the decoded words; the last position keeps the answer."""
+    task = ReasoningPrimitives(depth=depth, flavour=flavour, shots=shots, supervise="all", batch_size=500)
+    dense, last = task.train_batch(0, 0)[1], ReasoningPrimitives(
+        depth=depth, flavour=flavour, shots=shots, batch_size=500
+    ).train_batch(0, 0)[1]
+    input_ids, _ = task.train_batch(0, 0)
+    checked = 0
+    for row, labels, final in zip(input_ids, dense, last):
+        words = [task.vocab[i] for i in row]
+        expected, env = {}, {}
+        for i, word in enumerate(words[:-1]):
+            if word == "=" and words[i - 1].isalpha() and len(words[i - 1]) == 1:
+                rhs = words[i + 1]
+                if rhs.isdigit():
+                    env[words[i - 1]] = rhs
+                elif rhs.isalpha() and len(rhs) == 1:
+                    expected[i + 1] = env[rhs]
+                    env[words[i - 1]] = env[rhs]
+        for i, label in enumerate(labels[:-1]):
+            assert (task.vocab[label] if label != IGNORE else None) == expected.get(i), (task.decode(row), i)
+        assert labels[-1] == final[-1]  # the answer, as with supervise="last"
+        checked += len(expected) + 1
+    assert checked >= 500 * (1 + depth * task.num_variables * (shots + 1))
+
+
+def test_dense_labels_refuse_a_wrong_setting():
+    with pytest.raises(ValueError, match="data.supervise"):
+        ReasoningPrimitives(supervise="every")
