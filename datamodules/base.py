@@ -308,7 +308,11 @@ class SyntheticTask(L.LightningDataModule):
         )
 
     def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
-        """A batch of fixed-set row indices becomes those rows, gathered on the batch's device."""
+        """A batch of fixed-set row indices becomes those rows, gathered on the batch's device.
+
+        ``input_ids`` and ``labels`` are the two halves of one gathered ``[b 2 t]`` tensor
+        (strided views: use ``reshape``, not ``view``).
+        """
         if "rows" not in batch:
             return batch
         samples = self.train_set_on(batch["rows"].device).index_select(0, batch["rows"]).long()  # [b 2 t]
