@@ -8,9 +8,10 @@ import torch
 from torch.utils.data import DataLoader
 
 from looped.datamodules.addition import NaryAddition
-from looped.datamodules.base import IGNORE, TrainStream, rows_as_keys
+from looped.datamodules.base import IGNORE, rows_as_keys
 
 from conftest import RECIPES
+from streams import stream
 
 
 def solve(text: str, digits: int) -> tuple[list[int], int]:
@@ -114,15 +115,6 @@ def test_collisions_with_every_named_set_are_redrawn():
     assert len(seen) == 100 - 20 - 20  # every other n=2 problem is still trained on
 
 
-def stream(task, workers: int, n: int, rank: int = 0) -> list[torch.Tensor]:
-    loader = DataLoader(TrainStream(task, rank=rank, start=0), batch_size=None, num_workers=workers)
-    out = []
-    for batch in loader:
-        out.append(batch["input_ids"])
-        if len(out) == n:
-            return out
-
-
 def test_deterministic_and_different_across_ranks_workers_and_seeds():
     task = NaryAddition(batch_size=32, val_size=16, test_size=16)
     again = NaryAddition(batch_size=32, val_size=16, test_size=16)
@@ -134,7 +126,7 @@ def test_deterministic_and_different_across_ranks_workers_and_seeds():
     other_seed = NaryAddition(batch_size=32, val_size=16, test_size=16, seed=1)
     assert not np.array_equal(first[0], other_seed.train_batch(0, 0)[0])
     # Two workers interleave to the same stream as one process, and never repeat a batch.
-    single, double = stream(task, 0, 4), stream(task, 2, 4)
+    single, double = stream(task, workers=0, n=4), stream(task, workers=2, n=4)
     assert all(torch.equal(a, b) for a, b in zip(single, double))
     assert len({rows_as_keys(b.numpy())[0] for b in double}) == 4
 

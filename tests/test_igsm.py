@@ -8,6 +8,8 @@ import pytest
 from looped.datamodules import IGSM
 from looped.datamodules.base import IGNORE, rows_as_keys
 
+from streams import stream
+
 OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
 
 
@@ -144,18 +146,10 @@ def test_deterministic_and_rank_dependent():
 
 
 def test_workers_split_the_stream():
-    from torch.utils.data import DataLoader
-
-    from looped.datamodules.base import TrainStream
-
     task = IGSM(batch_size=16)
-    batches = []
-    for batch in DataLoader(TrainStream(task, rank=0, start=5), batch_size=None, num_workers=2):
-        batches.append(batch["input_ids"].numpy())
-        if len(batches) == 4:
-            break
+    batches = stream(task, workers=2, n=4, start=5)
     for offset, batch in enumerate(batches):  # two workers, interleaved: exactly batches 5, 6, 7, 8
-        assert np.array_equal(batch, task.train_batch(0, 5 + offset)[0])
+        assert np.array_equal(batch.numpy(), task.train_batch(0, 5 + offset)[0])
 
 
 @pytest.mark.parametrize(

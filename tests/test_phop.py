@@ -3,12 +3,12 @@
 import numpy as np
 import pytest
 import torch
-from torch.utils.data import DataLoader
 
 from looped.datamodules import PHop
-from looped.datamodules.base import IGNORE, TrainStream, rows_as_keys
+from looped.datamodules.base import IGNORE, rows_as_keys
 
 from conftest import RECIPES
+from streams import stream
 
 
 def reference_answer(text: str, hops: int):
@@ -49,15 +49,6 @@ def test_answers_are_not_trivial():
     assert counts.min() > 0.15, f"answer letters should be roughly balanced, got {counts}"
 
 
-def stream(task: PHop, workers: int, start: int, n: int, rank: int = 0) -> list[torch.Tensor]:
-    loader = DataLoader(TrainStream(task, rank=rank, start=start), batch_size=None, num_workers=workers)
-    out = []
-    for batch in loader:
-        out.append(batch["input_ids"])
-        if len(out) == n:
-            return out
-
-
 def test_stream_is_the_same_for_any_worker_count_and_resumes_exactly():
     task = PHop(length=32, hops=3, batch_size=8)
     single = stream(task, workers=0, start=0, n=6)
@@ -73,9 +64,9 @@ def test_stream_is_the_same_for_any_worker_count_and_resumes_exactly():
 
 def test_ranks_and_seeds_draw_different_streams():
     task = PHop(length=32, hops=3, batch_size=8)
-    assert not torch.equal(stream(task, 0, 0, 1, rank=0)[0], stream(task, 0, 0, 1, rank=1)[0])
+    assert not torch.equal(stream(task, workers=0, n=1, rank=0)[0], stream(task, workers=0, n=1, rank=1)[0])
     other = PHop(length=32, hops=3, batch_size=8, seed=1)
-    assert not torch.equal(stream(task, 0, 0, 1)[0], stream(other, 0, 0, 1)[0])
+    assert not torch.equal(stream(task, workers=0, n=1)[0], stream(other, workers=0, n=1)[0])
 
 
 def test_collisions_with_eval_are_redrawn():
