@@ -123,7 +123,11 @@ class LoopedConfig:
     @property
     def effective_depth(self) -> int:
         """Layer applications in one forward pass at the trained loop count."""
-        return self.prelude_layers + self.block_layers * self.loops + self.coda_layers
+        return self.applications()
+
+    def applications(self, loops: Optional[int] = None) -> int:
+        """Layer applications in one forward pass with ``loops`` loops (default: the trained count)."""
+        return self.prelude_layers + self.block_layers * (self.loops if loops is None else loops) + self.coda_layers
 
     @property
     def unique_layers(self) -> int:
@@ -297,8 +301,7 @@ class LoopedTransformer(nn.Module):
 
     def applications(self, loops: Optional[int] = None) -> int:
         """Layer applications in one forward pass with ``loops`` loops (decode-cache slots)."""
-        c = self.config
-        return c.prelude_layers + c.block_layers * (c.loops if loops is None else loops) + c.coda_layers
+        return self.config.applications(loops)
 
     @torch.no_grad()
     def generate(
