@@ -103,7 +103,6 @@ class AttentionMixer(nn.Module):
             out = self.attend(q, k, v)
         else:
             out = self.attend_cached(q, k, v, cache)
-            cache.offset += x.shape[1]
         return self.o_proj(rearrange(out, "b h t e -> b t (h e)"))
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:  # pragma: no cover - interface

@@ -21,14 +21,15 @@ class LayerCache:
     """What one layer application has seen so far.
 
     ``offset`` is the number of positions already consumed (the absolute position
-    of the next query, for RoPE and causal masks); ``state`` is the mixer's own:
-    a recurrent state for linear attention, nothing for KV-cache mixers, which use
-    ``append`` instead.
+    of the next query, for RoPE and causal masks): the owning cache's ``length``,
+    which the model advances once per forward, for every slot at once. ``state``
+    is the mixer's own: a recurrent state for linear attention, nothing for
+    KV-cache mixers, which use ``append`` instead.
     """
 
-    def __init__(self, capacity: int) -> None:
-        self.capacity = capacity
-        self.offset = 0
+    def __init__(self, owner: DecodeCache) -> None:
+        self.owner = owner
+        self.capacity = owner.capacity
         self.state: Any = None
         self._keys: Optional[Tensor] = None
         self._values: Optional[Tensor] = None
@@ -50,6 +51,10 @@ class LayerCache:
         self._values[:, :, self.offset : end] = v
         return self._keys[:, :, :end], self._values[:, :, :end]
 
+    @property
+    def offset(self) -> int:
+        return self.owner.length
+
 
 class DecodeCache:
     """Per-application decoding state of a ``LoopedTransformer`` (see module doc).
@@ -69,7 +74,7 @@ class DecodeCache:
     def bind(self, applications: int) -> list[LayerCache]:
         """The slots for a forward pass with ``applications`` layer applications (made on first use)."""
         if not self.layers:
-            self.layers = [LayerCache(self.capacity) for _ in range(applications)]
+            self.layers = [LayerCache(self) for _ in range(applications)]
         elif len(self.layers) != applications:
             raise ValueError(
                 f"this DecodeCache was filled by a forward with {len(self.layers)} layer applications, "
