@@ -45,7 +45,7 @@ from typing import Literal, Optional
 
 import numpy as np
 
-from looped.datamodules.base import IGNORE, SyntheticTask
+from looped.datamodules.base import IGNORE, SyntheticTask, answer_at_end
 
 PAD = "<pad>"
 OPERATORS = ["+", "-", "*"]
@@ -217,12 +217,9 @@ class IGSM(SyntheticTask):
         tokens = np.take_along_axis(tokens, order[:, :, None], axis=1).reshape(m, -1)
         body = tokens[tokens >= 0].reshape(m, self.natural_len - QUERY_LEN)
 
-        tail = np.stack([np.full(m, self.token_ids["?"]), *name[rows, query].T, np.full(m, self.token_ids["="])], axis=1)
+        question = np.stack([np.full(m, self.token_ids["?"]), *name[rows, query].T], axis=1)  # ? u v
         pad = np.full((m, self.seq_len - self.natural_len), self.token_ids[PAD], dtype=np.int64)
-        input_ids = np.concatenate([pad, body, tail], axis=1)
-        labels = np.full_like(input_ids, IGNORE)
-        labels[:, -1] = self._digit0 + value[rows, query]
-        return input_ids, labels
+        return answer_at_end(np.concatenate([pad, body, question], axis=1), self._digit0 + value[rows, query], self.token_ids["="])
 
     # -- dense labels ------------------------------------------------------------
     def labels_at_every_position(self, input_ids: np.ndarray) -> np.ndarray:
