@@ -165,13 +165,19 @@ def loop_floor_seconds(steps: int = 2000) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seconds", type=float, default=5.0, help="timing window per task")
+    parser.add_argument("--only", action="append", metavar="LABEL",
+                        help="measure only the tasks whose label contains LABEL (repeatable; default: all)")
+    parser.add_argument("--floor-steps", type=int, default=2000, help="steps timed for the Lightning loop floor")
     args = parser.parse_args()
-    floor = loop_floor_seconds()
+    tasks = [row for row in TASKS if not args.only or any(part in row[0] for part in args.only)]
+    if not tasks:
+        parser.error(f"--only {args.only} matches no task; the labels are: {', '.join(row[0] for row in TASKS)}")
+    floor = loop_floor_seconds(args.floor_steps)
     print(f"Lightning loop floor: {floor * 1e6:.0f} µs per step on this host")
     print(f"{'task':28} {'batch':>6} {'seq':>5} {'generated/s':>12} {'fixed set/s':>12} {'FLOP bound/s':>13} "
           f"{'loop bound/s':>13} {'headroom':>9} {'vs FLOPs':>9}")
     worst: dict[str, tuple[float, str]] = {}
-    for label, recipe, batch_size, train_size in TASKS:
+    for label, recipe, batch_size, train_size in tasks:
         task, model = build(recipe, batch_size, train_size, fixed_set=False)
         made = generated_per_second(task, args.seconds)
         fixed_task, _ = build(recipe, batch_size, train_size, fixed_set=True)

@@ -1,0 +1,32 @@
+"""Smoke test of ``benchmarks/datagen.py``: it runs against the current code and its ratios follow from its columns."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _number(text: str) -> float:
+    return float(text.replace(",", "").rstrip("x"))
+
+
+@pytest.mark.parametrize("label", ["PHop p=16", "NaryAddition"])  # a fixed training set; a generated stream
+def test_datagen_prints_consistent_headroom(label):
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "datagen.py"), "--seconds", "0.3", "--floor-steps", "50",
+         "--only", label],
+        capture_output=True, text=True, cwd=ROOT, timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = out.stdout.splitlines()
+    row = next(line for line in lines if line.startswith(label))
+    *_, generated, fixed, flop_bound, loop_bound, headroom, vs_flops = row[len(label):].split()
+    assert _number(generated) > 0
+    delivered = _number(generated) if fixed == "(streams)" else _number(fixed)
+    eaten = min(_number(flop_bound), _number(loop_bound))
+    assert _number(headroom) == pytest.approx(delivered / eaten, rel=0.01)
+    assert _number(vs_flops) == pytest.approx(delivered / _number(flop_bound), rel=0.01)
+    assert lines[-1].startswith("smallest headroom:") and label in lines[-1]
