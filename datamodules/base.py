@@ -27,7 +27,9 @@ except at answer positions.
 
 from __future__ import annotations
 
+import multiprocessing
 import zlib
+from concurrent.futures import ProcessPoolExecutor
 from functools import cached_property
 from abc import abstractmethod
 from typing import Iterator, Optional, Union
@@ -41,6 +43,11 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_in
 from looped.module import IGNORE  # the one 'no loss here' label
 
 _TRAIN, _VAL, _TEST, _TRAIN_SET = 0, 1, 2, 3
+_DRAWING: Optional["SyntheticTask"] = None  # the task whose training set forked processes are drawing
+
+
+def _draw_train_set_chunk(index: int) -> np.ndarray:
+    return _DRAWING.train_set_chunk(index)
 
 
 def answer_at_end(sequences: np.ndarray, answer: np.ndarray, separator: int) -> tuple[np.ndarray, np.ndarray]:
@@ -66,8 +73,9 @@ class SyntheticTask(L.LightningDataModule):
         val_size: samples in the fixed validation set (in each one, with ``eval_names``).
         test_size: samples in the fixed test set (in each one, with ``eval_names``).
         seed: root seed; training, validation and test streams derive from it.
-        num_workers: dataloader worker processes generating the training stream (unused with
-            ``train_size``: row indices are drawn in the training process).
+        num_workers: dataloader worker processes generating the training stream; with
+            ``train_size``, processes drawing the fixed set at setup (row indices are then drawn
+            in the training process, with no worker).
         train_size: None: a fresh sample for every training example (an endless stream);
             N: a fixed training set of N samples drawn once at setup, which batches then sample
             uniformly with replacement (the paper's "4M train"). The set is copied once to the
@@ -239,24 +247,45 @@ class SyntheticTask(L.LightningDataModule):
             return inputs[rows].astype(np.int64), labels[rows].astype(np.int64)
         return self.fresh_batch(self.rng(_TRAIN, rank, index), self.batch_size)
 
+    TRAIN_SET_CHUNK = 4096
+    """Samples per seeded chunk of the fixed training set (chunk ``i`` is a pure function of ``(seed, i)``)."""
+
     def train_set(self) -> tuple[np.ndarray, np.ndarray]:
         """The fixed training set of ``train_size`` samples (``data.train_size``), drawn once.
 
         Built in chunks of fresh samples seeded by chunk index alone (the same set on every
         rank; ranks sample different rows), so a smaller ``train_size`` is a prefix of a
-        larger one. Stored as int16 (labels include -100), a quarter of int64's memory, with
-        each sample's inputs and labels in one block ``[n 2 t]``, so a batch is one gather.
+        larger one, and ``num_workers`` processes draw the chunks in parallel with the same
+        result as one (a 4M-sample set takes minutes on one core). Stored as int16 (labels
+        include -100), a quarter of int64's memory, with each sample's inputs and labels in
+        one block ``[n 2 t]``, so a batch is one gather.
         """
         if self._train_set is None:
-            rank_zero_info(f"{type(self).__name__}: drawing the fixed training set of {self.train_size:,} samples")
-            dtype = np.int16 if self.vocab_size < 2**15 else np.int32
-            chunk, parts, n = 4096, [], 0
-            while n < self.train_size:
-                x, y = self.fresh_batch(self.rng(_TRAIN_SET, 0, len(parts)), min(chunk, self.train_size - n))
-                parts.append(np.stack([x, y], axis=1).astype(dtype))
-                n += len(x)
+            chunks = range(-(-self.train_size // self.TRAIN_SET_CHUNK))
+            workers = min(self.num_workers, len(chunks))
+            rank_zero_info(
+                f"{type(self).__name__}: drawing the fixed training set of {self.train_size:,} samples"
+                + (f" with {workers} processes" if workers > 1 else "")
+            )
+            if workers > 1:
+                self.eval_keys  # built before the fork, so that every process shares them
+                global _DRAWING
+                _DRAWING = self
+                try:  # fork: the processes inherit this task, nothing large is pickled to them
+                    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
+                        parts = list(pool.map(_draw_train_set_chunk, chunks))
+                finally:
+                    _DRAWING = None
+            else:
+                parts = [self.train_set_chunk(index) for index in chunks]
             self._train_set = np.concatenate(parts)
         return self._train_set[:, 0], self._train_set[:, 1]
+
+    def train_set_chunk(self, index: int) -> np.ndarray:
+        """Chunk ``index`` of the fixed training set, ``[n 2 t]`` (the last chunk may be short)."""
+        n = min(self.TRAIN_SET_CHUNK, self.train_size - index * self.TRAIN_SET_CHUNK)
+        x, y = self.fresh_batch(self.rng(_TRAIN_SET, 0, index), n)
+        return np.stack([x, y], axis=1).astype(np.int16 if self.vocab_size < 2**15 else np.int32)
 
     def fresh_batch(self, rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
         """``n`` newly generated training samples; any that occur in val/test are redrawn."""

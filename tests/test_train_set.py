@@ -47,6 +47,15 @@ def test_the_set_keeps_dense_labels_and_matches_fresh_generation():
     assert np.array_equal(inputs, fresh_x)
 
 
+def test_processes_draw_the_same_set_as_one():
+    """``num_workers`` forked processes draw the chunks; the set is the one the serial loop draws."""
+    serial = task(train_size=3 * 4096 + 100, supervise="all")
+    parallel = task(train_size=3 * 4096 + 100, supervise="all", num_workers=2)
+    expected = np.concatenate([serial.train_set_chunk(i) for i in range(4)])  # chunk by chunk, here
+    assert np.array_equal(np.stack(parallel.train_set(), axis=1), expected)
+    assert np.array_equal(np.stack(serial.train_set(), axis=1), expected)
+
+
 def test_a_set_smaller_than_a_batch_is_refused():
     with pytest.raises(ValueError, match="data.train_size"):
         task(train_size=8)
