@@ -32,10 +32,14 @@ Every sample of one setting has the same length (5 tokens per constant, 9 per
 derived equation, 4 for the query), so padding only appears with ``pad_to``
 (``<pad>`` on the left, which keeps the answer last).
 
-``supervise="all"`` adds a causal auxiliary: at the ``;`` that ends a
-parameter's equation, that parameter's value, wherever every parameter it
-(transitively) reads is defined further left — the values a reader of the
-prefix can already know. Evaluation always scores the final answer alone.
+``supervise="all"`` adds a causal auxiliary, every value a reader of the prefix
+can already know: at the ``;`` that ends a parameter's equation, that
+parameter's value, wherever every parameter it (transitively) reads is defined
+further left; and at each operand read (the second token of its name), the
+operand's value, wherever the operand's equation and everything it reads lie
+to the left. The reads teach the binding of a name to its value one hop at a
+time (as ``supervise="all"`` does in p-hop and the reasoning primitives).
+Evaluation always scores the final answer alone.
 """
 
 from __future__ import annotations
@@ -66,7 +70,7 @@ class IGSM(SyntheticTask):
         pad_to: left-pad every sample to this length (default: none), so that settings of
             different sizes share one sequence length.
         supervise: ``last`` trains on the answer only (the paper); ``all`` also labels the
-            ``;`` of every equation whose value the prefix determines with that value.
+            ``;`` of every equation and every operand read whose value the prefix determines.
         **kwargs: batch sizes, eval set sizes, seed, workers (see ``SyntheticTask``).
     """
 
@@ -223,7 +227,7 @@ class IGSM(SyntheticTask):
 
     # -- dense labels ------------------------------------------------------------
     def labels_at_every_position(self, input_ids: np.ndarray) -> np.ndarray:
-        """Each equation's ``;`` labelled with its value where the prefix determines it; ``=`` with the answer.
+        """Each ``;`` and operand read labelled with its value where the prefix determines it; ``=`` with the answer.
 
         Read back from the tokens (the base class redraws samples that collide with
         evaluation sets, so labels cannot be carried from ``generate``).
@@ -257,6 +261,9 @@ class IGSM(SyntheticTask):
         labels = np.full_like(input_ids, IGNORE)
         known = ready == ends
         np.put_along_axis(labels, ends, np.where(known, self._digit0 + value, IGNORE), axis=1)
+        for operand, at in ((left, start + 4), (right, start + 7)):  # a read: its name's second token
+            row, eq = np.nonzero(is_derived & (np.take_along_axis(ready, operand, axis=1) < at))
+            labels[row, at[row, eq]] = self._digit0 + value[row, operand[row, eq]]
         query = np.take_along_axis(lookup, key(np.array([input_ids.shape[1] - 3])), axis=1)  # ? u v =
         labels[:, -1] = self._digit0 + np.take_along_axis(value, query, axis=1)[:, 0]
         return labels

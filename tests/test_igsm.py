@@ -108,30 +108,44 @@ def test_answers_cover_every_value():
 
 
 def test_dense_labels_against_reference():
-    """``supervise: all``: a ';' is labelled iff its parameter's whole closure is defined to its left."""
+    """``supervise: all``, word by word: every value that the text to its left determines is labelled.
+
+    A ';' carries its parameter's value iff the parameter's whole closure is defined at or
+    before that equation; a read of an operand (the second token of its name) carries the
+    operand's value iff the operand's closure is defined in earlier equations.
+    """
     task = IGSM(num_operations=6, num_edges=14, supervise="all", batch_size=500)
     input_ids, labels = task.train_batch(0, 0)
-    semi, labelled = task.vocab.index(";"), 0
+    ends_labelled = reads_labelled = 0
     for ids, row in zip(input_ids, labels):
         text = task.decode(ids)
         equations, query = parse(text)
         defs, position = dict(equations), {name: i for i, (name, _) in enumerate(equations)}
+        expect = {len(ids) - 1: reference(text)[0]}  # token position -> value; the answer at '='
 
         def closure(name):
             rhs = defs[name]
             return {name} if len(rhs) == 1 else {name} | closure(rhs[0]) | closure(rhs[2])
 
-        ends = np.nonzero(ids == semi)[0]
-        for i, (name, _) in enumerate(equations):
-            if max(position[n] for n in closure(name)) == i:
-                value = reference(text.rsplit(" ; ", 1)[0] + f" ; ? {name} =", task.modulus)[0]  # ask for it
-                assert task.vocab[row[ends[i]]] == str(value)
-                labelled += 1
-            else:
-                assert row[ends[i]] == IGNORE
-        assert task.vocab[row[-1]] == str(reference(text)[0])
-        assert (np.delete(row, [*ends, len(row) - 1]) == IGNORE).all()
-    assert labelled > 500 * 3
+        def value(name):
+            return reference(text.rsplit(" ; ", 1)[0] + f" ; ? {name} =", task.modulus)[0]  # ask for it
+
+        at = 0  # token position of the equation's first token, walking the words
+        for i, (name, rhs) in enumerate(equations):
+            end = at + 2 * len(rhs) + 2  # its ';': a constant has 5 tokens, a derived equation 9
+            known_by = {n: max(position[m] for m in closure(n)) for n in [name, *rhs[::2]] if n in defs}
+            if known_by[name] == i:
+                expect[end] = value(name)
+                ends_labelled += 1
+            if len(rhs) == 3:
+                for operand, read in ((rhs[0], at + 4), (rhs[2], at + 7)):
+                    if known_by[operand] < i:
+                        expect[read] = value(operand)
+                        reads_labelled += 1
+            at = end + 1
+        for t in range(len(ids)):
+            assert task.vocab[row[t]] == str(expect[t]) if t in expect else row[t] == IGNORE, (text, t)
+    assert ends_labelled > 500 * 3 and reads_labelled > 500 * 3
 
 
 def test_deterministic_and_rank_dependent():
