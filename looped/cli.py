@@ -15,8 +15,9 @@ from typing import Optional
 
 import lightning as L
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.strategies import ModelParallelStrategy
 
-from looped.module import LoopedLM
+from looped.module import LoopedLM, transformer_on_meta
 
 # ``looped TOOL ...`` subcommands beside LightningCLI's own: the module whose ``main(argv)`` runs each.
 TOOLS = {
@@ -43,6 +44,26 @@ class LoopedCLI(LightningCLI):
         kwargs.setdefault("subclass_mode_data", True)
         kwargs.setdefault("auto_configure_optimizers", False)  # the optimiser is a LoopedLM argument
         super().__init__(*args, **kwargs)
+
+    def instantiate_classes(self) -> None:
+        """Under ``ModelParallelStrategy``, build the transformer on the meta device (``transformer_on_meta``).
+
+        ``LoopedLM.configure_model`` then shards it and each rank materialises its own shards,
+        so a 1B recipe never holds the whole fp32 model (~4 GB) in every rank's CPU memory.
+        """
+        with transformer_on_meta(self._shards_in_configure_model()):
+            super().instantiate_classes()
+
+    def _shards_in_configure_model(self) -> bool:
+        config = self.config.get(self.subcommand) if self.subcommand else self.config
+        strategy = config.get("trainer", {}).get("strategy")
+        path = strategy.get("class_path") if hasattr(strategy, "get") else None
+        if isinstance(strategy, ModelParallelStrategy):
+            return True
+        if not isinstance(path, str):
+            return False  # a strategy named by string ("ddp", "fsdp", ...) builds the model whole
+        module, _, name = path.rpartition(".")
+        return issubclass(getattr(importlib.import_module(module), name), ModelParallelStrategy)
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("data.vocab_size", "model.init_args.config.vocab_size", apply_on="instantiate")

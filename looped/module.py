@@ -12,8 +12,10 @@ hooks; see README).
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager, nullcontext
+from contextvars import ContextVar
 from dataclasses import asdict
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 import lightning as L
 import torch
@@ -68,6 +70,25 @@ def warmup_cosine(step: int, warmup_steps: int, decay_steps: int, min_lr_ratio: 
         return (step + 1) / warmup_steps
     progress = min(1.0, (step - warmup_steps) / max(1, decay_steps - warmup_steps))
     return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+_TRANSFORMER_ON_META: ContextVar[bool] = ContextVar("transformer_on_meta", default=False)
+
+
+@contextmanager
+def transformer_on_meta(enabled: bool = True) -> Iterator[None]:
+    """``LoopedLM``s built inside get their transformer on the meta device (no memory, no init).
+
+    For FSDP2 (``ModelParallelStrategy``): ``configure_model`` shards the empty model and each rank
+    materialises only its shards, so no rank ever holds the full model. Unlike
+    ``trainer.init_module(empty_init=True)`` this leaves the rest of the module (metrics) real, and
+    it needs no trainer, so ``LoopedCLI`` wraps the recipe's instantiation in it.
+    """
+    token = _TRANSFORMER_ON_META.set(enabled)
+    try:
+        yield
+    finally:
+        _TRANSFORMER_ON_META.reset(token)
 
 
 class LoopedLM(L.LightningModule):
@@ -132,7 +153,8 @@ class LoopedLM(L.LightningModule):
         self.warmup_steps = warmup_steps
         self.decay_steps = decay_steps
         self.min_lr_ratio = min_lr_ratio
-        self.model = LoopedTransformer(config)
+        with torch.device("meta") if _TRANSFORMER_ON_META.get() else nullcontext():
+            self.model = LoopedTransformer(config)
         self.regularizer = regularizer
         if regularizer is not None:
             regularizer.check(self.model.block)

@@ -14,7 +14,6 @@ from looped.cli import LoopedCLI, lightning_main
 from conftest import RECIPES, ROOT
 
 ALL_RECIPES = sorted(RECIPES.rglob("*.yaml"))
-# Pile recipes need a prepared dataset and build a 1B model: tests/test_pile_recipes.py builds them on the meta device.
 # Pile recipes need prepared data and a 1B model (tests/test_pile_recipes.py builds them on the meta
 # device); sweep files are grids over recipes, not recipes (tests/test_sweep.py builds their cells).
 BUILD_RECIPES = [p for p in ALL_RECIPES if not p.relative_to(RECIPES).parts[0].startswith(("pile", "sweeps"))]
@@ -129,6 +128,20 @@ def test_heads_not_dividing_width_is_named(run_dir):
 def test_impossible_hops_are_named(run_dir):
     with pytest.raises(ValueError, match="data.hops=40 is impossible"):
         LoopedCLI(args=["--config", str(RECIPES / "quickstart.yaml"), "--data.hops", "40", "--data.length", "12"], run=False)
+
+
+def test_fsdp2_recipes_build_the_transformer_on_the_meta_device(run_dir):
+    """Under ModelParallelStrategy no rank builds the whole model: configure_model shards, then materialises.
+
+    (The sharded training that follows is run end to end by tests/test_pile_recipes.py's smoke run.)
+    """
+    args = ["--config", str(RECIPES / "quickstart.yaml")]
+    strategy = '{"class_path": "lightning.pytorch.strategies.ModelParallelStrategy"}'
+    sharded = LoopedCLI(args=[*args, "--trainer.strategy", strategy], run=False)
+    assert all(p.is_meta for p in sharded.model.model.parameters())
+    assert not any(m.mean_value.is_meta for m in [sharded.model.val_metrics["loss"]])  # metrics stay real
+    whole = LoopedCLI(args=[*args, "--trainer.strategy", "ddp"], run=False)
+    assert not any(p.is_meta for p in whole.model.model.parameters())
 
 
 def test_vocabulary_mismatch_is_named_before_training(run_dir):
