@@ -262,7 +262,9 @@ class SyntheticTask(L.LightningDataModule):
         """
         if self._train_set is None:
             chunks = range(-(-self.train_size // self.TRAIN_SET_CHUNK))
-            workers = min(self.num_workers, len(chunks))
+            # Forked, so the processes inherit the task (eval keys included) instead of unpickling it.
+            forkable = "fork" in multiprocessing.get_all_start_methods()
+            workers = min(self.num_workers, len(chunks)) if forkable else 1
             rank_zero_info(
                 f"{type(self).__name__}: drawing the fixed training set of {self.train_size:,} samples"
                 + (f" with {workers} processes" if workers > 1 else "")
@@ -271,7 +273,7 @@ class SyntheticTask(L.LightningDataModule):
                 self.eval_keys  # built before the fork, so that every process shares them
                 global _DRAWING
                 _DRAWING = self
-                try:  # fork: the processes inherit this task, nothing large is pickled to them
+                try:
                     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
                         parts = list(pool.map(_draw_train_set_chunk, chunks))
                 finally:
