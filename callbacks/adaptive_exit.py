@@ -3,8 +3,10 @@
 At test, one forward per batch with ``loops=max_eval_loops`` gives every loop's
 prediction (``looped.adaptive``); every rule and parameter then picks each
 sample's exit loop from it. Logged per rule: ``test/adaptive/<rule>_<param>/exact_match``
-and ``.../mean_loops``; printed as a table next to fixed loop counts; drawn as a
-Pareto plot (``test/adaptive/pareto``) with a ``TensorBoardLogger``.
+and ``.../mean_loops`` over all test sets, and with the data module's ``eval_names``
+also per set (``.../exact_match_<name>``, ``.../mean_loops_<name>``); printed as a
+table next to fixed loop counts; drawn as a Pareto plot (``test/adaptive/pareto``)
+with a ``TensorBoardLogger``.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from looped.adaptive import (
     format_adaptive_table,
     pareto_figure,
     per_loop_predictions,
+    rule_name,
 )
 from looped.callbacks.per_loop import log_figure
 
@@ -49,36 +52,52 @@ class AdaptiveExit(L.Callback):
         self.max_eval_loops = max_eval_loops
         self.patience = tuple(patience)
         self.kl_thresholds = tuple(kl_thresholds)
-        self._fixed: Optional[Tensor] = None  # [n] right samples at each fixed loop count
-        self._adaptive: dict[str, Tensor] = {}  # name -> [right samples, loops used]
-        self._total: Optional[Tensor] = None
+        # Per test dataloader: [right at each fixed loop count..., samples, (right, loops used) per rule...].
+        self._counts: dict[int, Tensor] = {}
 
     def loops_to_eval(self, pl_module: L.LightningModule) -> int:
         return self.max_eval_loops or 2 * pl_module.config.loops
 
+    @property
+    def rules(self) -> list[str]:
+        """Every rule and parameter, in the order ``adaptive_exits`` returns them."""
+        return [rule_name("stable", m) for m in self.patience] + [rule_name("kl", t) for t in self.kl_thresholds]
+
     def on_test_epoch_start(self, trainer, pl_module) -> None:
-        self._fixed = torch.zeros(self.loops_to_eval(pl_module), device=pl_module.device)
-        self._adaptive = {}
-        self._total = torch.zeros((), device=pl_module.device)
+        self._counts = {}
 
     def on_test_batch_end(self, trainer, pl_module, outputs: Any, batch, batch_idx, dataloader_idx=0) -> None:
         pred = per_loop_predictions(pl_module.model, batch["input_ids"], batch["labels"], self.loops_to_eval(pl_module))
-        self._fixed += pred.correct.sum(dim=1)
-        self._total += pred.batch_size
-        for name, exits in adaptive_exits(pred, self.patience, self.kl_thresholds).items():
-            sums = torch.stack([correct_at_exit(pred, exits).sum(), exits.sum()]).float()
-            self._adaptive[name] = self._adaptive.get(name, 0) + sums
+        exits = adaptive_exits(pred, self.patience, self.kl_thresholds)
+        per_rule = [torch.stack([correct_at_exit(pred, exits[r]).sum(), exits[r].sum()]).float() for r in self.rules]
+        samples = torch.tensor([float(pred.batch_size)], device=pred.correct.device)
+        row = torch.cat([pred.correct.sum(dim=1).float(), samples, *per_rule])
+        self._counts[dataloader_idx] = self._counts.get(dataloader_idx, 0) + row
+
+    def _points(self, counts: Tensor, loops: int) -> tuple[list[float], list[Point]]:
+        """Accuracy at each fixed loop count, and each rule's point, from summed count rows ``[sets, ...]``."""
+        counts = counts.sum(0)
+        total = counts[loops].clamp(min=1)
+        fixed = (counts[:loops] / total).tolist()
+        per_rule = (counts[loops + 1 :].view(len(self.rules), 2) / total).tolist()
+        return fixed, [Point(name, loops_used, right) for name, (right, loops_used) in zip(self.rules, per_rule)]
 
     def on_test_epoch_end(self, trainer, pl_module) -> None:
-        names = list(self._adaptive)
-        reduce = lambda t: trainer.strategy.reduce(t, reduce_op="sum")  # noqa: E731
-        total = reduce(self._total).clamp(min=1)
-        fixed = (reduce(self._fixed) / total).tolist()
-        sums = reduce(torch.stack([self._adaptive[n] for n in names])) / total if names else []
-        points = [Point(name, float(s[1]), float(s[0])) for name, s in zip(names, sums)]
+        names = list(getattr(pl_module, "eval_names", []) or [])
+        loops = self.loops_to_eval(pl_module)
+        # One row per test set, the same shape on every rank whatever batches it saw; one reduce for all.
+        counts = torch.zeros(max(len(names), 1), loops + 1 + 2 * len(self.rules), device=pl_module.device)
+        for i, row in self._counts.items():
+            counts[i] = row
+        counts = trainer.strategy.reduce(counts, reduce_op="sum")
+        fixed, points = self._points(counts, loops)  # all sets together
         for p in points:
             pl_module.log(f"test/adaptive/{p.name}/exact_match", p.accuracy, sync_dist=False)
             pl_module.log(f"test/adaptive/{p.name}/mean_loops", p.mean_loops, sync_dist=False)
+        for i, name in enumerate(names):  # and each named set on its own
+            for p in self._points(counts[i : i + 1], loops)[1]:
+                pl_module.log(f"test/adaptive/{p.name}/exact_match_{name}", p.accuracy, sync_dist=False)
+                pl_module.log(f"test/adaptive/{p.name}/mean_loops_{name}", p.mean_loops, sync_dist=False)
         trained = pl_module.config.loops
         rank_zero_info(format_adaptive_table(fixed, points, trained_loops=trained))
         if trainer.is_global_zero:

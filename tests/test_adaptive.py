@@ -21,7 +21,7 @@ from looped.adaptive import (
     per_loop_predictions,
 )
 from looped.callbacks import AdaptiveExit
-from looped.datamodules import PHop
+from looped.datamodules import NaryAddition, PHop
 
 MAX_LOOPS = 7
 PATIENCE = (1, 2, 3)
@@ -125,8 +125,14 @@ def test_pareto_front():
     assert [p.name for p in pareto(points)] == ["a", "b", "e"]
 
 
-def test_callback_logs_what_the_functions_compute(tmp_path):
-    data = PHop(length=16, hops=2, batch_size=16, val_size=32, test_size=32)
+NAMED_SETS = dict(digits=1, train_operands=(2, 3), eval_operands=(2, 3), batch_size=16, val_size=32, test_size=24)
+
+
+@pytest.mark.parametrize("data", [
+    PHop(length=16, hops=2, batch_size=16, val_size=32, test_size=32),
+    NaryAddition(**NAMED_SETS),  # two named test sets (n2, n3): pooled and per set
+], ids=["one set", "named sets"])
+def test_callback_logs_what_the_functions_compute(data, tmp_path):
     torch.manual_seed(0)
     config = LoopedConfig(
         vocab_size=data.vocab_size, max_seq_len=data.seq_len, d_model=32, n_heads=4, d_ff=64, loops=2, init_std=0.3
@@ -139,17 +145,29 @@ def test_callback_logs_what_the_functions_compute(tmp_path):
     )
     trainer.test(module, datamodule=data, verbose=False)
     logged = trainer.callback_metrics
-    right, loops, total = {}, {}, 0
+    loaders = data.test_dataloader()
+    loaders = dict(zip(data.eval_names, loaders)) if data.eval_names else {"": loaders}
+    right, loops, total = {}, {}, {}  # {set: {rule: count}}, {set: samples}
     with torch.no_grad():
-        for b in data.test_dataloader():
-            pred = per_loop_predictions(module.model, b["input_ids"], b["labels"], 5)
-            total += pred.batch_size
-            for name, exits in adaptive_exits(pred, (1, 2), (1e-2,)).items():
-                right[name] = right.get(name, 0) + correct_at_exit(pred, exits).sum().item()
-                loops[name] = loops.get(name, 0) + exits.sum().item()
-    assert set(right) == {"stable_1", "stable_2", "kl_0.01"}
-    for name in right:
-        assert logged[f"test/adaptive/{name}/exact_match"].item() == pytest.approx(right[name] / total)
-        assert logged[f"test/adaptive/{name}/mean_loops"].item() == pytest.approx(loops[name] / total)
+        for set_name, loader in loaders.items():
+            right[set_name], loops[set_name], total[set_name] = {}, {}, 0
+            for b in loader:  # the plain loop over the data, batch by batch
+                pred = per_loop_predictions(module.model, b["input_ids"], b["labels"], 5)
+                total[set_name] += pred.batch_size
+                for name, exits in adaptive_exits(pred, (1, 2), (1e-2,)).items():
+                    right[set_name][name] = right[set_name].get(name, 0) + correct_at_exit(pred, exits).sum().item()
+                    loops[set_name][name] = loops[set_name].get(name, 0) + exits.sum().item()
+    rules = {"stable_1", "stable_2", "kl_0.01"}
+    assert all(set(r) == rules for r in right.values())
+    everything = sum(total.values())
+    for name in rules:
+        pooled_right = sum(r[name] for r in right.values())
+        pooled_loops = sum(l[name] for l in loops.values())
+        assert logged[f"test/adaptive/{name}/exact_match"].item() == pytest.approx(pooled_right / everything)
+        assert logged[f"test/adaptive/{name}/mean_loops"].item() == pytest.approx(pooled_loops / everything)
+        for set_name in data.eval_names or []:
+            n = total[set_name]
+            assert logged[f"test/adaptive/{name}/exact_match_{set_name}"].item() == pytest.approx(right[set_name][name] / n)
+            assert logged[f"test/adaptive/{name}/mean_loops_{set_name}"].item() == pytest.approx(loops[set_name][name] / n)
     events = EventAccumulator(str(trainer.logger.log_dir), size_guidance={"images": 0}).Reload()
     assert "test/adaptive/pareto" in events.Tags()["images"]
