@@ -27,9 +27,7 @@ except at answer positions.
 
 from __future__ import annotations
 
-import multiprocessing
 import zlib
-from concurrent.futures import ProcessPoolExecutor
 from functools import cached_property
 from abc import abstractmethod
 from typing import Iterator, Optional, Union
@@ -43,11 +41,6 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_in
 from looped.module import IGNORE  # the one 'no loss here' label
 
 _TRAIN, _VAL, _TEST, _TRAIN_SET = 0, 1, 2, 3
-_DRAWING: Optional["SyntheticTask"] = None  # the task whose training set forked processes are drawing
-
-
-def _draw_train_set_chunk(index: int) -> np.ndarray:
-    return _DRAWING.train_set_chunk(index)
 
 
 def answer_at_end(sequences: np.ndarray, answer: np.ndarray, separator: int) -> tuple[np.ndarray, np.ndarray]:
@@ -261,26 +254,15 @@ class SyntheticTask(L.LightningDataModule):
         one block ``[n 2 t]``, so a batch is one gather.
         """
         if self._train_set is None:
-            chunks = range(-(-self.train_size // self.TRAIN_SET_CHUNK))
-            # Forked, so the processes inherit the task (eval keys included) instead of unpickling it.
-            forkable = "fork" in multiprocessing.get_all_start_methods()
-            workers = min(self.num_workers, len(chunks)) if forkable else 1
+            chunks = TrainSetChunks(self)
+            workers = min(self.num_workers, len(chunks))
             rank_zero_info(
                 f"{type(self).__name__}: drawing the fixed training set of {self.train_size:,} samples"
                 + (f" with {workers} processes" if workers > 1 else "")
             )
-            if workers > 1:
-                self.eval_keys  # built before the fork, so that every process shares them
-                global _DRAWING
-                _DRAWING = self
-                try:
-                    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
-                        parts = list(pool.map(_draw_train_set_chunk, chunks))
-                finally:
-                    _DRAWING = None
-            else:
-                parts = [self.train_set_chunk(index) for index in chunks]
-            self._train_set = np.concatenate(parts)
+            self.eval_keys  # built once here, before the workers start, so that none rebuilds them
+            loader = DataLoader(chunks, batch_size=None, num_workers=workers)  # in chunk order
+            self._train_set = np.concatenate([chunk.numpy() for chunk in loader])
         return self._train_set[:, 0], self._train_set[:, 1]
 
     def train_set_chunk(self, index: int) -> np.ndarray:
@@ -397,6 +379,19 @@ class TrainStream(IterableDataset):
             x, y = self.task.train_batch(self.rank, index)
             yield {"input_ids": torch.from_numpy(x), "labels": torch.from_numpy(y)}
             index += workers
+
+
+class TrainSetChunks(Dataset):
+    """The seeded chunks of a task's fixed training set, for loader workers to draw in parallel."""
+
+    def __init__(self, task: SyntheticTask) -> None:
+        self.task = task
+
+    def __len__(self) -> int:
+        return -(-self.task.train_size // self.task.TRAIN_SET_CHUNK)
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        return self.task.train_set_chunk(index)
 
 
 class TrainRows:
