@@ -170,10 +170,8 @@ def test_dense_labels_are_the_values_read(depth, flavour, shots):
     """``supervise="all"``: every right-hand-side variable is labelled with its value, recomputed
     here statement by statement from the decoded words; the last position keeps the answer."""
     task = ReasoningPrimitives(depth=depth, flavour=flavour, shots=shots, supervise="all", batch_size=500)
-    dense, last = task.train_batch(0, 0)[1], ReasoningPrimitives(
-        depth=depth, flavour=flavour, shots=shots, batch_size=500
-    ).train_batch(0, 0)[1]
-    input_ids, _ = task.train_batch(0, 0)
+    input_ids, dense = task.train_batch(0, 0)
+    last = ReasoningPrimitives(depth=depth, flavour=flavour, shots=shots, batch_size=500).train_batch(0, 0)[1]
     checked = 0
     for row, labels, final in zip(input_ids, dense, last):
         words = [task.vocab[i] for i in row]
