@@ -57,9 +57,9 @@ class LoopedCLI(LightningCLI):
     def _shards_in_configure_model(self) -> bool:
         config = self.config.get(self.subcommand) if self.subcommand else self.config
         strategy = config.get("trainer", {}).get("strategy")
-        path = strategy.get("class_path") if hasattr(strategy, "get") else None
         if isinstance(strategy, ModelParallelStrategy):
             return True
+        path = strategy.get("class_path") if hasattr(strategy, "get") else None
         if not isinstance(path, str):
             return False  # a strategy named by string ("ddp", "fsdp", ...) builds the model whole
         module, _, name = path.rpartition(".")
