@@ -28,6 +28,11 @@ queried parameter and ``=``; the answer ``0..6`` is the only label, at ``=``::
 
     E#I = 4 ; F#K = E#J * E#I ; E#J = E#I + E#I ; B#F = 3 ; ? F#K =      → 4
 
+``shuffle=False`` keeps the equations in their topological order instead, so
+every operand is defined further left and every value can be computed where it
+is written, one hop per operation (the CPU recipes: with the shuffle, no model
+that trains in ten CPU minutes learns the task, see the README).
+
 Every sample of one setting has the same length (5 tokens per constant, 9 per
 derived equation, 4 for the query), so padding only appears with ``pad_to``
 (``<pad>`` on the left, which keeps the answer last).
@@ -71,6 +76,8 @@ class IGSM(SyntheticTask):
             different sizes share one sequence length.
         supervise: ``last`` trains on the answer only (the paper); ``all`` also labels the
             ``;`` of every equation and every operand read whose value the prefix determines.
+        shuffle: list the equations in a random order (the paper); ``False`` keeps their
+            topological order (every operand defined before it is read).
         **kwargs: batch sizes, eval set sizes, seed, workers (see ``SyntheticTask``).
     """
 
@@ -83,6 +90,7 @@ class IGSM(SyntheticTask):
         modulus: int = 7,
         pad_to: Optional[int] = None,
         supervise: Literal["last", "all"] = "last",
+        shuffle: bool = True,
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
@@ -112,6 +120,7 @@ class IGSM(SyntheticTask):
         self.num_operations, self.num_edges = num_operations, num_edges
         self.layers, self.entities_per_layer, self.modulus = layers, entities_per_layer, modulus
         self.supervise = supervise
+        self.shuffle = shuffle
         if pad_to is not None and pad_to < self.natural_len:
             raise ValueError(
                 f"data.pad_to={pad_to} is shorter than a sample of this setting ({self.natural_len} tokens: "
@@ -159,7 +168,8 @@ class IGSM(SyntheticTask):
     def describe(self) -> str:
         return (
             f"{super().describe()}; {self.num_edges} equations ({self.num_operations} operations "
-            f"in {{{', '.join(OPERATORS)}}} mod {self.modulus}); entity layers "
+            f"in {{{', '.join(OPERATORS)}}} mod {self.modulus}), "
+            f"{'shuffled' if self.shuffle else 'in topological order'}; entity layers "
             + " | ".join(
                 "".join(self.entities[l * self.entities_per_layer : (l + 1) * self.entities_per_layer])
                 for l in range(self.layers)
@@ -216,9 +226,10 @@ class IGSM(SyntheticTask):
         constant_row[:, :, 3] = self._digit0 + constant
         constant_row[:, :, 4] = self.token_ids[";"]
         tokens = np.where(derived[:, :, None], tokens, constant_row)
-        # Shuffle the presentation order; every row keeps the same number of tokens.
-        order = np.argsort(rng.random((m, e)), axis=1)
-        tokens = np.take_along_axis(tokens, order[:, :, None], axis=1).reshape(m, -1)
+        if self.shuffle:  # a random presentation order; every row keeps the same number of tokens
+            order = np.argsort(rng.random((m, e)), axis=1)
+            tokens = np.take_along_axis(tokens, order[:, :, None], axis=1)
+        tokens = tokens.reshape(m, -1)
         body = tokens[tokens >= 0].reshape(m, self.natural_len - QUERY_LEN)
 
         question = np.stack([np.full(m, self.token_ids["?"]), *name[rows, query].T], axis=1)  # ? u v

@@ -60,6 +60,7 @@ SETTINGS = [
     dict(num_operations=4, num_edges=12),
     dict(num_operations=8, num_edges=20),
     dict(num_operations=2, num_edges=6, layers=3, entities_per_layer=2, modulus=5, pad_to=48),
+    dict(num_operations=3, num_edges=4, layers=2, entities_per_layer=2, shuffle=False),  # the CPU recipes
 ]
 
 
@@ -84,8 +85,10 @@ def test_generator_matches_reference(setting):
             query_depths[depth] += 1
             topological += is_topological(text)
     assert set(query_depths) <= set(range(1, ops + 1)) and len(query_depths) >= 2
-    # Shuffled: a random order of e equations is topological only by chance.
-    assert topological < 0.2 * 2000
+    if task.shuffle:  # a random order of e equations is topological only by chance
+        assert topological < 0.2 * 2000
+    else:  # every operand is defined further left
+        assert topological == 2000
 
 
 def test_query_depth_distribution():
@@ -107,14 +110,15 @@ def test_answers_cover_every_value():
     assert freq.argmax() == 0 and freq[0] < 0.3 and (freq[1:] > 0.1).all(), freq
 
 
-def test_dense_labels_against_reference():
+@pytest.mark.parametrize("shuffle", [True, False])
+def test_dense_labels_against_reference(shuffle):
     """``supervise: all``, word by word: every value that the text to its left determines is labelled.
 
     A ';' carries its parameter's value iff the parameter's whole closure is defined at or
     before that equation; a read of an operand (the second token of its name) carries the
     operand's value iff the operand's closure is defined in earlier equations.
     """
-    task = IGSM(num_operations=6, num_edges=14, supervise="all", batch_size=500)
+    task = IGSM(num_operations=6, num_edges=14, supervise="all", shuffle=shuffle, batch_size=500)
     input_ids, labels = task.train_batch(0, 0)
     ends_labelled = reads_labelled = 0
     for ids, row in zip(input_ids, labels):
@@ -146,6 +150,8 @@ def test_dense_labels_against_reference():
         for t in range(len(ids)):
             assert task.vocab[row[t]] == str(expect[t]) if t in expect else row[t] == IGNORE, (text, t)
     assert ends_labelled > 500 * 3 and reads_labelled > 500 * 3
+    if not shuffle:  # in topological order every value is known where it is written
+        assert ends_labelled == 500 * 14 and reads_labelled == 500 * 6 * 2
 
 
 def test_deterministic_and_rank_dependent():
