@@ -310,6 +310,7 @@ def prepare_pile(
             done[source] = report
         shutil.rmtree(reports)
         manifest_path.write_text(json.dumps(manifest, indent=2))  # after the split: a crash redoes only it
+    bad = list(dict.fromkeys(bad))  # every split's pass reads every line, so each reports the same bad ones
     if bad:
         print(f"skipped {len(bad)} bad lines or shards (--skip-bad):")
         print("\n".join(f"  {b}" for b in bad))
