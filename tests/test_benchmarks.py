@@ -23,10 +23,15 @@ def test_datagen_prints_consistent_headroom(label):
     assert out.returncode == 0, out.stderr[-3000:]
     lines = out.stdout.splitlines()
     row = next(line for line in lines if line.startswith(label))
-    *_, generated, fixed, flop_bound, loop_bound, headroom, vs_flops = row[len(label):].split()
+    *_, generated, fixed, flop_bound, loop_bound, headroom, vs_flops, host, host_vs_flops = row[len(label):].split()
     assert _number(generated) > 0
+    assert (fixed == "(streams)") == (host == "(streams)")  # both or neither: the fixed-set path
     delivered = _number(generated) if fixed == "(streams)" else _number(fixed)
+    from_host = _number(generated) if host == "(streams)" else _number(host)
+    if host != "(streams)":
+        assert from_host > delivered  # indices alone are cheaper than indices and the gather
     eaten = min(_number(flop_bound), _number(loop_bound))
     assert _number(headroom) == pytest.approx(delivered / eaten, rel=0.01)
     assert _number(vs_flops) == pytest.approx(delivered / _number(flop_bound), rel=0.01)
+    assert _number(host_vs_flops) == pytest.approx(from_host / _number(flop_bound), rel=0.01)
     assert lines[-1].startswith("smallest headroom:") and label in lines[-1]
