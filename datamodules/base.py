@@ -72,9 +72,10 @@ class SyntheticTask(L.LightningDataModule):
         train_size: None: a fresh sample for every training example (an endless stream);
             N: a fixed training set of N samples drawn once at setup, which batches then sample
             uniformly with replacement (the paper's "4M train"). The set is copied once to the
-            training device (int16: 4 bytes per token for inputs and labels, e.g. 4.1 GB for
-            p-hop's 4M x 257) and each step gathers its rows there, so a GPU is never input-bound
-            (see ``benchmarks/datagen.py``).
+            training device in the narrowest integer type that holds the vocabulary and the -100
+            label (int8 for every task up to 128 tokens: 2 bytes per token for inputs and labels,
+            e.g. 2.1 GB for p-hop's 4M x 257) and each step gathers its rows there, so a GPU is
+            never input-bound (see ``benchmarks/datagen.py``).
     """
 
     def __init__(
@@ -101,7 +102,6 @@ class SyntheticTask(L.LightningDataModule):
         self.train_size = train_size
         self._train_set: Optional[np.ndarray] = None  # [n 2 t]: each sample's input_ids and labels, side by side
         self._train_set_on_device: dict[torch.device, torch.Tensor] = {}
-        self._rows_drawn: tuple[tuple[int, int], Optional[np.ndarray]] = ((-1, -1), None)
         self._eval_sets: dict[tuple[int, Optional[str]], tuple[np.ndarray, np.ndarray]] = {}
         self._eval_keys: set[bytes] = set()
 
@@ -213,21 +213,20 @@ class SyntheticTask(L.LightningDataModule):
     ROWS_PER_DRAW = 256
     """Batches of fixed-set row indices drawn per RNG call: one call costs ~20 µs to set up, a batch's rows ~1 µs."""
 
-    def train_rows(self, rank: int, index: int) -> np.ndarray:
-        """Rows of the fixed training set (``data.train_size``) that make batch ``index`` of ``rank``.
+    def train_rows_drawn(self, rank: int, draw: int) -> np.ndarray:
+        """Rows of the fixed training set (``data.train_size``) for batches ``draw·R … draw·R + R-1`` of ``rank``.
 
-        Uniform with replacement, seeded by ``(seed, rank, index // ROWS_PER_DRAW)``: a pure
-        function of the batch index, so a resumed run draws the batches it would have drawn.
+        ``[R b]`` with R = ``ROWS_PER_DRAW``: uniform with replacement, seeded by ``(seed, rank, draw)``,
+        so every batch is a pure function of its index and a resumed run draws the batches it would have drawn.
         """
         if self.train_size is None:
             raise ValueError("train_rows needs a fixed training set: set data.train_size")
+        return self.rng(_TRAIN, rank, draw).integers(0, self.train_size, size=(self.ROWS_PER_DRAW, self.batch_size))
+
+    def train_rows(self, rank: int, index: int) -> np.ndarray:
+        """Rows of the fixed training set that make batch ``index`` of ``rank`` (``[b]``)."""
         draw, offset = divmod(index, self.ROWS_PER_DRAW)
-        key, rows = self._rows_drawn
-        if key != (rank, draw) or rows is None:
-            rng = self.rng(_TRAIN, rank, draw)
-            rows = rng.integers(0, self.train_size, size=(self.ROWS_PER_DRAW, self.batch_size))
-            self._rows_drawn = ((rank, draw), rows)
-        return rows[offset]
+        return self.train_rows_drawn(rank, draw)[offset]
 
     def train_batch(self, rank: int, index: int) -> tuple[np.ndarray, np.ndarray]:
         """Training batch ``index`` of ``rank`` as int64 arrays: fresh samples (val/test ones redrawn), or fixed-set rows.
@@ -249,8 +248,8 @@ class SyntheticTask(L.LightningDataModule):
         Built in chunks of fresh samples seeded by chunk index alone (the same set on every
         rank; ranks sample different rows), so a smaller ``train_size`` is a prefix of a
         larger one, and ``num_workers`` processes draw the chunks in parallel with the same
-        result as one (a 4M-sample set takes minutes on one core). Stored as int16 (labels
-        include -100), a quarter of int64's memory, with each sample's inputs and labels in
+        result as one (a 4M-sample set takes minutes on one core). Stored in ``storage_dtype``
+        (an eighth of int64's memory for most tasks), with each sample's inputs and labels in
         one block ``[n 2 t]``, so a batch is one gather.
         """
         if self._train_set is None:
@@ -269,7 +268,20 @@ class SyntheticTask(L.LightningDataModule):
         """Chunk ``index`` of the fixed training set, ``[n 2 t]`` (the last chunk may be short)."""
         n = min(self.TRAIN_SET_CHUNK, self.train_size - index * self.TRAIN_SET_CHUNK)
         x, y = self.fresh_batch(self.rng(_TRAIN_SET, 0, index), n)
-        return np.stack([x, y], axis=1).astype(np.int16 if self.vocab_size < 2**15 else np.int32)
+        return np.stack([x, y], axis=1).astype(self.storage_dtype)
+
+    @property
+    def storage_dtype(self) -> type:
+        """The narrowest signed integer type holding every token id and the -100 label of a fixed set.
+
+        The gather reads (and a GPU holds) this many bytes per token twice over; int8 halves
+        int16's cost for every task of at most 128 tokens.
+        """
+        for dtype in (np.int8, np.int16, np.int32):
+            info = np.iinfo(dtype)
+            if info.min <= IGNORE and self.vocab_size - 1 <= info.max:
+                return dtype
+        raise ValueError(f"{type(self).__name__}: a vocabulary of {self.vocab_size} tokens does not fit int32")
 
     def fresh_batch(self, rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
         """``n`` newly generated training samples; any that occur in val/test are redrawn."""
@@ -406,10 +418,12 @@ class TrainRows:
         self.task, self.rank, self.start = task, rank, start
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        index = self.start
+        draw, offset = divmod(self.start, self.task.ROWS_PER_DRAW)
         while True:
-            yield {"rows": torch.from_numpy(self.task.train_rows(self.rank, index))}
-            index += 1
+            # One tensor per draw, split into views: a batch then costs the host no conversion at all.
+            for rows in torch.from_numpy(self.task.train_rows_drawn(self.rank, draw)).unbind(0)[offset:]:
+                yield {"rows": rows}
+            draw, offset = draw + 1, 0
 
 
 class EvalSet(Dataset):

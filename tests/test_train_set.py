@@ -7,8 +7,8 @@ import torch
 
 from looped import LoopedConfig, LoopedLM
 
-from looped.datamodules import PHop
-from looped.datamodules.base import _TRAIN_SET, rows_as_keys
+from looped.datamodules import LongestIncreasingSubsequence, PHop
+from looped.datamodules.base import _TRAIN_SET, TrainRows, rows_as_keys
 
 
 def task(**kwargs):
@@ -56,6 +56,15 @@ def test_processes_draw_the_same_set_as_one():
     assert np.array_equal(np.stack(serial.train_set(), axis=1), expected)
 
 
+def test_the_loader_resumes_mid_draw_with_the_reference_rows():
+    """A loader started at any batch (a resume) yields exactly ``train_rows`` from there, across a draw boundary."""
+    t = task(train_size=3000, batch_size=8)
+    start = 2 * t.ROWS_PER_DRAW - 5
+    loader = TrainRows(t, rank=1, start=start)
+    for index, batch in zip(range(start, start + 10), loader):
+        assert np.array_equal(batch["rows"].numpy(), t.train_rows(1, index))
+
+
 def test_a_set_smaller_than_a_batch_is_refused():
     with pytest.raises(ValueError, match="data.train_size"):
         task(train_size=8)
@@ -86,3 +95,29 @@ def test_the_trainer_gets_the_reference_batches_gathered_from_the_fixed_set(tmp_
         x, y = t.train_batch(0, index)
         assert batch["input_ids"].dtype == torch.int64 and batch["labels"].dtype == torch.int64
         assert np.array_equal(batch["input_ids"].numpy(), x) and np.array_equal(batch["labels"].numpy(), y)
+
+
+@pytest.mark.parametrize(
+    "make, dtype",
+    [
+        (lambda: task(train_size=4096), np.int8),  # 5 tokens
+        (lambda: LongestIncreasingSubsequence(size=12, value_range=150, format="direct", batch_size=32,
+                                              val_size=64, test_size=64, train_size=4096), np.int16),  # 166 tokens
+    ],
+)
+def test_the_set_is_stored_narrow_and_gathers_back_exactly(make, dtype):
+    """The narrowest type that holds the vocabulary and -100; the gather returns the generated int64 samples."""
+    t = make()
+    assert t.storage_dtype is dtype
+    t.setup("fit")
+    inputs, labels = t.train_set()
+    assert inputs.dtype == dtype and labels.dtype == dtype
+    fresh_x, fresh_y = t.fresh_batch(t.rng(_TRAIN_SET, 0, 0), 4096)  # chunk 0 is one fresh draw
+    if dtype is not np.int8:
+        assert fresh_x.max() > np.iinfo(np.int8).max  # ids that int8 would wrap are there to be kept
+    assert np.array_equal(inputs, fresh_x) and np.array_equal(labels, fresh_y)
+    rows = torch.arange(0, 4096, 7)
+    batch = t.on_after_batch_transfer({"rows": rows}, 0)
+    assert batch["input_ids"].dtype == torch.int64
+    assert np.array_equal(batch["input_ids"].numpy(), fresh_x[rows.numpy()])
+    assert np.array_equal(batch["labels"].numpy(), fresh_y[rows.numpy()])
