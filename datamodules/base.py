@@ -220,7 +220,7 @@ class SyntheticTask(L.LightningDataModule):
         so every batch is a pure function of its index and a resumed run draws the batches it would have drawn.
         """
         if self.train_size is None:
-            raise ValueError("train_rows needs a fixed training set: set data.train_size")
+            raise ValueError("fixed-set row indices need a fixed training set: set data.train_size")
         return self.rng(_TRAIN, rank, draw).integers(0, self.train_size, size=(self.ROWS_PER_DRAW, self.batch_size))
 
     def train_rows(self, rank: int, index: int) -> np.ndarray:
