@@ -23,11 +23,11 @@ from looped.adaptive import (
     adaptive_exits,
     correct_at_exit,
     format_adaptive_table,
-    pareto_figure,
     per_loop_predictions,
     rule_name,
 )
 from looped.callbacks.per_loop import log_figure
+from looped.tools.plots import pareto_figure
 
 
 class AdaptiveExit(L.Callback):
@@ -83,7 +83,7 @@ class AdaptiveExit(L.Callback):
         return fixed, [Point(name, loops_used, right) for name, (right, loops_used) in zip(self.rules, per_rule)]
 
     def on_test_epoch_end(self, trainer, pl_module) -> None:
-        names = list(getattr(pl_module, "eval_names", []) or [])
+        names = pl_module.eval_names
         loops = self.loops_to_eval(pl_module)
         # One row per test set, the same shape on every rank whatever batches it saw; one reduce for all.
         counts = torch.zeros(max(len(names), 1), loops + 1 + 2 * len(self.rules), device=pl_module.device)

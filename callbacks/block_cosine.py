@@ -16,6 +16,7 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor
 
+from looped.tools.plots import cosine_heatmap
 from looped.regularizer import PARAMETER_GROUPS, layer_parameter, neighbour_cosines
 
 DEFAULT_GROUPS = ["q", "k", "v", "o", "w1", "w2", "attn_norm", "ffn_norm"]
@@ -29,37 +30,6 @@ def full_parameter(p: Tensor) -> Tensor:
         if isinstance(p, DTensor):
             return p.full_tensor()
     return p
-
-
-def cosine_heatmap(values: dict[str, list[float]], block_layers: int):
-    """Figure 5 as a heatmap: rows = groups, columns = lower layer l, cell = ``cos(θ^(l), θ^(l+k))``.
-
-    The colour scale is fixed to [-1, 1] so runs compare by eye; every cell is annotated.
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display on a cluster; must precede pyplot
-    import matplotlib.pyplot as plt
-
-    groups = list(values)
-    columns = max((len(v) for v in values.values()), default=0)
-    fig, ax = plt.subplots(figsize=(1.0 + 0.6 * max(columns, 1), 0.8 + 0.45 * max(len(groups), 1)))
-    image = ax.imshow(
-        [values[g] for g in groups], vmin=-1.0, vmax=1.0, cmap="RdBu_r", aspect="auto", interpolation="nearest"
-    )
-    for row, group in enumerate(groups):
-        for col, value in enumerate(values[group]):
-            ax.text(col, row, f"{value:.2f}", ha="center", va="center", fontsize=7,
-                    color="white" if abs(value) > 0.6 else "black")
-    ax.set_xticks(range(columns))
-    ax.set_xticklabels([str(l) for l in range(columns)])
-    ax.set_yticks(range(len(groups)))
-    ax.set_yticklabels(groups)
-    ax.set_xlabel(f"lower layer l (paired with l + {block_layers})")
-    ax.set_title(f"cos(θ(l), θ(l+k)), k = {block_layers}")
-    fig.colorbar(image, ax=ax)
-    fig.tight_layout()
-    return fig
 
 
 class BlockCosineSimilarity(L.Callback):

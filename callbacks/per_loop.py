@@ -22,7 +22,8 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
-from looped.module import IGNORE  # the one 'no loss here' label
+from looped.contract import IGNORE
+from looped.tools.plots import per_loop_figure
 
 
 def exact_match_per_loop(model, input_ids: Tensor, labels: Tensor, loops: int) -> Tensor:
@@ -75,7 +76,7 @@ class PerLoopAccuracy(L.Callback):
         self._total[dataloader_idx] += right.shape[1]
 
     def _finish(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> list[float]:
-        names = list(getattr(pl_module, "eval_names", []) or [])
+        names = pl_module.eval_names
         # One row per evaluation set, known alike on every rank (not from the batches this rank saw, which
         # could differ and leave ranks waiting on different collectives); one reduce for all of them.
         loops = self.loops_to_eval(pl_module)
@@ -121,27 +122,6 @@ def format_loop_table(accuracy: list[float], trained_loops: int) -> str:
     lines.append("  loops  " + " ".join(f"{n}{'*' if n == trained_loops else ' ':<5}" for n in range(1, len(accuracy) + 1)))
     lines.append("  acc %  " + " ".join(f"{100 * a:<6.1f}" for a in accuracy))
     return "\n".join(lines)
-
-
-def per_loop_figure(accuracy: list[float], trained_loops: int):
-    """Exact match against loops 1..len(accuracy), the trained L marked by a vertical line."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display on a cluster; must precede pyplot
-    import matplotlib.pyplot as plt
-
-    loops = range(1, len(accuracy) + 1)
-    fig, ax = plt.subplots(figsize=(4.5, 3.0))
-    ax.plot(loops, [100 * a for a in accuracy], marker="o")
-    ax.axvline(trained_loops, color="grey", linestyle="--", label=f"trained L = {trained_loops}")
-    ax.set_xlabel("loops at inference")
-    ax.set_ylabel("exact match %")
-    ax.set_xticks(list(loops))
-    ax.set_ylim(-2, 102)
-    ax.grid(alpha=0.3)
-    ax.legend(loc="best", fontsize=8)
-    fig.tight_layout()
-    return fig
 
 
 def log_figure(trainer: L.Trainer, tag: str, draw) -> None:

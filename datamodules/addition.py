@@ -30,7 +30,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from looped.datamodules.base import IGNORE, SyntheticTask
+from looped.contract import IGNORE
+from looped.datamodules.base import SyntheticTask
 
 PLUS, EQUALS, PAD = 10, 11, 12
 

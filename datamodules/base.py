@@ -38,9 +38,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
-from looped.module import IGNORE  # the one 'no loss here' label
+from looped.contract import IGNORE
+from looped.datamodules.train_set import _TEST, _TRAIN, _VAL, FixedTrainingSet, TrainRows
 
-_TRAIN, _VAL, _TEST, _TRAIN_SET = 0, 1, 2, 3
 
 
 def answer_at_end(sequences: np.ndarray, answer: np.ndarray, separator: int) -> tuple[np.ndarray, np.ndarray]:
@@ -57,7 +57,7 @@ def rows_as_keys(input_ids: np.ndarray) -> list[bytes]:
     return [row.tobytes() for row in np.ascontiguousarray(input_ids, dtype=np.int64)]
 
 
-class SyntheticTask(L.LightningDataModule):
+class SyntheticTask(FixedTrainingSet, L.LightningDataModule):
     """Base class of tasks generated on the fly. Subclasses define ``vocab``, ``seq_len`` and ``generate``.
 
     Args:
@@ -120,6 +120,9 @@ class SyntheticTask(L.LightningDataModule):
 
     eval_names: list[str] = []
     """Named evaluation sets, each drawn by ``generate_eval``; empty: one validation and one test set."""
+
+    eos_id: Optional[int] = None
+    """The token that ends an answer, for tasks scored by generation (``CoTTask``); None for the others."""
 
     # -- what a task defines ------------------------------------------------
     @property
@@ -210,24 +213,6 @@ class SyntheticTask(L.LightningDataModule):
         self._build_eval_sets()
         return self._eval_keys
 
-    ROWS_PER_DRAW = 256
-    """Batches of fixed-set row indices drawn per RNG call: one call costs ~20 µs to set up, a batch's rows ~1 µs."""
-
-    def train_rows_drawn(self, rank: int, draw: int) -> np.ndarray:
-        """Rows of the fixed training set (``data.train_size``) for batches ``draw·R … draw·R + R-1`` of ``rank``.
-
-        ``[R b]`` with R = ``ROWS_PER_DRAW``: uniform with replacement, seeded by ``(seed, rank, draw)``,
-        so every batch is a pure function of its index and a resumed run draws the batches it would have drawn.
-        """
-        if self.train_size is None:
-            raise ValueError("fixed-set row indices need a fixed training set: set data.train_size")
-        return self.rng(_TRAIN, rank, draw).integers(0, self.train_size, size=(self.ROWS_PER_DRAW, self.batch_size))
-
-    def train_rows(self, rank: int, index: int) -> np.ndarray:
-        """Rows of the fixed training set that make batch ``index`` of ``rank`` (``[b]``)."""
-        draw, offset = divmod(index, self.ROWS_PER_DRAW)
-        return self.train_rows_drawn(rank, draw)[offset]
-
     def train_batch(self, rank: int, index: int) -> tuple[np.ndarray, np.ndarray]:
         """Training batch ``index`` of ``rank`` as int64 arrays: fresh samples (val/test ones redrawn), or fixed-set rows.
 
@@ -238,50 +223,6 @@ class SyntheticTask(L.LightningDataModule):
             rows = self.train_rows(rank, index)
             return inputs[rows].astype(np.int64), labels[rows].astype(np.int64)
         return self.fresh_batch(self.rng(_TRAIN, rank, index), self.batch_size)
-
-    TRAIN_SET_CHUNK = 4096
-    """Samples per seeded chunk of the fixed training set (chunk ``i`` is a pure function of ``(seed, i)``)."""
-
-    def train_set(self) -> tuple[np.ndarray, np.ndarray]:
-        """The fixed training set of ``train_size`` samples (``data.train_size``), drawn once.
-
-        Built in chunks of fresh samples seeded by chunk index alone (the same set on every
-        rank; ranks sample different rows), so a smaller ``train_size`` is a prefix of a
-        larger one, and ``num_workers`` processes draw the chunks in parallel with the same
-        result as one (a 4M-sample set takes minutes on one core). Stored in ``storage_dtype``
-        (an eighth of int64's memory for most tasks), with each sample's inputs and labels in
-        one block ``[n 2 t]``, so a batch is one gather.
-        """
-        if self._train_set is None:
-            chunks = TrainSetChunks(self)
-            workers = min(self.num_workers, len(chunks))
-            rank_zero_info(
-                f"{type(self).__name__}: drawing the fixed training set of {self.train_size:,} samples"
-                + (f" with {workers} processes" if workers > 1 else "")
-            )
-            self.eval_keys  # built once here, before the workers start, so that none rebuilds them
-            loader = DataLoader(chunks, batch_size=None, num_workers=workers)  # in chunk order
-            self._train_set = np.concatenate([chunk.numpy() for chunk in loader])
-        return self._train_set[:, 0], self._train_set[:, 1]
-
-    def train_set_chunk(self, index: int) -> np.ndarray:
-        """Chunk ``index`` of the fixed training set, ``[n 2 t]`` (the last chunk may be short)."""
-        n = min(self.TRAIN_SET_CHUNK, self.train_size - index * self.TRAIN_SET_CHUNK)
-        x, y = self.fresh_batch(self.rng(_TRAIN_SET, 0, index), n)
-        return np.stack([x, y], axis=1).astype(self.storage_dtype)
-
-    @property
-    def storage_dtype(self) -> type:
-        """The narrowest signed integer type holding every token id and the -100 label of a fixed set.
-
-        The gather reads (and a GPU holds) this many bytes per token twice over; int8 halves
-        int16's cost for every task of at most 128 tokens.
-        """
-        for dtype in (np.int8, np.int16, np.int32):
-            info = np.iinfo(dtype)
-            if info.min <= IGNORE and self.vocab_size - 1 <= info.max:
-                return dtype
-        raise ValueError(f"{type(self).__name__}: a vocabulary of {self.vocab_size} tokens does not fit int32")
 
     def fresh_batch(self, rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
         """``n`` newly generated training samples; any that occur in val/test are redrawn."""
@@ -332,24 +273,6 @@ class SyntheticTask(L.LightningDataModule):
             generator=torch.Generator().manual_seed(self.seed),
         )
 
-    def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
-        """A batch of fixed-set row indices becomes those rows, gathered on the batch's device.
-
-        ``input_ids`` and ``labels`` are the two halves of one gathered ``[b 2 t]`` tensor
-        (strided views: use ``reshape``, not ``view``).
-        """
-        if "rows" not in batch:
-            return batch
-        samples = self.train_set_on(batch["rows"].device).index_select(0, batch["rows"]).long()  # [b 2 t]
-        return {"input_ids": samples[:, 0], "labels": samples[:, 1]}
-
-    def train_set_on(self, device: torch.device) -> torch.Tensor:
-        """The fixed training set ``[n 2 t]`` on ``device``, copied there once (on the CPU: shared, no copy)."""
-        if device not in self._train_set_on_device:
-            self.train_set()
-            self._train_set_on_device[device] = torch.from_numpy(self._train_set).to(device)
-        return self._train_set_on_device[device]
-
     def eval_extras(self, input_ids: np.ndarray, labels: np.ndarray) -> dict[str, np.ndarray]:
         """Extra per-sample arrays for evaluation batches (e.g. a gold answer for decoding); none by default."""
         return {}
@@ -391,39 +314,6 @@ class TrainStream(IterableDataset):
             x, y = self.task.train_batch(self.rank, index)
             yield {"input_ids": torch.from_numpy(x), "labels": torch.from_numpy(y)}
             index += workers
-
-
-class TrainSetChunks(Dataset):
-    """The seeded chunks of a task's fixed training set, for loader workers to draw in parallel."""
-
-    def __init__(self, task: SyntheticTask) -> None:
-        self.task = task
-
-    def __len__(self) -> int:
-        return -(-self.task.train_size // self.task.TRAIN_SET_CHUNK)
-
-    def __getitem__(self, index: int) -> np.ndarray:
-        return self.task.train_set_chunk(index)
-
-
-class TrainRows:
-    """Row indices of the fixed-set batches ``start, start+1, ...`` of ``rank``: ``{"rows": [b]}``.
-
-    The training loader of a fixed set, iterated in the training process (a worker
-    would only add a hand-off per batch); ``SyntheticTask.on_after_batch_transfer``
-    turns each into ``input_ids`` and ``labels``.
-    """
-
-    def __init__(self, task: SyntheticTask, rank: int, start: int) -> None:
-        self.task, self.rank, self.start = task, rank, start
-
-    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        draw, offset = divmod(self.start, self.task.ROWS_PER_DRAW)
-        while True:
-            # One tensor per draw, split into views: a batch then costs the host no conversion at all.
-            for rows in torch.from_numpy(self.task.train_rows_drawn(self.rank, draw)).unbind(0)[offset:]:
-                yield {"rows": rows}
-            draw, offset = draw + 1, 0
 
 
 class EvalSet(Dataset):

@@ -33,7 +33,8 @@ from typing import Literal
 
 import numpy as np
 
-from looped.datamodules.base import IGNORE, SyntheticTask
+from looped.contract import IGNORE
+from looped.datamodules.base import SyntheticTask
 
 PAD, EOS, ANSWER = "<pad>", "<eos>", "<ans>"
 SPECIAL = [PAD, EOS, ANSWER]  # ids 0, 1, 2 in every CoT task

@@ -54,7 +54,8 @@ from typing import Literal, Optional
 
 import numpy as np
 
-from looped.datamodules.base import IGNORE, SyntheticTask, answer_at_end
+from looped.contract import IGNORE
+from looped.datamodules.base import SyntheticTask, answer_at_end
 
 PAD = "<pad>"
 OPERATORS = ["+", "-", "*"]

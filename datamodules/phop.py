@@ -17,7 +17,8 @@ from typing import Literal
 
 import numpy as np
 
-from looped.datamodules.base import IGNORE, SyntheticTask, answer_at_end
+from looped.contract import IGNORE
+from looped.datamodules.base import SyntheticTask, answer_at_end
 
 
 def hop_table(seqs: np.ndarray, alphabet_size: int) -> np.ndarray:

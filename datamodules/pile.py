@@ -29,23 +29,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from looped.contract import IGNORE
 from looped.datamodules.base import _VAL, EvalSet
 from looped.datamodules.primitives import ReasoningPrimitives
-from looped.module import IGNORE
-from looped.prepare import MANIFEST, TOKENIZER_FILE, ByteTokenizer, FileTokenizer
+from looped.tokenizer import MANIFEST, prepared_tokenizer, read_text
 
 PRIMITIVE_SETS = [(flavour, depth) for flavour in ("math", "code") for depth in (0, 1)]
-
-
-def _read_text(url: str) -> str:
-    """A small file from a local path or an object-store URL (fsspec: ``s3://`` needs ``s3fs``)."""
-    if "://" not in url:
-        with open(url, encoding="utf-8") as f:
-            return f.read()
-    import fsspec
-
-    with fsspec.open(url, "r", encoding="utf-8") as f:
-        return f.read()
 
 
 class PileDataModule(L.LightningDataModule):
@@ -94,6 +83,7 @@ class PileDataModule(L.LightningDataModule):
         self._train_loader = None
         self._pending_state: Optional[dict] = None
         self._primitives: Optional[dict[str, EvalSet]] = None
+        self._tokenizer = None  # read from data.path when first needed
 
     # -- what the model links to --------------------------------------------------------------
     @property
@@ -120,7 +110,7 @@ class PileDataModule(L.LightningDataModule):
         url = f"{self.path}/{MANIFEST}"
         fix = f"prepare it with `looped prepare pile --input SHARDS --output {self.path}`"
         try:
-            manifest = json.loads(_read_text(url))
+            manifest = json.loads(read_text(url))
             manifest["tokenizer"]["vocab_size"], manifest["splits"]["train"]["sources"]
         except FileNotFoundError:
             raise FileNotFoundError(f"data.path: {url} does not exist; {fix}") from None
@@ -134,9 +124,13 @@ class PileDataModule(L.LightningDataModule):
 
     def tokenizer(self):
         """The tokenizer the data was prepared with (``ByteTokenizer`` or the copied ``tokenizer.json``)."""
-        if self.manifest["tokenizer"]["kind"] == "bytes":
-            return ByteTokenizer()
-        return FileTokenizer(_read_text(f"{self.path}/{TOKENIZER_FILE}"), origin=f"{self.path}/{TOKENIZER_FILE}")
+        if self._tokenizer is None:
+            self._tokenizer = prepared_tokenizer(self.path, self.manifest)
+        return self._tokenizer
+
+    def decode(self, ids) -> str:
+        """Readable text of a row of token ids (``-100`` labels dropped)."""
+        return self.tokenizer().decode([i for i in ids if 0 <= i < self.vocab_size])
 
     # -- streams ----------------------------------------------------------------------------------
     def _dataset(self, split: str, shuffle: bool):

@@ -34,7 +34,8 @@ from typing import Literal, Optional
 
 import numpy as np
 
-from looped.datamodules.base import IGNORE, SyntheticTask
+from looped.contract import IGNORE
+from looped.datamodules.base import SyntheticTask
 
 LETTERS = list(string.ascii_lowercase)
 PAD = "<pad>"

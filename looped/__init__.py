@@ -1,7 +1,20 @@
-"""Looped transformers: a block of k layers applied L times with shared weights, ``(k⊗L)``."""
+"""Looped transformers: a block of k layers applied L times with shared weights, ``(k⊗L)``.
+
+``looped.LoopedConfig`` and ``looped.LoopedTransformer`` need only torch; ``looped.LoopedLM``
+(the LightningModule) loads Lightning when it is first used, so ``import looped.model``
+stays light (inference, export, the model inside other code).
+"""
 
 from looped.model import LoopedConfig, LoopedTransformer
-from looped.module import LoopedLM
 
-__all__ = ["LoopedConfig", "LoopedTransformer", "LoopedLM"]
+__all__ = ["LoopedConfig", "LoopedLM", "LoopedTransformer"]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # PEP 562: recipes name ``looped.LoopedLM``; importing it here eagerly would pull in Lightning.
+    if name == "LoopedLM":
+        from looped.module import LoopedLM
+
+        return LoopedLM
+    raise AttributeError(f"module 'looped' has no attribute {name!r}")

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from looped.module import IGNORE  # the one 'no loss here' label
+from looped.contract import IGNORE
 
 
 @dataclass
@@ -170,30 +170,3 @@ def format_adaptive_table(fixed: list[float], adaptive: list[Point], trained_loo
     return "\n".join(lines)
 
 
-def pareto_figure(fixed: list[float], adaptive: list[Point], trained_loops: int):
-    """Accuracy against mean loops: fixed loop counts as a line, adaptive rules as labelled markers."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display on a cluster; must precede pyplot
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5.0, 3.5))
-    loops = list(range(1, len(fixed) + 1))
-    ax.plot(loops, [100 * a for a in fixed], marker=".", color="grey", label="fixed loops")
-    ax.axvline(trained_loops, color="grey", linestyle=":", linewidth=1)
-    for rule, marker in (("stable", "o"), ("kl", "s")):
-        points = [p for p in adaptive if p.name.startswith(rule + "_")]
-        if not points:
-            continue
-        xs, ys = [p.mean_loops for p in points], [100 * p.accuracy for p in points]
-        ax.scatter(xs, ys, marker=marker, label=rule, zorder=3)
-        for p in points:
-            ax.annotate(p.name.split("_", 1)[1], (p.mean_loops, 100 * p.accuracy), fontsize=7,
-                        xytext=(3, 3), textcoords="offset points")
-    ax.set_xlabel("mean loops used")
-    ax.set_ylabel("exact match %")
-    ax.set_ylim(-2, 102)
-    ax.grid(alpha=0.3)
-    ax.legend(loc="best", fontsize=8)
-    fig.tight_layout()
-    return fig

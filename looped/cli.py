@@ -17,14 +17,15 @@ import lightning as L
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.strategies import ModelParallelStrategy
 
+from looped.contract import DataModuleContract, check_data_module
 from looped.module import LoopedLM, transformer_on_meta
 
 # ``looped TOOL ...`` subcommands beside LightningCLI's own: the module whose ``main(argv)`` runs each.
 TOOLS = {
-    "report": "looped.report",  # tables and figures from finished runs
-    "prepare": "looped.prepare",  # Pile shards -> litdata token chunks; BPE tokenizer training
-    "sweep": "looped.sweep",  # a grid of recipe variants, one run directory per cell
-    "lm-eval": "looped.lm_eval_adapter",  # lm-evaluation-harness with the `looped` model (the [eval] extra)
+    "report": "looped.tools.report",  # tables and figures from finished runs
+    "prepare": "looped.tools.prepare",  # Pile shards -> litdata token chunks; BPE tokenizer training
+    "sweep": "looped.tools.sweep",  # a grid of recipe variants, one run directory per cell
+    "lm-eval": "looped.tools.lm_eval_adapter",  # lm-evaluation-harness with the `looped` model (the [eval] extra)
 }
 USAGE_RUN = "usage: looped run RECIPE.yaml [--section.key value ...]   (e.g. --trainer.max_steps 200)"
 
@@ -34,7 +35,7 @@ class LoopedCLI(LightningCLI):
 
     The data module is the single source of ``vocab_size`` and sequence length:
     both are linked into ``model.config`` after the data module is built; its
-    ``eos_id``, if it has one, into ``model.eos_id``.
+    ``eos_id`` into ``model.eos_id`` (``looped.contract.DataModuleContract``).
     """
 
     def __init__(self, *args, **kwargs) -> None:
@@ -66,15 +67,16 @@ class LoopedCLI(LightningCLI):
         return issubclass(getattr(importlib.import_module(module), name), ModelParallelStrategy)
 
     def add_arguments_to_parser(self, parser) -> None:
+        # First, so that a data module missing part of the contract is named before another link trips on it.
+        parser.link_arguments("data", "model.init_args.eos_id", compute_fn=data_eos_id, apply_on="instantiate")
         parser.link_arguments("data.vocab_size", "model.init_args.config.vocab_size", apply_on="instantiate")
         parser.link_arguments("data.seq_len", "model.init_args.config.max_seq_len", apply_on="instantiate")
-        # Tasks scored by generation say which token ends an answer; every other data module has no eos_id.
-        parser.link_arguments("data", "model.init_args.eos_id", compute_fn=data_eos_id, apply_on="instantiate")
 
 
-def data_eos_id(data) -> Optional[int]:
-    """The data module's ``eos_id`` (tasks scored by generation), else None."""
-    return getattr(data, "eos_id", None)
+def data_eos_id(data: DataModuleContract) -> Optional[int]:
+    """The data module's ``eos_id`` (None unless its task is scored by generation), after checking its contract."""
+    check_data_module(data)
+    return data.eos_id
 
 
 def run(argv: list[str]) -> LoopedCLI:

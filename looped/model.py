@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from looped.attention import MIXERS, RotaryEmbedding, build_mixer
+from looped.mixers import MIXERS, RotaryEmbedding, build_mixer
 from looped.cache import DecodeCache, LayerCache
 
 Slots = Iterator[Optional[LayerCache]]  # one decode-cache slot per layer application, in order

@@ -25,12 +25,18 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassExactMatch
 
+# batch_size and batch_tokens are named by recipes as looped.module.batch_size / batch_tokens.
+from looped.contract import IGNORE, DataModuleContract, batch_size, batch_tokens, check_data_module
 from looped.generation import generate_answers, sample_rows
 from looped.loop_schedule import LoopSchedule
 from looped.model import LoopedConfig, LoopedTransformer
 from looped.regularizer import BlockRegularizer
 
-IGNORE = -100  # label of positions without loss (PyTorch cross_entropy's ignore_index)
+__all__ = [
+    "IGNORE", "LoopedLM", "NonFiniteLossError", "Perplexity", "adamw", "batch_size", "batch_tokens",
+    "transformer_on_meta", "warmup_cosine",
+]
+
 OptimizerFactory = Callable[[Iterable], torch.optim.Optimizer]
 
 
@@ -52,16 +58,6 @@ class Perplexity(MeanMetric):
 
 class NonFiniteLossError(FloatingPointError):
     """The loss became NaN or inf; raised so the run stops instead of training on garbage."""
-
-
-def batch_size(batch: dict[str, Tensor]) -> int:
-    """Samples in a batch (for Lightning's ``ThroughputMonitor(batch_size_fn=...)``)."""
-    return batch["input_ids"].shape[0]
-
-
-def batch_tokens(batch: dict[str, Tensor]) -> int:
-    """Tokens in a batch (for ``ThroughputMonitor(length_fn=...)``: tokens/s)."""
-    return batch["input_ids"].numel()
 
 
 def warmup_cosine(step: int, warmup_steps: int, decay_steps: int, min_lr_ratio: float) -> float:
@@ -294,16 +290,16 @@ class LoopedLM(L.LightningModule):
 
     def log_samples(self, batch: dict[str, Tensor], preds: Optional[Tensor] = None,
                     continuation: Optional[Tensor] = None, n: int = 4, chars: int = 400) -> None:
-        """A few decoded samples with the model's answers as TensorBoard text, when the data module can ``decode``.
+        """A few samples, ``decode``d by the data module, with the model's answers as TensorBoard text.
 
         Tasks scored by generation show prompt, greedy continuation and gold; the others show the
         input and, at the labelled positions, the model's argmax prediction and the gold tokens.
         """
-        decode = getattr(getattr(self.trainer, "datamodule", None), "decode", None)
+        data: Optional[DataModuleContract] = self.trainer.datamodule
         loggers = [lg for lg in self.trainer.loggers if isinstance(lg, TensorBoardLogger)]
-        if decode is None or not loggers or not self.trainer.is_global_zero:
+        if data is None or not loggers or not self.trainer.is_global_zero:
             return
-        rows = sample_rows(decode, batch, preds, continuation, n, chars)
+        rows = sample_rows(data.decode, batch, preds, continuation, n, chars)
         stage = "test" if self.trainer.testing else "val"
         for logger in loggers:
             logger.experiment.add_text(f"{stage}/samples", "\n\n".join(rows), global_step=self.global_step)
@@ -348,17 +344,18 @@ class LoopedLM(L.LightningModule):
 
     # -- checks before compute ----------------------------------------------------
     def setup(self, stage: str) -> None:
-        data = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        data: Optional[DataModuleContract] = self.trainer.datamodule if self._trainer is not None else None
         if data is None:
-            return
-        self.set_eval_names(list(getattr(data, "eval_names", None) or []))
-        if getattr(data, "vocab_size", self.config.vocab_size) > self.config.vocab_size:
+            return  # trained on bare dataloaders: nothing to check
+        check_data_module(data)
+        self.set_eval_names(list(data.eval_names))
+        if data.vocab_size > self.config.vocab_size:
             raise ValueError(
                 f"vocabulary mismatch: the data has {data.vocab_size} token ids but "
                 f"model.init_args.config.vocab_size={self.config.vocab_size}; drop the override and let the "
                 "recipe link vocab_size from the data module"
             )
-        if getattr(data, "seq_len", 0) > self.config.max_seq_len:
+        if data.seq_len > self.config.max_seq_len:
             raise ValueError(
                 f"the data's sequences have {data.seq_len} positions but model.init_args.config.max_seq_len="
                 f"{self.config.max_seq_len}; raise max_seq_len or shorten the data"

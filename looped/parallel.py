@@ -26,7 +26,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from looped.attention import RotaryEmbedding
+from looped.mixers import RotaryEmbedding
 from looped.model import LoopedTransformer
 
 

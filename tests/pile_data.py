@@ -35,7 +35,7 @@ def make_shards(folder: Path, shards: int = 3, per_shard: int = 60) -> list[str]
 
 def prepared_pile(root: Path, shards: int, per_shard: int, val_fraction: float, workers: int) -> Path:
     """Shards made under ``root/shards`` and prepared by ``looped prepare``'s code into ``root/data``."""
-    from looped.prepare import find_sources, prepare_pile
+    from looped.tools.prepare import find_sources, prepare_pile
 
     make_shards(root / "shards", shards=shards, per_shard=per_shard)
     prepare_pile(find_sources(str(root / "shards")), str(root / "data"), val_fraction=val_fraction, workers=workers,

@@ -28,9 +28,12 @@ class Rows(torch.utils.data.Dataset):
 
 
 class TwoSets(L.LightningDataModule):
-    """Two named evaluation sets; ``eval_names`` orders the loaders."""
+    """Two named evaluation sets; ``eval_names`` orders the loaders. Implements ``looped.contract.DataModuleContract``."""
 
-    vocab_size, seq_len = VOCAB, T
+    vocab_size, seq_len, eos_id = VOCAB, T, None
+
+    def decode(self, ids) -> str:
+        return " ".join(str(i) for i in ids)
 
     def __init__(self, sets: dict[str, dict[str, torch.Tensor]], batch_size: int = 4) -> None:
         super().__init__()
@@ -112,7 +115,12 @@ def test_without_names_the_log_keys_are_unchanged(tmp_path):
     module = make_module()
     rows = labelled_set(module, 6, 0.5, seed=3)
 
-    class One(L.LightningDataModule):
+    class One(TwoSets):
+        eval_names = []  # one unnamed set
+
+        def __init__(self):
+            L.LightningDataModule.__init__(self)
+
         def val_dataloader(self):
             return DataLoader(Rows(rows), batch_size=4)
 
@@ -125,3 +133,13 @@ def test_bad_eval_names_are_named():
     module = make_module()
     with pytest.raises(ValueError, match="data.eval_names"):
         module.set_eval_names(["a", "a"])
+
+
+def test_a_data_module_missing_part_of_the_contract_is_named(run_dir):
+    class Bare(L.LightningDataModule):
+        vocab_size, seq_len = VOCAB, T
+
+    module = make_module()
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    with pytest.raises(TypeError, match="Bare lacks eval_names, eos_id, decode of looped.contract.DataModuleContract"):
+        trainer.validate(module, datamodule=Bare())

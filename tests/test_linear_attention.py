@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from looped import LoopedConfig, LoopedTransformer
-from looped.linear_attention import LinearAttention
+from looped.mixers.linear import LinearAttention
 
 B, H, T, E = 2, 3, 37, 8
 

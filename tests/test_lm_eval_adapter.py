@@ -19,7 +19,7 @@ pytest.importorskip("lm_eval")
 pytest.importorskip("tokenizers")
 
 from looped import LoopedConfig, LoopedLM  # noqa: E402
-from looped.lm_eval_adapter import LoopedEvalLM  # noqa: E402
+from looped.tools.lm_eval_adapter import LoopedEvalLM  # noqa: E402
 
 WORDS = ["<|endoftext|>", "<unk>", "the", "cat", "dog", "sat", "on", "mat", "a", "ran", "rug", "."]
 ID = {w: i for i, w in enumerate(WORDS)}
@@ -128,7 +128,7 @@ metric_list:
 
 @pytest.mark.slow
 def test_lm_eval_cli_scores_a_local_task(assets, tmp_path):
-    """`python -m looped.lm_eval_adapter` (lm-eval's CLI) on a local YAML task: every logged score is the hand one."""
+    """`python -m looped.tools.lm_eval_adapter` (lm-eval's CLI) on a local YAML task: every logged score is the hand one."""
     docs = [
         {"question": "the cat sat on the", "choices": ["mat", "dog", "rug ."], "answer": 0},
         {"question": "a dog", "choices": ["ran", "sat on a mat", "the"], "answer": 1},
@@ -147,7 +147,7 @@ def test_lm_eval_cli_scores_a_local_task(assets, tmp_path):
     ]
     env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
-        [sys.executable, "-m", "looped.lm_eval_adapter", *args], capture_output=True, text=True, env=env, timeout=600
+        [sys.executable, "-m", "looped.tools.lm_eval_adapter", *args], capture_output=True, text=True, env=env, timeout=600
     )
     assert result.returncode == 0, result.stderr[-4000:]
     samples = [json.loads(line) for f in out.rglob("samples_looped_tiny*.jsonl") for line in f.read_text().splitlines()]

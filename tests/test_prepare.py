@@ -8,9 +8,8 @@ from litdata import StreamingDataset
 from litdata.streaming.item_loader import TokensLoader
 
 from looped.cli import main as looped_main
-from looped.prepare import (
-    ByteTokenizer, CorruptShardError, find_sources, prepare_pile, read_documents, train_tokenizer,
-)
+from looped.tokenizer import ByteTokenizer
+from looped.tools.prepare import CorruptShardError, find_sources, prepare_pile, read_documents, train_tokenizer
 
 from pile_data import documents, make_shards, write_shard
 
@@ -113,7 +112,7 @@ def test_byte_tokenizer_and_trained_bpe_round_trip_text(tmp_path):
     make_shards(tmp_path / "shards")
     out = tmp_path / "tokenizer.json"
     looped_main(["prepare", "tokenizer", "--input", str(tmp_path / "shards"), "--vocab-size", "320", "--output", str(out)])
-    from looped.prepare import load_tokenizer
+    from looped.tokenizer import load_tokenizer
 
     bpe = load_tokenizer(str(out))
     assert bpe.vocab_size == 320 and bpe.decode(bpe.encode(text)) == text
@@ -129,7 +128,7 @@ def test_missing_input_is_named(tmp_path):
 
 def test_a_prepared_directory_names_its_own_tokenizer(prepared, tmp_path):
     """``load_tokenizer(DIR)`` (what the lm-eval adapter is given) is the tokenizer DIR was prepared with."""
-    from looped.prepare import load_tokenizer
+    from looped.tokenizer import load_tokenizer
 
     root, _, _ = prepared
     assert isinstance(load_tokenizer(str(root / "data")), ByteTokenizer)  # prepared without a tokenizer file

@@ -10,7 +10,7 @@ import torch
 
 from looped import LoopedConfig, LoopedLM
 from looped.callbacks import BlockCosineSimilarity
-from looped.callbacks.block_cosine import cosine_heatmap
+from looped.tools.plots import cosine_heatmap
 from looped.datamodules import PHop
 from looped.regularizer import PARAMETER_GROUPS, BlockRegularizer, block_cosines
 

@@ -5,8 +5,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from looped import report
-from looped.analysis import fit_log_depth, gap_table, percent_gap, scaling_ratio
+from looped.tools import report
+from looped.tools.analysis import fit_log_depth, gap_table, percent_gap, scaling_ratio
 
 # Table 3 of Saunshi et al. 2025 (shared/reference/paper_tables.md beside the checkout), in percent.
 TABLE3 = {
@@ -149,7 +149,7 @@ def test_isoplot_recorder_logs_matching_metrics():
 
 
 def test_task_groups_average_columns():
-    from looped.analysis import task_groups
+    from looped.tools.analysis import task_groups
 
     columns = ["closed_qa/trivia", "closed_qa/nq", "math/gsm"]
     assert task_groups(columns, ["closed QA=closed_qa/*", "math=test/math/*"]) == {

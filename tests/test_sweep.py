@@ -9,10 +9,10 @@ import pytest
 import yaml
 
 from conftest import RECIPES
-from looped import report
-from looped.study import StudyPoint, plot_study, study_points, study_table
-from looped.sweep import load_sweep
-from looped.sweep import main as sweep_main
+from looped.tools import report
+from looped.tools.study import StudyPoint, plot_study, study_points, study_table
+from looped.tools.sweep import load_sweep
+from looped.tools.sweep import main as sweep_main
 
 QUICK = str(RECIPES / "quickstart.yaml")
 

@@ -6,9 +6,9 @@ to lm-eval's own command line:
 
     looped lm-eval --model looped --model_args checkpoint=runs/x/last.ckpt,tokenizer=data/pile \\
         --tasks lambada_openai,hellaswag --batch_size 16
-    python -m looped.lm_eval_adapter --model looped --model_args ... --tasks ...
+    python -m looped.tools.lm_eval_adapter --model looped --model_args ... --tasks ...
 
-From Python: ``import looped.lm_eval_adapter`` then ``lm_eval.simple_evaluate(model="looped", ...)``.
+From Python: ``import looped.tools.lm_eval_adapter`` then ``lm_eval.simple_evaluate(model="looped", ...)``.
 
 ``model_args``: ``checkpoint`` (a Lightning ``.ckpt``; a sharded FSDP2 checkpoint directory
 must first be consolidated, see README), ``tokenizer`` (a ``tokenizer.json`` or a directory
@@ -31,7 +31,7 @@ from lm_eval.api.registry import register_model
 
 from looped.cache import DecodeCache
 from looped.module import LoopedLM
-from looped.prepare import load_tokenizer
+from looped.tokenizer import load_tokenizer
 
 @register_model("looped")
 class LoopedEvalLM(LM):
@@ -61,7 +61,7 @@ class LoopedEvalLM(LM):
         self._device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         module = LoopedLM.load_from_checkpoint(str(path), map_location=self._device)
         self.model = module.model.eval()
-        # The tokenizer the data was prepared with (looped.prepare): a tokenizer.json, or bytes.
+        # The tokenizer the data was prepared with (looped.tools.prepare): a tokenizer.json, or bytes.
         self.tokenizer = load_tokenizer(tokenizer, eos_token=eot_token)
         vocab = self.model.config.vocab_size
         if self.tokenizer.vocab_size > vocab:
@@ -175,7 +175,7 @@ class LoopedEvalLM(LM):
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    """``looped lm-eval ...`` / ``python -m looped.lm_eval_adapter ...``: lm-eval's CLI with ``looped`` registered."""
+    """``looped lm-eval ...`` / ``python -m looped.tools.lm_eval_adapter ...``: lm-eval's CLI with ``looped`` registered."""
     from lm_eval.__main__ import cli_evaluate
 
     sys.argv = ["lm_eval", *(sys.argv[1:] if argv is None else argv)]

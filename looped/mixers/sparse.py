@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from looped.attention import AttentionMixer, register_mixer
+from looped.mixers.base import AttentionMixer
 
 PATTERNS = ("local", "strided", "fixed")
 
@@ -96,7 +96,6 @@ def flex_attention(q: Tensor, k: Tensor, v: Tensor, mask) -> Tensor:
     return _compiled_flex(q, k, v, block_mask=mask)
 
 
-@register_mixer("sparse")
 class SparseAttention(AttentionMixer):
     """Causal attention restricted to a ``local``, ``strided`` or ``fixed`` sparsity pattern.
 

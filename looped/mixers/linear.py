@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from einops import einsum, rearrange
 from torch import Tensor
 
-from looped.attention import AttentionMixer, register_mixer
+from looped.mixers.base import AttentionMixer
 from looped.cache import LayerCache
 
 FEATURE_MAPS: dict[str, Callable[[Tensor], Tensor]] = {
@@ -49,7 +49,6 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-@register_mixer("linear")
 class LinearAttention(AttentionMixer):
     """Causal linear attention with a positive feature map; chunked for training, recurrent for decoding."""
 

@@ -131,7 +131,7 @@ def load_sweep(path: str | Path, runs_dir: str | Path = "runs") -> Sweep:
 
 def finished(cell_dir: Path, metric: str) -> bool:
     """A cell is done when one of its versions logged the sweep's test metric."""
-    from looped.report import find_version_dirs, read_scalars
+    from looped.tools.report import find_version_dirs, read_scalars
 
     if not cell_dir.exists():
         return False

@@ -1,12 +1,13 @@
-"""Token mixers: the one place where attention variants live.
+"""The token-mixer interface every attention variant implements, and the rotary embedding they share.
 
 A mixer maps hidden states ``[b t d]`` to ``[b t d]`` and is causal: position
 ``t`` sees only positions ``<= t``. The model's layers call
 ``mixer(x, rope, cache)`` and never look inside, so linear, sparse or hybrid
-attention plug in by registering a class here, without touching the loop in
-``model.py``. With a ``LayerCache`` (decoding) ``x`` holds only the new
-positions, from ``cache.offset`` on; the mixer attends over everything the
-cache has seen and extends it.
+attention plug in as a subclass of ``AttentionMixer`` in its own file, named in
+the registry ``looped.mixers.MIXERS``, without touching the loop in ``model.py``.
+With a ``LayerCache`` (decoding) ``x`` holds only the new positions, from
+``cache.offset`` on; the mixer attends over everything the cache has seen and
+extends it.
 
 Dimension letters: b batch, t time (sequence position), d model width,
 h heads, e head width.
@@ -14,37 +15,12 @@ h heads, e head width.
 
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
 from looped.cache import DecodeCache, LayerCache
-
-MIXERS: dict[str, type[nn.Module]] = {}
-
-
-def register_mixer(name: str) -> Callable[[type[nn.Module]], type[nn.Module]]:
-    """Class decorator: make a mixer available to ``LoopedConfig.attention``."""
-
-    def add(cls: type[nn.Module]) -> type[nn.Module]:
-        MIXERS[name] = cls
-        return cls
-
-    return add
-
-
-def build_mixer(name: str, d_model: int, n_heads: int, dropout: float, bias: bool, **options) -> nn.Module:
-    """A mixer by name; ``options`` come from ``LoopedConfig.mixer_options[name]``."""
-    if name not in MIXERS:
-        raise ValueError(f"attention: unknown mixer {name!r}; choose one of {sorted(MIXERS)}")
-    try:
-        return MIXERS[name](d_model=d_model, n_heads=n_heads, dropout=dropout, bias=bias, **options)
-    except TypeError as err:
-        raise ValueError(f"LoopedConfig.mixer_options.{name}: {err}") from err
-
 
 class RotaryEmbedding(nn.Module):
     """Rotary position embedding (Su et al. 2021), shared by every layer.
@@ -131,20 +107,3 @@ class AttentionMixer(nn.Module):
     def first_visible_key(self, offset: int) -> int:
         """A lower bound on the keys a query at ``offset`` or later can see (a sliding window's start)."""
         return 0
-
-
-@register_mixer("softmax")
-class SoftmaxAttention(AttentionMixer):
-    """Causal softmax attention through ``F.scaled_dot_product_attention``.
-
-    SDPA picks the fused flash / memory-efficient kernel on GPU and the fused
-    CPU kernel here; no hand-written attention.
-    """
-
-    def attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        p = self.dropout if self.training else 0.0
-        return F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
-
-# Mixers in their own modules register themselves on import.
-import looped.linear_attention  # noqa: E402,F401  (registers "linear")
-import looped.sparse_attention  # noqa: E402,F401  (registers "sparse")

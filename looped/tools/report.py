@@ -20,12 +20,12 @@ from typing import Optional, Sequence
 
 import yaml
 
-from looped.analysis import (
+from looped.tools.analysis import (
     ModelShape, fit_line, fit_log_depth, gap_families, gap_table, paper_order, parse_shape, scaling_ratio, task_groups,
 )
-from looped.study import plot_study, study_points, study_table
+from looped.tools.plots import cosine_heatmap, per_loop_figure, pyplot, save
+from looped.tools.study import plot_study, study_points, study_table
 
-DPI = 100
 PER_LOOP = re.compile(r"_loop(\d+)$")
 COSINE = re.compile(r"^block_cosine/(.+)/layer(\d+)$")
 # Data-module arguments that change how a task is served, not which task it is.
@@ -279,25 +279,7 @@ def scaling_fits(cells: dict[str, dict[str, float]], columns: Sequence[str]) -> 
 
 
 # -- figures -----------------------------------------------------------------------------
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display on a cluster; must precede pyplot
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(figure, path: Path) -> Path:
-    plt = _pyplot()
-    figure.savefig(path, dpi=DPI)
-    plt.close(figure)
-    return path
-
-
 def plot_per_loop(run: Run, output: Path, stage: str = "test") -> Optional[Path]:
-    from looped.callbacks.per_loop import per_loop_figure
-
     per_loop = {}
     for tag in run.scalars:
         match = PER_LOOP.search(tag)
@@ -306,12 +288,10 @@ def plot_per_loop(run: Run, output: Path, stage: str = "test") -> Optional[Path]
     if not per_loop:
         return None
     accuracy = [per_loop.get(n, float("nan")) for n in range(1, max(per_loop) + 1)]
-    return _save(per_loop_figure(accuracy, run.shape.loops), output / f"per_loop_{run.label}.png")
+    return save(per_loop_figure(accuracy, run.shape.loops), output / f"per_loop_{run.label}.png")
 
 
 def plot_cosine(run: Run, output: Path) -> Optional[Path]:
-    from looped.callbacks.block_cosine import cosine_heatmap
-
     values: dict[str, dict[int, float]] = {}
     for tag in run.scalars:
         if match := COSINE.match(tag):
@@ -320,7 +300,7 @@ def plot_cosine(run: Run, output: Path) -> Optional[Path]:
         return None
     grid = {g: [layers[l] for l in sorted(layers)] for g, layers in values.items()}
     k = run.cosine_k or run.shape.block_layers - max(len(v) for v in grid.values())
-    return _save(cosine_heatmap(grid, k), output / f"cosine_{run.label}.png")
+    return save(cosine_heatmap(grid, k), output / f"cosine_{run.label}.png")
 
 
 def isoplot_points(run: Run, metric: str) -> list[tuple[float, float]]:
@@ -341,7 +321,7 @@ def plot_isoplot(runs: list[Run], output: Path, metric: str) -> Optional[Path]:
     families = {k: v for k, v in families.items() if v}
     if not families:
         return None
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5.0, 3.5))
     for (name, points), marker in zip(sorted(families.items()), "osD^vP*X<>"):
         xs, ys = zip(*points)
@@ -354,7 +334,7 @@ def plot_isoplot(runs: list[Run], output: Path, metric: str) -> Optional[Path]:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    return _save(fig, output / "isoplot.png")
+    return save(fig, output / "isoplot.png")
 
 
 # -- the command -------------------------------------------------------------------------

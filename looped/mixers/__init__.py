@@ -1,0 +1,43 @@
+"""Token mixers: the interface (``AttentionMixer``), one file per mixer, and the registry that names them.
+
+``LoopedConfig.attention`` names a mixer (or a per-layer pattern of names) from
+``MIXERS``. A new mixer is one file here with a subclass of ``AttentionMixer``
+plus one line in ``MIXERS``: the registry is an explicit dict, so a mixer is
+available exactly when it is listed, not when some module happens to import it.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from looped.mixers.base import AttentionMixer, RotaryEmbedding
+from looped.mixers.linear import LinearAttention
+from looped.mixers.softmax import SoftmaxAttention
+from looped.mixers.sparse import SparseAttention
+
+MIXERS: dict[str, type[AttentionMixer]] = {
+    "softmax": SoftmaxAttention,  # causal SDPA
+    "linear": LinearAttention,  # Katharopoulos et al. 2020: chunked parallel form, recurrent decoding
+    "sparse": SparseAttention,  # Sparse Transformer patterns: local, strided, fixed
+}
+
+
+def build_mixer(name: str, d_model: int, n_heads: int, dropout: float, bias: bool, **options) -> nn.Module:
+    """A mixer by name; ``options`` come from ``LoopedConfig.mixer_options[name]``."""
+    if name not in MIXERS:
+        raise ValueError(f"attention: unknown mixer {name!r}; choose one of {sorted(MIXERS)}")
+    try:
+        return MIXERS[name](d_model=d_model, n_heads=n_heads, dropout=dropout, bias=bias, **options)
+    except TypeError as err:
+        raise ValueError(f"LoopedConfig.mixer_options.{name}: {err}") from err
+
+
+__all__ = [
+    "MIXERS",
+    "AttentionMixer",
+    "LinearAttention",
+    "RotaryEmbedding",
+    "SoftmaxAttention",
+    "SparseAttention",
+    "build_mixer",
+]

@@ -1,0 +1,135 @@
+"""The package's shape, checked from its source: imports point one way and never in a circle.
+
+Layers, lowest first (a module may import its own layer and those below, never one above):
+
+0. leaves — ``looped.contract``, ``looped.tokenizer``, ``looped.tools.plots``: import nothing of looped;
+1. the model — ``looped.model``, ``looped.cache``, ``looped.mixers``: torch only;
+2. training — ``LoopedLM`` and what it uses (loss, schedule, regulariser, optimiser, parallelism);
+3. data and callbacks — ``looped.datamodules``, ``looped.callbacks``;
+4. tools and the command line — ``looped.tools``, ``looped.cli``.
+
+``looped/__init__.py`` is the facade that re-exports from every layer, so it is left out.
+"""
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT
+
+# Source folder -> the import name it installs as (pyproject's package-dir).
+PACKAGES = {"looped": "looped", "datamodules": "looped.datamodules", "callbacks": "looped.callbacks"}
+LEAVES = {"looped.contract", "looped.tokenizer", "looped.tools.plots"}
+MODEL = ("looped.model", "looped.cache", "looped.mixers")
+TRAINING = ("looped.module", "looped.generation", "looped.loop_schedule", "looped.regularizer", "looped.adaptive",
+            "looped.optim", "looped.parallel")
+DATA_AND_CALLBACKS = ("looped.datamodules", "looped.callbacks")
+TOOLS = ("looped.tools", "looped.cli")
+
+
+def module_files() -> dict[str, Path]:
+    """Every module of the installed package, by import name."""
+    modules = {}
+    for folder, package in PACKAGES.items():
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            parts = path.relative_to(ROOT / folder).with_suffix("").parts
+            if parts[-1] == "__init__":
+                parts = parts[:-1]
+            modules[".".join((package, *parts))] = path
+    return modules
+
+
+MODULES = module_files()
+
+
+def imports_of(path: Path) -> set[str]:
+    """The looped modules a file imports, at module level or inside a function (lazy imports count too)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            # `from looped.tools import report` imports the module looped.tools.report
+            names = [f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in MODULES else node.module
+                     for a in node.names]
+        else:
+            continue
+        found |= {name for name in names if name in MODULES}
+    return found
+
+
+GRAPH = {name: imports_of(path) for name, path in MODULES.items() if name != "looped"}
+
+
+def layer(module: str) -> int:
+    if module in LEAVES:
+        return 0
+    for rank, prefixes in enumerate((MODEL, TRAINING, DATA_AND_CALLBACKS, TOOLS), start=1):
+        if any(module == p or module.startswith(p + ".") for p in prefixes):
+            return rank
+    raise AssertionError(f"{module} belongs to no layer: add it to one in {__file__}")
+
+
+def test_every_module_belongs_to_a_layer():
+    for module in GRAPH:
+        layer(module)
+
+
+@pytest.mark.parametrize("module", sorted(GRAPH))
+def test_no_module_imports_a_layer_above_its_own(module):
+    above = {m for m in GRAPH[module] if m != "looped" and layer(m) > layer(module)}
+    assert not above, f"{module} (layer {layer(module)}) imports {sorted(above)} from a layer above"
+
+
+def test_leaves_import_nothing_of_looped():
+    for leaf in LEAVES:
+        assert GRAPH[leaf] == set(), f"{leaf} imports {GRAPH[leaf]}"
+
+
+def test_no_import_cycle():
+    """Depth-first search for a back edge; the cycle is named if there is one."""
+    state: dict[str, int] = {}  # 1 = on the current path, 2 = done
+
+    def visit(module: str, path: list[str]) -> None:
+        state[module] = 1
+        for target in sorted(GRAPH.get(module, ())):
+            if state.get(target) == 1:
+                cycle = path[path.index(target):] + [target]
+                raise AssertionError("import cycle: " + " -> ".join(cycle))
+            if target not in state:
+                visit(target, [*path, target])
+        state[module] = 2
+
+    for module in sorted(GRAPH):
+        if module not in state:
+            visit(module, [module])
+
+
+def test_the_checks_see_a_cycle_and_a_wrong_way_import(monkeypatch):
+    """The two checks above can fail: an edge from the model back up to training trips both."""
+    monkeypatch.setitem(GRAPH, "looped.model", GRAPH["looped.model"] | {"looped.module"})
+    with pytest.raises(AssertionError, match="import cycle: .*looped.model"):
+        test_no_import_cycle()
+    with pytest.raises(AssertionError, match="from a layer above"):
+        test_no_module_imports_a_layer_above_its_own("looped.model")
+
+
+def test_the_model_needs_only_torch():
+    """``import looped.model`` loads no Lightning (inference, export and other code embed the model alone)."""
+    code = "import looped.model, sys; bad = [m for m in ('lightning', 'torchmetrics') if m in sys.modules]; print(bad)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
+def test_public_paths_that_recipes_and_saved_configs_name_still_resolve():
+    import importlib
+
+    for path in ("looped.LoopedLM", "looped.LoopedConfig", "looped.module.batch_size", "looped.module.batch_tokens",
+                 "looped.optim.Adafactor", "looped.datamodules.PHop", "looped.datamodules.PileDataModule",
+                 "looped.callbacks.PerLoopAccuracy", "looped.callbacks.InterruptCheckpoint"):
+        module, _, name = path.rpartition(".")
+        assert callable(getattr(importlib.import_module(module), name)), path
