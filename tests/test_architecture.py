@@ -133,3 +133,12 @@ def test_public_paths_that_recipes_and_saved_configs_name_still_resolve():
                  "looped.callbacks.PerLoopAccuracy", "looped.callbacks.InterruptCheckpoint"):
         module, _, name = path.rpartition(".")
         assert callable(getattr(importlib.import_module(module), name)), path
+
+
+def test_every_package_folder_is_installed():
+    """A folder missing from pyproject's ``packages`` works in an editable install and vanishes from a wheel."""
+    import tomllib
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    folders = {name for name, path in MODULES.items() if path.name == "__init__.py"}
+    assert folders == listed
