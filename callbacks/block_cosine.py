@@ -95,7 +95,7 @@ class BlockCosineSimilarity(L.Callback):
             return
         metrics = {}
         for group, cosines in self.last.items():
-            metrics.update({f"block_cosine/{group}/layer{l}": c for l, c in enumerate(cosines)})
+            metrics.update({f"block_cosine/{group}/layer{i}": c for i, c in enumerate(cosines)})
             metrics[f"block_cosine/{group}/mean"] = sum(cosines) / len(cosines)
         # The loggers directly, not pl_module.log: Lightning forbids self.log in on_train_end.
         for logger in trainer.loggers:

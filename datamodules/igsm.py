@@ -172,8 +172,8 @@ class IGSM(SyntheticTask):
             f"in {{{', '.join(OPERATORS)}}} mod {self.modulus}), "
             f"{'shuffled' if self.shuffle else 'in topological order'}; entity layers "
             + " | ".join(
-                "".join(self.entities[l * self.entities_per_layer : (l + 1) * self.entities_per_layer])
-                for l in range(self.layers)
+                "".join(self.entities[i * self.entities_per_layer : (i + 1) * self.entities_per_layer])
+                for i in range(self.layers)
             )
         )
 

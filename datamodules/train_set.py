@@ -75,7 +75,7 @@ class FixedTrainingSet:
                 f"{type(self).__name__}: drawing the fixed training set of {self.train_size:,} samples"
                 + (f" with {workers} processes" if workers > 1 else "")
             )
-            self.eval_keys  # built once here, before the workers start, so that none rebuilds them
+            self._build_eval_sets()  # once here, before the workers start, so that none rebuilds them
             loader = DataLoader(chunks, batch_size=None, num_workers=workers)  # in chunk order
             self._train_set = np.concatenate([chunk.numpy() for chunk in loader])
         return self._train_set[:, 0], self._train_set[:, 1]
@@ -121,7 +121,7 @@ class FixedTrainingSet:
 class TrainSetChunks(Dataset):
     """The seeded chunks of a task's fixed training set, for loader workers to draw in parallel."""
 
-    def __init__(self, task: SyntheticTask) -> None:
+    def __init__(self, task: FixedTrainingSet) -> None:
         self.task = task
 
     def __len__(self) -> int:
@@ -139,7 +139,7 @@ class TrainRows:
     turns each into ``input_ids`` and ``labels``.
     """
 
-    def __init__(self, task: SyntheticTask, rank: int, start: int) -> None:
+    def __init__(self, task: FixedTrainingSet, rank: int, start: int) -> None:
         self.task, self.rank, self.start = task, rank, start
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:

@@ -162,7 +162,7 @@ def test_callback_logs_what_the_functions_compute(data, tmp_path):
     everything = sum(total.values())
     for name in rules:
         pooled_right = sum(r[name] for r in right.values())
-        pooled_loops = sum(l[name] for l in loops.values())
+        pooled_loops = sum(used[name] for used in loops.values())
         assert logged[f"test/adaptive/{name}/exact_match"].item() == pytest.approx(pooled_right / everything)
         assert logged[f"test/adaptive/{name}/mean_loops"].item() == pytest.approx(pooled_loops / everything)
         for set_name in data.eval_names or []:

@@ -89,7 +89,7 @@ def test_adafactor_on_plain_parameters_is_stock_adafactor():
     ours = Adafactor(copy.parameters(), lr=0.01, weight_decay=0.1)
     calls = []
     ours.register_step_pre_hook(lambda *_: calls.append(1))
-    for step in range(3):
+    for _ in range(3):
         ids = torch.randint(0, 11, (2, 16))
         for m, optimizer in ((model, stock), (copy, ours)):
             optimizer.zero_grad()

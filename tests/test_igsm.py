@@ -127,11 +127,11 @@ def test_dense_labels_against_reference(shuffle):
         defs, position = dict(equations), {name: i for i, (name, _) in enumerate(equations)}
         expect = {len(ids) - 1: reference(text)[0]}  # token position -> value; the answer at '='
 
-        def closure(name):
+        def closure(name, defs=defs):
             rhs = defs[name]
             return {name} if len(rhs) == 1 else {name} | closure(rhs[0]) | closure(rhs[2])
 
-        def value(name):
+        def value(name, text=text):
             return reference(text.rsplit(" ; ", 1)[0] + f" ; ? {name} =", task.modulus)[0]  # ask for it
 
         at = 0  # token position of the equation's first token, walking the words

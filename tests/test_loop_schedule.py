@@ -55,7 +55,7 @@ def test_truncated_backprop_equals_detached_reference(injection):
     with torch.no_grad():
         for n in range(2):
             h = net.apply_block(h + injected if injection == "add" and n > 0 else h)
-    for n in range(2, 4):
+    for _ in range(2, 4):  # loops 3 and 4, with gradients
         h = net.apply_block(h + injected if injection == "add" else h)
     net.readout(h).square().mean().backward()
     reference = {n: p.grad for n, p in net.named_parameters() if p.grad is not None}

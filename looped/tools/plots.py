@@ -62,7 +62,7 @@ def cosine_heatmap(values: dict[str, list[float]], block_layers: int):
             ax.text(col, row, f"{value:.2f}", ha="center", va="center", fontsize=7,
                     color="white" if abs(value) > 0.6 else "black")
     ax.set_xticks(range(columns))
-    ax.set_xticklabels([str(l) for l in range(columns)])
+    ax.set_xticklabels([str(i) for i in range(columns)])
     ax.set_yticks(range(len(groups)))
     ax.set_yticklabels(groups)
     ax.set_xlabel(f"lower layer l (paired with l + {block_layers})")

@@ -298,7 +298,7 @@ def plot_cosine(run: Run, output: Path) -> Optional[Path]:
             values.setdefault(match[1], {})[int(match[2])] = run.last(tag)
     if not values:
         return None
-    grid = {g: [layers[l] for l in sorted(layers)] for g, layers in values.items()}
+    grid = {g: [layers[i] for i in sorted(layers)] for g, layers in values.items()}
     k = run.cosine_k or run.shape.block_layers - max(len(v) for v in grid.values())
     return save(cosine_heatmap(grid, k), output / f"cosine_{run.label}.png")
 
