@@ -55,6 +55,7 @@ import yaml
 from torch.utils.data import DataLoader
 
 from looped import LoopedConfig, LoopedTransformer
+from looped.cli import resolve_recipe
 from looped.datamodules.base import TrainStream
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -83,7 +84,7 @@ def build(recipe: str, batch_size: Optional[int], train_size: Optional[int], fix
 
     ``fixed_set``: with the recipe's ``train_size`` (capped), else generating fresh samples.
     """
-    config = yaml.safe_load((ROOT / recipe).read_text())
+    config = yaml.safe_load(resolve_recipe(str(ROOT / recipe)))  # the recipe's base and defaults included
     module, _, name = config["data"]["class_path"].rpartition(".")
     train_size = train_size or config["data"]["init_args"].get("train_size")
     train_size = min(train_size, FIXED_SET_CAP) if (fixed_set and train_size) else None

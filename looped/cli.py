@@ -8,9 +8,12 @@ into the paper's tables and figures. Every other subcommand is LightningCLI's ow
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import io
 import sys
 from importlib import metadata
+from unittest import mock
 from typing import Optional
 
 import lightning as L
@@ -77,6 +80,22 @@ def data_eos_id(data: DataModuleContract) -> Optional[int]:
     """The data module's ``eos_id`` (None unless its task is scored by generation), after checking its contract."""
     check_data_module(data)
     return data.eos_id
+
+
+def resolve_recipe(recipe: str, *overrides: str) -> str:
+    """The run a recipe stands for, as YAML: its ``config:`` bases applied, then ``overrides``, every default filled in.
+
+    Exactly what ``looped fit --config RECIPE [--key value ...] --print_config`` prints. Read recipes
+    through this, never with a plain YAML load: a row holds only what differs from its base.
+    """
+    out, err = io.StringIO(), io.StringIO()
+    try:
+        with mock.patch.object(sys, "argv", sys.argv[:1]), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            LoopedCLI(args=["fit", "--config", str(recipe), *overrides, "--print_config"])
+    except SystemExit as exit_:
+        if exit_.code not in (0, None):
+            raise ValueError(f"{recipe} does not resolve:\n{err.getvalue()[-3000:]}") from None
+    return out.getvalue()
 
 
 def run(argv: list[str]) -> LoopedCLI:

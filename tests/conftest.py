@@ -1,16 +1,36 @@
 """Shared paths and fixtures."""
 
+import functools
 import os
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
+from looped.cli import resolve_recipe
 from looped.model import LoopedConfig, LoopedTransformer
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "recipes"
+# Every recipe a run starts from. `_*.yaml` are bases that rows start from (`config: _base.yaml`);
+# recipes/sweeps/ holds grids over recipes for `looped sweep`, not recipes.
+RECIPE_ROWS = sorted(
+    p for p in RECIPES.rglob("*.yaml") if not p.name.startswith("_") and p.relative_to(RECIPES).parts[0] != "sweeps"
+)
+
+
+@functools.cache
+def resolved_text(path: Path) -> str:
+    """``looped fit --config PATH --print_config``, in this process (~0.3 s), once per test session."""
+    return resolve_recipe(str(path))
+
+
+def resolved(path: Path) -> dict:
+    """The recipe as a run reads it: bases applied, every default filled in. Never ``yaml.safe_load`` a
+    recipe itself: a row holds only what differs from its base."""
+    return yaml.safe_load(resolved_text(path))
 
 TINY = dict(vocab_size=11, max_seq_len=16, d_model=16, n_heads=2, d_ff=32)
 """The smallest model every test starts from; a test states only the fields it is about."""

@@ -3,11 +3,10 @@
 import importlib
 
 import pytest
-import yaml
 
 from looped.datamodules.base import SyntheticTask, rows_as_keys
 
-from conftest import RECIPES
+from conftest import RECIPE_ROWS, resolved
 
 
 def data_class(class_path: str):
@@ -18,8 +17,8 @@ def data_class(class_path: str):
 def synthetic_data_settings():
     """Distinct (data class, arguments, training batches) over the recipes; rows of a table share one."""
     settings = {}
-    for path in sorted(RECIPES.rglob("*.yaml")):
-        recipe = yaml.safe_load(path.read_text())
+    for path in RECIPE_ROWS:
+        recipe = resolved(path)  # base and defaults included
         class_path = recipe.get("data", {}).get("class_path", "")
         if not class_path or not issubclass(data_class(class_path), SyntheticTask):
             continue
