@@ -173,8 +173,14 @@ def loop_floor_seconds(steps: int = 2000) -> float:
     batch = {"input_ids": torch.zeros(1, 1, dtype=torch.long)}
     timer = _StepTimer(skip=100)
     trainer = L.Trainer(
-        accelerator="cpu", devices=1, max_steps=steps + timer.skip, logger=False, callbacks=[timer],
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        accelerator="cpu",
+        devices=1,
+        max_steps=steps + timer.skip,
+        logger=False,
+        callbacks=[timer],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
     )
     trainer.fit(_NoModel(), train_dataloaders=itertools.repeat(batch))
     return timer.seconds_per_step
@@ -183,8 +189,12 @@ def loop_floor_seconds(steps: int = 2000) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seconds", type=float, default=5.0, help="timing window per task")
-    parser.add_argument("--only", action="append", metavar="LABEL",
-                        help="measure only the tasks whose label contains LABEL (repeatable; default: all)")
+    parser.add_argument(
+        "--only",
+        action="append",
+        metavar="LABEL",
+        help="measure only the tasks whose label contains LABEL (repeatable; default: all)",
+    )
     parser.add_argument("--floor-steps", type=int, default=2000, help="steps timed for the Lightning loop floor")
     args = parser.parse_args()
     tasks = [row for row in TASKS if not args.only or any(part in row[0] for part in args.only)]
@@ -192,8 +202,10 @@ def main() -> None:
         parser.error(f"--only {args.only} matches no task; the labels are: {', '.join(row[0] for row in TASKS)}")
     floor = loop_floor_seconds(args.floor_steps)
     print(f"Lightning loop floor: {floor * 1e6:.0f} µs per step on this host")
-    print(f"{'task':28} {'batch':>6} {'seq':>5} {'generated/s':>12} {'fixed set/s':>12} {'FLOP bound/s':>13} "
-          f"{'loop bound/s':>13} {'headroom':>9} {'vs FLOPs':>9} {'host/s':>13} {'host vs FLOPs':>13}")
+    print(
+        f"{'task':28} {'batch':>6} {'seq':>5} {'generated/s':>12} {'fixed set/s':>12} {'FLOP bound/s':>13} "
+        f"{'loop bound/s':>13} {'headroom':>9} {'vs FLOPs':>9} {'host/s':>13} {'host vs FLOPs':>13}"
+    )
     worst: dict[str, tuple[float, str]] = {}
     for label, recipe, batch_size, train_size in tasks:
         task, model = build(recipe, batch_size, train_size, fixed_set=False)
@@ -208,13 +220,18 @@ def main() -> None:
         loop_bound = task.batch_size / floor
         delivered = drawn or made  # what the recipe's training loop gets
         from_host = host or made  # what a GPU run's host must make: row indices, or the samples themselves
-        ratios = {"headroom": delivered / min(flop_bound, loop_bound), "vs FLOPs": delivered / flop_bound,
-                  "host vs FLOPs": from_host / flop_bound}
+        ratios = {
+            "headroom": delivered / min(flop_bound, loop_bound),
+            "vs FLOPs": delivered / flop_bound,
+            "host vs FLOPs": from_host / flop_bound,
+        }
         drawn_text = f"{drawn:>12,.0f}" if drawn else f"{'(streams)':>12}"
         host_text = f"{host:>13,.0f}" if host else f"{'(streams)':>13}"
-        print(f"{label:28} {task.batch_size:>6} {task.seq_len:>5} {made:>12,.0f} {drawn_text} {flop_bound:>13,.0f} "
-              f"{loop_bound:>13,.0f} {ratios['headroom']:>8.3g}x {ratios['vs FLOPs']:>8.3g}x {host_text} "
-              f"{ratios['host vs FLOPs']:>12.3g}x")
+        print(
+            f"{label:28} {task.batch_size:>6} {task.seq_len:>5} {made:>12,.0f} {drawn_text} {flop_bound:>13,.0f} "
+            f"{loop_bound:>13,.0f} {ratios['headroom']:>8.3g}x {ratios['vs FLOPs']:>8.3g}x {host_text} "
+            f"{ratios['host vs FLOPs']:>12.3g}x"
+        )
         for name, ratio in ratios.items():
             if name not in worst or ratio < worst[name][0]:
                 worst[name] = (ratio, label)

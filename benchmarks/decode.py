@@ -52,8 +52,14 @@ def main() -> None:
     torch.manual_seed(0)
 
     config = LoopedConfig(
-        vocab_size=args.vocab, max_seq_len=args.prompt_len + args.new_tokens, d_model=args.d_model, n_heads=8,
-        d_ff=4 * args.d_model, block_layers=args.block_layers, loops=args.loops, attention=args.attention,
+        vocab_size=args.vocab,
+        max_seq_len=args.prompt_len + args.new_tokens,
+        d_model=args.d_model,
+        n_heads=8,
+        d_ff=4 * args.d_model,
+        block_layers=args.block_layers,
+        loops=args.loops,
+        attention=args.attention,
     )
     model = LoopedTransformer(config).eval().to(args.device)
     prompt = torch.randint(0, args.vocab, (args.batch, args.prompt_len), device=args.device)
@@ -72,7 +78,9 @@ def main() -> None:
                 sync()
                 times[name].append(time.perf_counter() - start)
 
-    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"cpu, {torch.get_num_threads()} threads"
+    device = (
+        torch.cuda.get_device_name() if args.device.startswith("cuda") else f"cpu, {torch.get_num_threads()} threads"
+    )
     print(
         f"{device}, fp32; ({args.block_layers}⊗{args.loops}) {args.attention}, "
         f"d_model {args.d_model}, batch {args.batch}, prompt {args.prompt_len} + {args.new_tokens} new tokens, "

@@ -33,10 +33,21 @@ def litgpt_model(vocab_size: int, seq_len: int, d_model: int, layers: int, heads
     except ImportError as err:
         raise SystemExit("this benchmark compares against LitGPT: `pip install litgpt`") from err
     config = Config(
-        block_size=seq_len, vocab_size=vocab_size, padded_vocab_size=vocab_size,
-        n_layer=layers, n_head=heads, n_query_groups=heads, n_embd=d_model, intermediate_size=d_ff,
-        bias=False, norm_class_name="LayerNorm", mlp_class_name="GptNeoxMLP", gelu_approximate="none",
-        rotary_percentage=1.0, parallel_residual=False, shared_attention_norm=False,
+        block_size=seq_len,
+        vocab_size=vocab_size,
+        padded_vocab_size=vocab_size,
+        n_layer=layers,
+        n_head=heads,
+        n_query_groups=heads,
+        n_embd=d_model,
+        intermediate_size=d_ff,
+        bias=False,
+        norm_class_name="LayerNorm",
+        mlp_class_name="GptNeoxMLP",
+        gelu_approximate="none",
+        rotary_percentage=1.0,
+        parallel_residual=False,
+        shared_attention_norm=False,
     )
     return GPT(config)
 
@@ -54,8 +65,15 @@ def main() -> None:
     torch.manual_seed(0)
     d, layers, heads, d_ff = 256, 4, 4, 1024
     ours = LoopedTransformer(
-        LoopedConfig(vocab_size=args.vocab, max_seq_len=args.seq_len, d_model=d, n_heads=heads, d_ff=d_ff,
-                     block_layers=layers, loops=1)
+        LoopedConfig(
+            vocab_size=args.vocab,
+            max_seq_len=args.seq_len,
+            d_model=d,
+            n_heads=heads,
+            d_ff=d_ff,
+            block_layers=layers,
+            loops=1,
+        )
     )
     models = {"looped (4⊗1)": ours, "litgpt GPT": litgpt_model(args.vocab, args.seq_len, d, layers, heads, d_ff)}
     batch = torch.randint(0, args.vocab, (args.batch, args.seq_len + 1), device=args.device)

@@ -58,8 +58,9 @@ def train_steps(model, optimizer, batch: torch.Tensor, steps: int, device: str, 
     return time.perf_counter() - start
 
 
-def interleaved_step_times(models: dict, batch: torch.Tensor, rounds: int, steps: int, device: str,
-                           dtype: torch.dtype) -> dict[str, list[float]]:
+def interleaved_step_times(
+    models: dict, batch: torch.Tensor, rounds: int, steps: int, device: str, dtype: torch.dtype
+) -> dict[str, list[float]]:
     """Seconds per training step of each model (AdamW), the models taking turns in ABBA order.
 
     Taking turns step by step, not model by model, is what makes the ratio repeatable on a

@@ -54,8 +54,13 @@ def main() -> None:
     torch.manual_seed(0)
 
     config = LoopedConfig(
-        vocab_size=args.vocab, max_seq_len=args.seq_len, d_model=args.d_model, n_heads=8,
-        d_ff=4 * args.d_model, block_layers=args.block_layers, loops=args.loops,
+        vocab_size=args.vocab,
+        max_seq_len=args.seq_len,
+        d_model=args.d_model,
+        n_heads=8,
+        d_ff=4 * args.d_model,
+        block_layers=args.block_layers,
+        loops=args.loops,
     )
     model = LoopedTransformer(config).eval()
     input_ids = torch.randint(0, args.vocab, (args.batch, args.seq_len))

@@ -7,4 +7,11 @@ from looped.callbacks.isoplot import IsoplotRecorder
 from looped.callbacks.per_loop import PerLoopAccuracy
 from looped.callbacks.stacking import GradualStacking
 
-__all__ = ["AdaptiveExit", "BlockCosineSimilarity", "GradualStacking", "InterruptCheckpoint", "IsoplotRecorder", "PerLoopAccuracy"]
+__all__ = [
+    "AdaptiveExit",
+    "BlockCosineSimilarity",
+    "GradualStacking",
+    "InterruptCheckpoint",
+    "IsoplotRecorder",
+    "PerLoopAccuracy",
+]

@@ -119,7 +119,9 @@ class PerLoopAccuracy(L.Callback):
 def format_loop_table(accuracy: list[float], trained_loops: int) -> str:
     """Plain-text table of exact match per loop; the trained loop count is starred."""
     lines = [f"\nTest exact match per loop (trained with L={trained_loops}; * = trained L, beyond it = extrapolation)"]
-    lines.append("  loops  " + " ".join(f"{n}{'*' if n == trained_loops else ' ':<5}" for n in range(1, len(accuracy) + 1)))
+    lines.append(
+        "  loops  " + " ".join(f"{n}{'*' if n == trained_loops else ' ':<5}" for n in range(1, len(accuracy) + 1))
+    )
     lines.append("  acc %  " + " ".join(f"{100 * a:<6.1f}" for a in accuracy))
     return "\n".join(lines)
 

@@ -15,6 +15,15 @@ from looped.datamodules.edit_distance import EditDistance
 from looped.datamodules.lis import LongestIncreasingSubsequence
 
 __all__ = [
-    "SyntheticTask", "GroupComposition", "IGSM", "NaryAddition", "PHop", "PileDataModule", "ReasoningPrimitives",
-    "CoTTask", "ModularArithmetic", "LongestIncreasingSubsequence", "EditDistance",
+    "SyntheticTask",
+    "GroupComposition",
+    "IGSM",
+    "NaryAddition",
+    "PHop",
+    "PileDataModule",
+    "ReasoningPrimitives",
+    "CoTTask",
+    "ModularArithmetic",
+    "LongestIncreasingSubsequence",
+    "EditDistance",
 ]

@@ -91,7 +91,8 @@ class ModularArithmetic(CoTTask):
             if side:
                 out.append(op)
             bracket = not isinstance(child, int) and (
-                PRECEDENCE[child[0]] < PRECEDENCE[op] or (side and PRECEDENCE[child[0]] == PRECEDENCE[op] and op in "-/")
+                PRECEDENCE[child[0]] < PRECEDENCE[op]
+                or (side and PRECEDENCE[child[0]] == PRECEDENCE[op] and op in "-/")
             )
             if bracket:
                 out.append("(")

@@ -42,7 +42,6 @@ from looped.contract import IGNORE
 from looped.datamodules.train_set import _TEST, _TRAIN, _VAL, FixedTrainingSet, TrainRows
 
 
-
 def answer_at_end(sequences: np.ndarray, answer: np.ndarray, separator: int) -> tuple[np.ndarray, np.ndarray]:
     """Input ``sequence =`` and the answer as the only label, at ``=``."""
     n = len(sequences)
@@ -92,7 +91,9 @@ class SyntheticTask(FixedTrainingSet, L.LightningDataModule):
         if batch_size < 1:
             raise ValueError(f"data.batch_size must be >= 1, got {batch_size}")
         if train_size is not None and train_size < batch_size:
-            raise ValueError(f"data.train_size ({train_size}) must hold at least one batch (data.batch_size={batch_size})")
+            raise ValueError(
+                f"data.train_size ({train_size}) must hold at least one batch (data.batch_size={batch_size})"
+            )
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
         self.val_size = val_size
@@ -317,7 +318,9 @@ class TrainStream(IterableDataset):
 
 
 class EvalSet(Dataset):
-    def __init__(self, input_ids: np.ndarray, labels: np.ndarray, extras: Optional[dict[str, np.ndarray]] = None) -> None:
+    def __init__(
+        self, input_ids: np.ndarray, labels: np.ndarray, extras: Optional[dict[str, np.ndarray]] = None
+    ) -> None:
         self.input_ids = torch.from_numpy(input_ids)
         self.labels = torch.from_numpy(labels)
         self.extras = {name: torch.from_numpy(np.asarray(v)) for name, v in (extras or {}).items()}

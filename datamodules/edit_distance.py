@@ -80,7 +80,9 @@ class EditDistance(CoTTask):
             pe, qe = p[:, e : e + 1], q[:, e : e + 1]
             shortened = np.where(cols < qe, cols, cols - 1)  # index into the string without position p
             source = np.where(shortened < pe, shortened, shortened + 1)
-            shifted = np.where(cols == qe, new[:, e : e + 1], np.take_along_axis(second, np.clip(source, 0, m - 1), axis=1))
+            shifted = np.where(
+                cols == qe, new[:, e : e + 1], np.take_along_axis(second, np.clip(source, 0, m - 1), axis=1)
+            )
             move = active & (kind[:, e] == 1)
             second[move] = shifted[move]
         independent = rng.random(n) < 0.4
@@ -98,7 +100,8 @@ class EditDistance(CoTTask):
             substitute = SUBSTITUTE * (first[:, i - 1 : i] != second)  # [n m] cost of pairing letter i with j
             for j in range(1, m + 1):
                 D[:, i, j] = np.minimum(
-                    np.minimum(D[:, i - 1, j], D[:, i, j - 1]) + INSERT_DELETE, D[:, i - 1, j - 1] + substitute[:, j - 1]
+                    np.minimum(D[:, i - 1, j], D[:, i, j - 1]) + INSERT_DELETE,
+                    D[:, i - 1, j - 1] + substitute[:, j - 1],
                 )
         return D
 

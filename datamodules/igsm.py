@@ -235,7 +235,9 @@ class IGSM(SyntheticTask):
 
         question = np.stack([np.full(m, self.token_ids["?"]), *name[rows, query].T], axis=1)  # ? u v
         pad = np.full((m, self.seq_len - self.natural_len), self.token_ids[PAD], dtype=np.int64)
-        return answer_at_end(np.concatenate([pad, body, question], axis=1), self._digit0 + value[rows, query], self.token_ids["="])
+        return answer_at_end(
+            np.concatenate([pad, body, question], axis=1), self._digit0 + value[rows, query], self.token_ids["="]
+        )
 
     # -- dense labels ------------------------------------------------------------
     def labels_at_every_position(self, input_ids: np.ndarray) -> np.ndarray:

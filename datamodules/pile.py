@@ -68,8 +68,13 @@ class PileDataModule(L.LightningDataModule):
         primitives_size: int = 256,
     ) -> None:
         super().__init__()
-        for name, value, low in (("seq_len", seq_len, 1), ("batch_size", batch_size, 1), ("num_workers", num_workers, 0),
-                                 ("primitives_shots", primitives_shots, 0), ("primitives_size", primitives_size, 0)):
+        for name, value, low in (
+            ("seq_len", seq_len, 1),
+            ("batch_size", batch_size, 1),
+            ("num_workers", num_workers, 0),
+            ("primitives_shots", primitives_shots, 0),
+            ("primitives_size", primitives_size, 0),
+        ):
             if value < low:
                 raise ValueError(f"data.{name} must be >= {low}, got {value}")
         if val_batches is not None and val_batches < 1:
@@ -139,8 +144,11 @@ class PileDataModule(L.LightningDataModule):
 
         try:
             return StreamingDataset(
-                f"{self.path}/{split}", item_loader=TokensLoader(block_size=self.seq_len + 1),
-                shuffle=shuffle, drop_last=True, seed=self.seed,
+                f"{self.path}/{split}",
+                item_loader=TokensLoader(block_size=self.seq_len + 1),
+                shuffle=shuffle,
+                drop_last=True,
+                seed=self.seed,
             )
         except (FileNotFoundError, ValueError) as error:
             raise FileNotFoundError(
@@ -152,8 +160,12 @@ class PileDataModule(L.LightningDataModule):
         from litdata import StreamingDataLoader
 
         loader = StreamingDataLoader(
-            self._dataset("train", self.shuffle), batch_size=self.batch_size, num_workers=self.num_workers,
-            collate_fn=shifted_pairs, drop_last=True, pin_memory=torch.cuda.is_available(),
+            self._dataset("train", self.shuffle),
+            batch_size=self.batch_size,
+            num_workers=self.num_workers,
+            collate_fn=shifted_pairs,
+            drop_last=True,
+            pin_memory=torch.cuda.is_available(),
         )
         if self._pending_state is not None:
             loader.load_state_dict(self._pending_state)
@@ -165,7 +177,9 @@ class PileDataModule(L.LightningDataModule):
         from litdata import StreamingDataLoader
 
         pile = StreamingDataLoader(
-            self._dataset("val", False), batch_size=self.eval_batch_size, num_workers=min(self.num_workers, 1),
+            self._dataset("val", False),
+            batch_size=self.eval_batch_size,
+            num_workers=min(self.num_workers, 1),
             collate_fn=shifted_pairs,
         )
         loaders: list = [pile if self.val_batches is None else FirstBatches(pile, self.val_batches)]
@@ -184,8 +198,12 @@ class PileDataModule(L.LightningDataModule):
             tokenizer, self._primitives = self.tokenizer(), {}
             for (flavour, depth), name in zip(PRIMITIVE_SETS, self.eval_names[1:]):
                 task = ReasoningPrimitives(
-                    depth=depth, flavour=flavour, shots=self.primitives_shots,
-                    val_size=self.primitives_size, test_size=self.primitives_size, seed=self.seed,
+                    depth=depth,
+                    flavour=flavour,
+                    shots=self.primitives_shots,
+                    val_size=self.primitives_size,
+                    test_size=self.primitives_size,
+                    seed=self.seed,
                 )
                 ids, labels = task.eval_set(_VAL)
                 prompts = [(task.decode(row), task.vocab[label[-1]]) for row, label in zip(ids, labels)]
@@ -227,7 +245,7 @@ def encode_prompts(
     for prompt, answer in prompts:
         context, target = tokenizer.encode(prompt), tokenizer.encode(" " + answer)
         if target[: len(space)] == space:  # the separator is its own token (bytes): context, not answer
-            context, target = context + space, target[len(space):]
+            context, target = context + space, target[len(space) :]
         tokens = context + target
         labels = [IGNORE] * (len(context) - 1) + target  # label at t = token t+1
         rows.append((tokens[:-1][-seq_len:], labels[-seq_len:]))
@@ -235,8 +253,8 @@ def encode_prompts(
     input_ids = np.full((len(rows), width), pad_id, dtype=np.int64)
     labels = np.full((len(rows), width), IGNORE, dtype=np.int64)
     for i, (ids, lab) in enumerate(rows):
-        input_ids[i, width - len(ids):] = ids
-        labels[i, width - len(lab):] = lab
+        input_ids[i, width - len(ids) :] = ids
+        labels[i, width - len(lab) :] = lab
     return input_ids, labels
 
 

@@ -167,7 +167,12 @@ class ReasoningPrimitives(SyntheticTask):
         if self.flavour == "math":
             tail = [query_name, np.full(m, self.token_ids["="]), np.full(m, self.token_ids["?"])]
         else:
-            tail = [np.full(m, self.token_ids["print"]), np.full(m, self.token_ids["("]), query_name, np.full(m, self.token_ids[")"])]
+            tail = [
+                np.full(m, self.token_ids["print"]),
+                np.full(m, self.token_ids["("]),
+                query_name,
+                np.full(m, self.token_ids[")"]),
+            ]
         return np.concatenate([body, np.stack(tail, axis=1)], axis=1), answer
 
     def generate(self, rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:

@@ -151,6 +151,7 @@ def pareto(points: Iterable[Point]) -> list[Point]:
     """The points no other point beats: none has fewer or equal mean loops and higher or equal
     accuracy, with one of the two strictly better. Sorted by mean loops."""
     points = list(points)
+
     def beats(q: Point, p: Point) -> bool:
         no_worse = q.mean_loops <= p.mean_loops and q.accuracy >= p.accuracy
         return no_worse and (q.mean_loops < p.mean_loops or q.accuracy > p.accuracy)
@@ -168,5 +169,3 @@ def format_adaptive_table(fixed: list[float], adaptive: list[Point], trained_loo
     for p in fixed_points + adaptive:
         lines.append(f"  {p.name:<14} {p.mean_loops:>10.2f} {100 * p.accuracy:>7.1f} {'*' if p in front else ''}")
     return "\n".join(lines)
-
-

@@ -90,7 +90,11 @@ def resolve_recipe(recipe: str, *overrides: str) -> str:
     """
     out, err = io.StringIO(), io.StringIO()
     try:
-        with mock.patch.object(sys, "argv", sys.argv[:1]), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        with (
+            mock.patch.object(sys, "argv", sys.argv[:1]),
+            contextlib.redirect_stdout(out),
+            contextlib.redirect_stderr(err),
+        ):
             LoopedCLI(args=["fit", "--config", str(recipe), *overrides, "--print_config"])
     except SystemExit as exit_:
         if exit_.code not in (0, None):

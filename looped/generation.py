@@ -15,6 +15,7 @@ from torch import Tensor
 
 from looped.model import LoopedTransformer
 
+
 def final_answer(continuation: Tensor, eos_id: int) -> Tensor:
     """The token right before the first ``eos_id`` of each row of ``[b n]``; -1 when there is none."""
     if continuation.shape[1] == 0:  # nothing was generated (prompt_len == t): no answer
@@ -25,7 +26,9 @@ def final_answer(continuation: Tensor, eos_id: int) -> Tensor:
     return torch.where(is_eos.any(dim=1) & (first > 0), before, torch.full_like(before, -1))
 
 
-def generate_answers(model: LoopedTransformer, batch: dict[str, Tensor], eos_id: Optional[int]) -> tuple[Tensor, Tensor]:
+def generate_answers(
+    model: LoopedTransformer, batch: dict[str, Tensor], eos_id: Optional[int]
+) -> tuple[Tensor, Tensor]:
     """Greedy continuation ``[b n]`` of each prompt and its final answer ``[b]`` (-1: no eos emitted).
 
     The prompt is ``input_ids[:, :prompt_len]``; decoding runs with the model's decode cache
@@ -48,8 +51,14 @@ def generate_answers(model: LoopedTransformer, batch: dict[str, Tensor], eos_id:
     return continuation, final_answer(continuation, eos_id)
 
 
-def sample_rows(decode: Callable[[list[int]], str], batch: dict[str, Tensor], preds: Optional[Tensor] = None,
-                continuation: Optional[Tensor] = None, n: int = 4, chars: int = 400) -> list[str]:
+def sample_rows(
+    decode: Callable[[list[int]], str],
+    batch: dict[str, Tensor],
+    preds: Optional[Tensor] = None,
+    continuation: Optional[Tensor] = None,
+    n: int = 4,
+    chars: int = 400,
+) -> list[str]:
     """Markdown rows of the first ``n`` samples: prompt / generated / gold, or input / predicted / gold.
 
     Without a ``continuation`` the prediction is ``preds`` (argmax) at the labelled positions
@@ -60,7 +69,11 @@ def sample_rows(decode: Callable[[list[int]], str], batch: dict[str, Tensor], pr
     ids, labels = batch["input_ids"][:n].cpu(), batch["labels"][:n].cpu()
     if continuation is not None:
         p = int(batch["prompt_len"][0])
-        return [f"prompt: `{text(row[:p])}`  \ngenerated: `{text(gen)}`  \ngold: `{text(row[p:])}`"
-                for row, gen in zip(ids, continuation[:n].cpu())]
-    return [f"input: `{text(row)}`  \npredicted: `{text(pred[lab >= 0])}`  \ngold: `{text(lab[lab >= 0])}`"
-            for row, pred, lab in zip(ids, preds[:n].cpu(), labels)]
+        return [
+            f"prompt: `{text(row[:p])}`  \ngenerated: `{text(gen)}`  \ngold: `{text(row[p:])}`"
+            for row, gen in zip(ids, continuation[:n].cpu())
+        ]
+    return [
+        f"input: `{text(row)}`  \npredicted: `{text(pred[lab >= 0])}`  \ngold: `{text(lab[lab >= 0])}`"
+        for row, pred, lab in zip(ids, preds[:n].cpu(), labels)
+    ]

@@ -107,7 +107,9 @@ class LoopedConfig:
             # Build each mixer once on the meta device (no memory, no compute): a bad
             # option fails here, when the recipe is parsed, not when the model is built.
             with torch.device("meta"):
-                build_mixer(name, self.d_model, self.n_heads, self.dropout, self.bias, **self.mixer_options.get(name, {}))
+                build_mixer(
+                    name, self.d_model, self.n_heads, self.dropout, self.bias, **self.mixer_options.get(name, {})
+                )
         for name in ("vocab_size", "max_seq_len"):
             value = getattr(self, name)
             need(value is None or value >= 1, name, f"must be >= 1, got {value}")

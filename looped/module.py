@@ -33,8 +33,15 @@ from looped.model import LoopedConfig, LoopedTransformer
 from looped.regularizer import BlockRegularizer
 
 __all__ = [
-    "IGNORE", "LoopedLM", "NonFiniteLossError", "Perplexity", "adamw", "batch_size", "batch_tokens",
-    "transformer_on_meta", "warmup_cosine",
+    "IGNORE",
+    "LoopedLM",
+    "NonFiniteLossError",
+    "Perplexity",
+    "adamw",
+    "batch_size",
+    "batch_tokens",
+    "transformer_on_meta",
+    "warmup_cosine",
 ]
 
 OptimizerFactory = Callable[[Iterable], torch.optim.Optimizer]
@@ -280,16 +287,23 @@ class LoopedLM(L.LightningModule):
         self.maybe_log_samples(batch, continuation=continuation)
         return predicted == batch["answer"]
 
-    def maybe_log_samples(self, batch: dict[str, Tensor], preds: Optional[Tensor] = None,
-                          continuation: Optional[Tensor] = None) -> None:
+    def maybe_log_samples(
+        self, batch: dict[str, Tensor], preds: Optional[Tensor] = None, continuation: Optional[Tensor] = None
+    ) -> None:
         """Log samples from the first evaluation batch of each validation or test run (not the sanity check)."""
         if self._trainer is None or self.trainer.sanity_checking or self._samples_logged:
             return
         self._samples_logged = True
         self.log_samples(batch, preds, continuation)
 
-    def log_samples(self, batch: dict[str, Tensor], preds: Optional[Tensor] = None,
-                    continuation: Optional[Tensor] = None, n: int = 4, chars: int = 400) -> None:
+    def log_samples(
+        self,
+        batch: dict[str, Tensor],
+        preds: Optional[Tensor] = None,
+        continuation: Optional[Tensor] = None,
+        n: int = 4,
+        chars: int = 400,
+    ) -> None:
         """A few samples, ``decode``d by the data module, with the model's answers as TensorBoard text.
 
         Tasks scored by generation show prompt, greedy continuation and gold; the others show the

@@ -71,7 +71,9 @@ class Adafactor(torch.optim.Adafactor):
                 finally:
                     if whole in self.state:
                         self.state[p] = self.state.pop(whole)
-                replicated = DTensor.from_local(whole, p.device_mesh, [Replicate()] * p.device_mesh.ndim, run_check=False)
+                replicated = DTensor.from_local(
+                    whole, p.device_mesh, [Replicate()] * p.device_mesh.ndim, run_check=False
+                )
                 p.copy_(replicated.redistribute(p.device_mesh, p.placements))
         finally:
             self.param_groups = groups

@@ -32,7 +32,9 @@ class Params(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         generator = torch.Generator().manual_seed(0)
-        self.weights = nn.ParameterDict({n: nn.Parameter(torch.randn(s, generator=generator)) for n, s in SHAPES.items()})
+        self.weights = nn.ParameterDict(
+            {n: nn.Parameter(torch.randn(s, generator=generator)) for n, s in SHAPES.items()}
+        )
 
 
 def groups(params: dict[str, nn.Parameter]) -> list[dict]:
@@ -68,20 +70,26 @@ def compare(mesh) -> list[dict]:
         grads = {**gradients(step), "extra": torch.full((3, 2), 0.5 + step)}
         for name, p in params.items():
             ref_params[name].grad = grads[name].clone()
-            p.grad = distribute_tensor(grads[name], p.device_mesh, p.placements) if isinstance(p, DTensor) else grads[name].clone()
+            p.grad = (
+                distribute_tensor(grads[name], p.device_mesh, p.placements)
+                if isinstance(p, DTensor)
+                else grads[name].clone()
+            )
         for optimizer in (stock, ours):  # a schedule changes lr between steps
             for group in optimizer.param_groups:
                 group["lr"] = 0.01 / (1 + step)
         stock.step()
         ours.step()
         whole = lambda t: (t.full_tensor() if isinstance(t, DTensor) else t).detach().clone()  # noqa: E731
-        records.append({
-            "params": {n: (whole(p), ref_params[n].detach().clone()) for n, p in params.items()},
-            "state": {
-                n: {k: (whole(v), stock.state[ref_params[n]][k].clone()) for k, v in ours.state[p].items()}
-                for n, p in params.items()
-            },
-        })
+        records.append(
+            {
+                "params": {n: (whole(p), ref_params[n].detach().clone()) for n, p in params.items()},
+                "state": {
+                    n: {k: (whole(v), stock.state[ref_params[n]][k].clone()) for k, v in ours.state[p].items()}
+                    for n, p in params.items()
+                },
+            }
+        )
     return records
 
 

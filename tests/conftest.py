@@ -32,6 +32,7 @@ def resolved(path: Path) -> dict:
     recipe itself: a row holds only what differs from its base."""
     return yaml.safe_load(resolved_text(path))
 
+
 TINY = dict(vocab_size=11, max_seq_len=16, d_model=16, n_heads=2, d_ff=32)
 """The smallest model every test starts from; a test states only the fields it is about."""
 

@@ -36,8 +36,14 @@ def data() -> PHop:
 def config(vocab_size: int, seq_len: int) -> LoopedConfig:
     # (2⊗3) with one unshared prelude layer: the shared block is used three times per forward.
     return LoopedConfig(
-        vocab_size=vocab_size, max_seq_len=seq_len, d_model=32, n_heads=4, d_ff=64,
-        block_layers=2, loops=3, prelude_layers=1,
+        vocab_size=vocab_size,
+        max_seq_len=seq_len,
+        d_model=32,
+        n_heads=4,
+        d_ff=64,
+        block_layers=2,
+        loops=3,
+        prelude_layers=1,
     )
 
 
@@ -109,7 +115,9 @@ def main() -> None:
     parser.add_argument("--save")
     parser.add_argument("--penalty", action="store_true")
     parser.add_argument("--hsdp", action="store_true", help="ModelParallelStrategy's default 2-D mesh (HSDP)")
-    parser.add_argument("--adafactor", action="store_true", help="looped.optim.Adafactor (the Pile recipes') instead of AdamW")
+    parser.add_argument(
+        "--adafactor", action="store_true", help="looped.optim.Adafactor (the Pile recipes') instead of AdamW"
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
     L.seed_everything(0)
@@ -132,7 +140,9 @@ def main() -> None:
     # Built on the meta device: configure_model shards it, then each rank materialises its shards.
     with trainer.init_module(empty_init=True):
         module = LoopedLM(
-            config(datamodule.vocab_size, datamodule.seq_len), warmup_steps=2, decay_steps=DECAY_STEPS,
+            config(datamodule.vocab_size, datamodule.seq_len),
+            warmup_steps=2,
+            decay_steps=DECAY_STEPS,
             activation_checkpointing=True,
             **({"optimizer": functools.partial(Adafactor, lr=0.01)} if args.adafactor else {}),
         )

@@ -38,6 +38,11 @@ def prepared_pile(root: Path, shards: int, per_shard: int, val_fraction: float, 
     from looped.tools.prepare import find_sources, prepare_pile
 
     make_shards(root / "shards", shards=shards, per_shard=per_shard)
-    prepare_pile(find_sources(str(root / "shards")), str(root / "data"), val_fraction=val_fraction, workers=workers,
-                 chunk_bytes="4kb")
+    prepare_pile(
+        find_sources(str(root / "shards")),
+        str(root / "data"),
+        val_fraction=val_fraction,
+        workers=workers,
+        chunk_bytes="4kb",
+    )
     return root / "data"

@@ -128,10 +128,14 @@ def test_pareto_front():
 NAMED_SETS = dict(digits=1, train_operands=(2, 3), eval_operands=(2, 3), batch_size=16, val_size=32, test_size=24)
 
 
-@pytest.mark.parametrize("data", [
-    PHop(length=16, hops=2, batch_size=16, val_size=32, test_size=32),
-    NaryAddition(**NAMED_SETS),  # two named test sets (n2, n3): pooled and per set
-], ids=["one set", "named sets"])
+@pytest.mark.parametrize(
+    "data",
+    [
+        PHop(length=16, hops=2, batch_size=16, val_size=32, test_size=32),
+        NaryAddition(**NAMED_SETS),  # two named test sets (n2, n3): pooled and per set
+    ],
+    ids=["one set", "named sets"],
+)
 def test_callback_logs_what_the_functions_compute(data, tmp_path):
     torch.manual_seed(0)
     config = LoopedConfig(
@@ -140,8 +144,13 @@ def test_callback_logs_what_the_functions_compute(data, tmp_path):
     module = LoopedLM(config)
     callback = AdaptiveExit(max_eval_loops=5, patience=(1, 2), kl_thresholds=(1e-2,))
     trainer = L.Trainer(
-        accelerator="cpu", devices=1, logger=TensorBoardLogger(tmp_path, name="tb"), callbacks=[callback],
-        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+        accelerator="cpu",
+        devices=1,
+        logger=TensorBoardLogger(tmp_path, name="tb"),
+        callbacks=[callback],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
     )
     trainer.test(module, datamodule=data, verbose=False)
     logged = trainer.callback_metrics
@@ -167,7 +176,11 @@ def test_callback_logs_what_the_functions_compute(data, tmp_path):
         assert logged[f"test/adaptive/{name}/mean_loops"].item() == pytest.approx(pooled_loops / everything)
         for set_name in data.eval_names or []:
             n = total[set_name]
-            assert logged[f"test/adaptive/{name}/exact_match_{set_name}"].item() == pytest.approx(right[set_name][name] / n)
-            assert logged[f"test/adaptive/{name}/mean_loops_{set_name}"].item() == pytest.approx(loops[set_name][name] / n)
+            assert logged[f"test/adaptive/{name}/exact_match_{set_name}"].item() == pytest.approx(
+                right[set_name][name] / n
+            )
+            assert logged[f"test/adaptive/{name}/mean_loops_{set_name}"].item() == pytest.approx(
+                loops[set_name][name] / n
+            )
     events = EventAccumulator(str(trainer.logger.log_dir), size_guidance={"images": 0}).Reload()
     assert "test/adaptive/pareto" in events.Tags()["images"]

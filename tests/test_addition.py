@@ -171,8 +171,16 @@ def test_recipe_trains_and_validates_over_every_set(run_dir):
     from looped.cli import LoopedCLI
 
     cli = LoopedCLI(
-        args=["--config", str(RECIPES / "addition" / "cpu_1x4.yaml"), "--trainer.fast_dev_run", "2",
-              "--data.val_size", "48", "--data.eval_batch_size", "32"],
+        args=[
+            "--config",
+            str(RECIPES / "addition" / "cpu_1x4.yaml"),
+            "--trainer.fast_dev_run",
+            "2",
+            "--data.val_size",
+            "48",
+            "--data.eval_batch_size",
+            "32",
+        ],
         run=False,
     )
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)

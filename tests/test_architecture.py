@@ -24,8 +24,15 @@ from conftest import ROOT
 PACKAGES = {"looped": "looped", "datamodules": "looped.datamodules", "callbacks": "looped.callbacks"}
 LEAVES = {"looped.contract", "looped.tokenizer", "looped.tools.plots"}
 MODEL = ("looped.model", "looped.cache", "looped.mixers")
-TRAINING = ("looped.module", "looped.generation", "looped.loop_schedule", "looped.regularizer", "looped.adaptive",
-            "looped.optim", "looped.parallel")
+TRAINING = (
+    "looped.module",
+    "looped.generation",
+    "looped.loop_schedule",
+    "looped.regularizer",
+    "looped.adaptive",
+    "looped.optim",
+    "looped.parallel",
+)
 DATA_AND_CALLBACKS = ("looped.datamodules", "looped.callbacks")
 TOOLS = ("looped.tools", "looped.cli")
 
@@ -53,8 +60,9 @@ def imports_of(path: Path) -> set[str]:
             names = [alias.name for alias in node.names]
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             # `from looped.tools import report` imports the module looped.tools.report
-            names = [f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in MODULES else node.module
-                     for a in node.names]
+            names = [
+                f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in MODULES else node.module for a in node.names
+            ]
         else:
             continue
         found |= {name for name in names if name in MODULES}
@@ -97,7 +105,7 @@ def test_no_import_cycle():
         state[module] = 1
         for target in sorted(GRAPH.get(module, ())):
             if state.get(target) == 1:
-                cycle = path[path.index(target):] + [target]
+                cycle = path[path.index(target) :] + [target]
                 raise AssertionError("import cycle: " + " -> ".join(cycle))
             if target not in state:
                 visit(target, [*path, target])
@@ -128,9 +136,17 @@ def test_the_model_needs_only_torch():
 def test_public_paths_that_recipes_and_saved_configs_name_still_resolve():
     import importlib
 
-    for path in ("looped.LoopedLM", "looped.LoopedConfig", "looped.module.batch_size", "looped.module.batch_tokens",
-                 "looped.optim.Adafactor", "looped.datamodules.PHop", "looped.datamodules.PileDataModule",
-                 "looped.callbacks.PerLoopAccuracy", "looped.callbacks.InterruptCheckpoint"):
+    for path in (
+        "looped.LoopedLM",
+        "looped.LoopedConfig",
+        "looped.module.batch_size",
+        "looped.module.batch_tokens",
+        "looped.optim.Adafactor",
+        "looped.datamodules.PHop",
+        "looped.datamodules.PileDataModule",
+        "looped.callbacks.PerLoopAccuracy",
+        "looped.callbacks.InterruptCheckpoint",
+    ):
         module, _, name = path.rpartition(".")
         assert callable(getattr(importlib.import_module(module), name)), path
 

@@ -16,14 +16,25 @@ def _number(text: str) -> float:
 @pytest.mark.parametrize("label", ["PHop p=16", "NaryAddition"])  # a fixed training set; a generated stream
 def test_datagen_prints_consistent_headroom(label):
     out = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "datagen.py"), "--seconds", "0.3", "--floor-steps", "50",
-         "--only", label],
-        capture_output=True, text=True, cwd=ROOT, timeout=300,
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "datagen.py"),
+            "--seconds",
+            "0.3",
+            "--floor-steps",
+            "50",
+            "--only",
+            label,
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
     )
     assert out.returncode == 0, out.stderr[-3000:]
     lines = out.stdout.splitlines()
     row = next(line for line in lines if line.startswith(label))
-    *_, generated, fixed, flop_bound, loop_bound, headroom, vs_flops, host, host_vs_flops = row[len(label):].split()
+    *_, generated, fixed, flop_bound, loop_bound, headroom, vs_flops, host, host_vs_flops = row[len(label) :].split()
     assert _number(generated) > 0
     assert (fixed == "(streams)") == (host == "(streams)")  # both or neither: the fixed-set path
     delivered = _number(generated) if fixed == "(streams)" else _number(fixed)

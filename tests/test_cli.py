@@ -11,6 +11,7 @@ from looped.cli import LoopedCLI, lightning_main
 
 from conftest import RECIPES, ROOT
 
+
 def _console(name: str) -> str:
     found = shutil.which(name, path=str(ROOT / ".venv" / "bin")) or shutil.which(name)
     if found is None:
@@ -83,8 +84,12 @@ def test_heads_not_dividing_width_is_named(run_dir):
     with pytest.raises(ValueError, match="LoopedConfig.d_model: 100 is not divisible by n_heads=8"):
         LoopedCLI(
             args=[
-                "--config", str(RECIPES / "quickstart.yaml"),
-                "--model.init_args.config.d_model", "100", "--model.init_args.config.n_heads", "8",
+                "--config",
+                str(RECIPES / "quickstart.yaml"),
+                "--model.init_args.config.d_model",
+                "100",
+                "--model.init_args.config.n_heads",
+                "8",
             ],
             run=False,
         )
@@ -92,7 +97,9 @@ def test_heads_not_dividing_width_is_named(run_dir):
 
 def test_impossible_hops_are_named(run_dir):
     with pytest.raises(ValueError, match="data.hops=40 is impossible"):
-        LoopedCLI(args=["--config", str(RECIPES / "quickstart.yaml"), "--data.hops", "40", "--data.length", "12"], run=False)
+        LoopedCLI(
+            args=["--config", str(RECIPES / "quickstart.yaml"), "--data.hops", "40", "--data.length", "12"], run=False
+        )
 
 
 def test_fsdp2_recipes_build_the_transformer_on_the_meta_device(run_dir):
@@ -110,18 +117,14 @@ def test_fsdp2_recipes_build_the_transformer_on_the_meta_device(run_dir):
 
 
 def test_vocabulary_mismatch_is_named_before_training(run_dir):
-    cli = LoopedCLI(
-        args=["--config", str(RECIPES / "quickstart.yaml"), "--trainer.fast_dev_run", "true"], run=False
-    )
+    cli = LoopedCLI(args=["--config", str(RECIPES / "quickstart.yaml"), "--trainer.fast_dev_run", "true"], run=False)
     cli.model.config.vocab_size = 3  # as if a user hard-coded a smaller vocabulary
     with pytest.raises(ValueError, match="vocabulary mismatch"):
         cli.trainer.fit(cli.model, datamodule=cli.datamodule)
 
 
 def test_non_finite_loss_stops_with_a_fix(run_dir):
-    cli = LoopedCLI(
-        args=["--config", str(RECIPES / "quickstart.yaml"), "--trainer.fast_dev_run", "true"], run=False
-    )
+    cli = LoopedCLI(args=["--config", str(RECIPES / "quickstart.yaml"), "--trainer.fast_dev_run", "true"], run=False)
     with torch.no_grad():
         cli.model.model.head.weight.fill_(float("nan"))
     with pytest.raises(FloatingPointError, match="Lower the learning rate"):

@@ -165,15 +165,21 @@ def test_arithmetic_other_sizes(size):
 
 @pytest.mark.parametrize("size", [2, 3, 100])
 def test_lis_and_edit_distance_other_sizes(size):
-    for task, check in ((LongestIncreasingSubsequence(size=size, value_range=max(size, 5)), check_lis),
-                        (EditDistance(size=min(size, 20), alphabet_size=4), check_edit_distance)):
+    for task, check in (
+        (LongestIncreasingSubsequence(size=size, value_range=max(size, 5)), check_lis),
+        (EditDistance(size=min(size, 20), alphabet_size=4), check_edit_distance),
+    ):
         for row in task.generate(task.rng(0, 0, 0), 200)[0]:
             check(task, *split_row(task, row))
 
 
 def test_answers_are_spread():
     """The generators follow the paper's: no task collapses onto a few answers."""
-    for task, low in ((ModularArithmetic(size=5), 11), (LongestIncreasingSubsequence(size=50), 30), (EditDistance(size=12), 15)):
+    for task, low in (
+        (ModularArithmetic(size=5), 11),
+        (LongestIncreasingSubsequence(size=50), 30),
+        (EditDistance(size=12), 15),
+    ):
         x, _ = task.generate(task.rng(0, 0, 0), 2000)
         answers = task.eval_extras(x, None)["answer"]
         assert len(np.unique(answers)) >= low, type(task).__name__
@@ -235,7 +241,10 @@ def test_direct_and_cot_pose_the_same_problems(name):
 @pytest.mark.parametrize("name", TASKS)
 def test_determinism_ranks_and_disjoint_eval(name):
     cls, kwargs, _ = TASKS[name]
-    a, b = cls(batch_size=32, val_size=256, test_size=256, **kwargs), cls(batch_size=32, val_size=256, test_size=256, **kwargs)
+    a, b = (
+        cls(batch_size=32, val_size=256, test_size=256, **kwargs),
+        cls(batch_size=32, val_size=256, test_size=256, **kwargs),
+    )
     assert np.array_equal(a.train_batch(0, 3)[0], b.train_batch(0, 3)[0])
     assert np.array_equal(a.eval_set(2)[0], b.eval_set(2)[0])
     assert not np.array_equal(a.train_batch(0, 3)[0], a.train_batch(1, 3)[0])

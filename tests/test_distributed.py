@@ -39,7 +39,9 @@ def test_activation_checkpointing_recomputes_each_layer_application(monkeypatch)
     plain(ids).square().mean().backward()
     # Count FFN runs per layer (module hooks are silenced during recomputation, so patch forward).
     calls, forward = {}, FeedForward.forward
-    monkeypatch.setattr(FeedForward, "forward", lambda self, x: calls.update({self: calls.get(self, 0) + 1}) or forward(self, x))
+    monkeypatch.setattr(
+        FeedForward, "forward", lambda self, x: calls.update({self: calls.get(self, 0) + 1}) or forward(self, x)
+    )
     counts = lambda: (calls.get(checkpointed.prelude[0].ffn, 0), calls.get(checkpointed.block[1].ffn, 0))  # noqa: E731
     out = checkpointed(ids)
     assert counts() == (1, 3)
@@ -109,7 +111,10 @@ def test_sharded_adafactor_equals_stock_adafactor_on_the_whole_tensors(tmp_path)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
         [sys.executable, str(ROOT / "tests" / "adafactor_run.py"), str(tmp_path), "--world-size", "2"],
-        env=env, capture_output=True, text=True, timeout=300,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr[-4000:]
     runs = torch.load(tmp_path / "adafactor.pt", weights_only=False)
@@ -119,9 +124,13 @@ def test_sharded_adafactor_equals_stock_adafactor_on_the_whole_tensors(tmp_path)
             for name, (sharded, stock) in record["params"].items():
                 torch.testing.assert_close(sharded, stock, rtol=0, atol=1e-6, msg=f"{mesh} step {step} {name}")
             for name, state in record["state"].items():
-                assert set(state) == ({"step", "variance"} if record["params"][name][1].dim() == 1 else {"step", "row_var", "col_var"})
+                assert set(state) == (
+                    {"step", "variance"} if record["params"][name][1].dim() == 1 else {"step", "row_var", "col_var"}
+                )
                 for key, (sharded, stock) in state.items():
-                    torch.testing.assert_close(sharded, stock, rtol=0, atol=1e-6, msg=f"{mesh} step {step} {name}.{key}")
+                    torch.testing.assert_close(
+                        sharded, stock, rtol=0, atol=1e-6, msg=f"{mesh} step {step} {name}.{key}"
+                    )
         # The updates are not vanishing: the parameters moved at every step.
         for before, after in zip(steps, steps[1:]):
             assert all(not torch.equal(before["params"][n][1], p[1]) for n, p in after["params"].items())
@@ -130,8 +139,12 @@ def test_sharded_adafactor_equals_stock_adafactor_on_the_whole_tensors(tmp_path)
 def launch(out, tag: str, *args: str) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "tests")}
     result = subprocess.run(
-        [sys.executable, str(SCRIPT), str(out), tag, *args], cwd=out, env=env,
-        capture_output=True, text=True, timeout=300,
+        [sys.executable, str(SCRIPT), str(out), tag, *args],
+        cwd=out,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr[-4000:]
     return torch.load(out / f"{tag}.pt", weights_only=False)
@@ -167,7 +180,9 @@ def test_fsdp2_training_gradients_and_sharded_resume(tmp_path):
     The save/resume runs train with ``looped.optim.Adafactor`` (the Pile recipes' optimiser, whose
     state for sharded parameters is whole, replicated tensors); the HSDP run with the default AdamW."""
     ckpt = tmp_path / "ckpt"
-    saved = launch(tmp_path, "save", "--devices", "2", "--max-steps", "3", "--save", str(ckpt), "--penalty", "--adafactor")
+    saved = launch(
+        tmp_path, "save", "--devices", "2", "--max-steps", "3", "--save", str(ckpt), "--penalty", "--adafactor"
+    )
     assert len(list(ckpt.glob("*.distcp"))) == 2  # a sharded (DCP) checkpoint: one file per rank
 
     assert_gradients_match_one_process(saved)

@@ -87,8 +87,12 @@ def test_per_set_and_overall_metrics_match_a_hand_count(tmp_path):
     sets = {"easy": labelled_set(module, 10, 0.8, seed=1), "hard": labelled_set(module, 7, 0.3, seed=2)}
     data = TwoSets(sets)
     trainer = L.Trainer(
-        accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
-        callbacks=[PerLoopAccuracy(max_eval_loops=3)], default_root_dir=tmp_path,
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[PerLoopAccuracy(max_eval_loops=3)],
+        default_root_dir=tmp_path,
     )
     for stage, run in (("val", trainer.validate), ("test", trainer.test)):
         run(module, datamodule=data, verbose=False)
@@ -98,7 +102,11 @@ def test_per_set_and_overall_metrics_match_a_hand_count(tmp_path):
         assert expected["_easy"]["exact_match"] > expected["_hard"]["exact_match"]  # the sets differ
         for suffix, values in expected.items():
             for metric, value in values.items():
-                assert logged[f"{stage}/{metric}{suffix}"].item() == pytest.approx(value, rel=1e-5), (stage, metric, suffix)
+                assert logged[f"{stage}/{metric}{suffix}"].item() == pytest.approx(value, rel=1e-5), (
+                    stage,
+                    metric,
+                    suffix,
+                )
         # Per-loop exact match, overall and per set, against separate forwards with n loops.
         for n in (1, 2, 3):
             for suffix, rows in [("", list(sets.values())), *((f"_{k}", [v]) for k, v in sets.items())]:
@@ -126,7 +134,9 @@ def test_without_names_the_log_keys_are_unchanged(tmp_path):
 
     trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, default_root_dir=tmp_path)
     trainer.validate(module, datamodule=One(), verbose=False)
-    assert set(trainer.callback_metrics) == {f"val/{m}" for m in ("exact_match", "token_accuracy", "loss", "perplexity")}
+    assert set(trainer.callback_metrics) == {
+        f"val/{m}" for m in ("exact_match", "token_accuracy", "loss", "perplexity")
+    }
 
 
 def test_bad_eval_names_are_named():

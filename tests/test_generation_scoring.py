@@ -142,9 +142,15 @@ def test_fit_end_to_end_logs_answer_accuracy_and_samples(tmp_path):
     module = make_module(eos_id).train()
     data = GeneratedAnswers({"a": batch}, eos_id)
     trainer = L.Trainer(
-        accelerator="cpu", max_steps=4, val_check_interval=2, check_val_every_n_epoch=None,
-        logger=TensorBoardLogger(tmp_path, name="tb"), enable_progress_bar=False, enable_model_summary=False,
-        enable_checkpointing=False, num_sanity_val_steps=1,
+        accelerator="cpu",
+        max_steps=4,
+        val_check_interval=2,
+        check_val_every_n_epoch=None,
+        logger=TensorBoardLogger(tmp_path, name="tb"),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        num_sanity_val_steps=1,
     )
     trainer.fit(module, datamodule=data)
     assert trainer.global_step == 4
@@ -169,9 +175,15 @@ def test_tasks_scored_at_labelled_positions_log_input_prediction_and_gold(tmp_pa
     config = LoopedConfig(vocab_size=data.vocab_size, max_seq_len=data.seq_len, d_model=16, n_heads=2, d_ff=32)
     module = LoopedLM(config)
     trainer = L.Trainer(
-        accelerator="cpu", max_steps=2, val_check_interval=2, check_val_every_n_epoch=None,
-        logger=TensorBoardLogger(tmp_path, name="tb"), enable_progress_bar=False, enable_model_summary=False,
-        enable_checkpointing=False, num_sanity_val_steps=0,
+        accelerator="cpu",
+        max_steps=2,
+        val_check_interval=2,
+        check_val_every_n_epoch=None,
+        logger=TensorBoardLogger(tmp_path, name="tb"),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        num_sanity_val_steps=0,
     )
     trainer.fit(module, datamodule=data)
     events = EventAccumulator(str(trainer.logger.log_dir), size_guidance={"tensors": 0}).Reload()
@@ -184,5 +196,7 @@ def test_tasks_scored_at_labelled_positions_log_input_prediction_and_gold(tmp_pa
     assert len(rows) == 4
     for row, ids, lab, pred in zip(rows, inputs, labels, preds):
         answer = lab != -100
-        assert row == (f"input: `{data.decode(ids)}`  \npredicted: `{data.decode(pred[torch.from_numpy(answer)])}`  \n"
-                       f"gold: `{data.decode(lab[answer])}`")
+        assert row == (
+            f"input: `{data.decode(ids)}`  \npredicted: `{data.decode(pred[torch.from_numpy(answer)])}`  \n"
+            f"gold: `{data.decode(lab[answer])}`"
+        )

@@ -34,14 +34,19 @@ def assets(tmp_path_factory):
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
     tokenizer.save(str(root / "tokenizer.json"))
     torch.manual_seed(0)
-    config = LoopedConfig(vocab_size=len(WORDS), max_seq_len=24, d_model=32, n_heads=4, d_ff=64, block_layers=1, loops=3)
+    config = LoopedConfig(
+        vocab_size=len(WORDS), max_seq_len=24, d_model=32, n_heads=4, d_ff=64, block_layers=1, loops=3
+    )
     module = LoopedLM(config)
     with torch.no_grad():  # a peaked model, so greedy choices and scores differ clearly between options
         module.model.head.weight.mul_(40)
     checkpoint = root / "tiny.ckpt"
     torch.save(
-        {"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams),
-         "pytorch-lightning_version": L.__version__},
+        {
+            "state_dict": module.state_dict(),
+            "hyper_parameters": dict(module.hparams),
+            "pytorch-lightning_version": L.__version__,
+        },
         checkpoint,
     )
     return SimpleNamespace(root=root, checkpoint=checkpoint, model=module.model.eval())
@@ -141,13 +146,29 @@ def test_lm_eval_cli_scores_a_local_task(assets, tmp_path):
     (tasks / "looped_tiny.yaml").write_text(TASK.format(data=data))
     out = tmp_path / "out"
     args = [
-        "--model", "looped", "--model_args", f"checkpoint={assets.checkpoint},tokenizer={assets.root}",
-        "--tasks", "looped_tiny", "--include_path", str(tasks), "--output_path", str(out), "--log_samples",
-        "--batch_size", "2", "--device", "cpu",
+        "--model",
+        "looped",
+        "--model_args",
+        f"checkpoint={assets.checkpoint},tokenizer={assets.root}",
+        "--tasks",
+        "looped_tiny",
+        "--include_path",
+        str(tasks),
+        "--output_path",
+        str(out),
+        "--log_samples",
+        "--batch_size",
+        "2",
+        "--device",
+        "cpu",
     ]
     env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
-        [sys.executable, "-m", "looped.tools.lm_eval_adapter", *args], capture_output=True, text=True, env=env, timeout=600
+        [sys.executable, "-m", "looped.tools.lm_eval_adapter", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
     )
     assert result.returncode == 0, result.stderr[-4000:]
     samples = [json.loads(line) for f in out.rglob("samples_looped_tiny*.jsonl") for line in f.read_text().splitlines()]

@@ -101,7 +101,9 @@ def test_optimizer_factory_and_schedule(optimizer):
     assert opt.param_groups[0]["lr"] == pytest.approx(0.01)
 
 
-@pytest.mark.parametrize("shape", [{"loops": 4}, {"loops": 1, "block_layers": 3}, {"prelude_layers": 1, "coda_layers": 1}])
+@pytest.mark.parametrize(
+    "shape", [{"loops": 4}, {"loops": 1, "block_layers": 3}, {"prelude_layers": 1, "coda_layers": 1}]
+)
 def test_flops_per_batch_equals_the_flop_counter_on_a_training_step(shape):
     """What ThroughputMonitor reads (forward + backward of the last step) against torch's own count of that step."""
     from torch.nn.attention import SDPBackend, sdpa_kernel

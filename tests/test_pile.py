@@ -32,7 +32,13 @@ def test_batches_are_next_token_pairs_of_stored_blocks(data_dir):
 
 def test_primitives_sets_label_only_the_answer(data_dir):
     dm = PileDataModule(str(data_dir), seq_len=512, batch_size=2, num_workers=0, primitives_size=8, primitives_shots=2)
-    assert dm.eval_names == ["pile", "primitives_math_d0", "primitives_math_d1", "primitives_code_d0", "primitives_code_d1"]
+    assert dm.eval_names == [
+        "pile",
+        "primitives_math_d0",
+        "primitives_math_d1",
+        "primitives_code_d0",
+        "primitives_code_d1",
+    ]
     loaders = dm.val_dataloader()
     assert len(loaders) == 5
     tok = dm.tokenizer()
@@ -79,13 +85,21 @@ class ReadsSteppingBatches(LoopedLM):
 def _fit(data_dir, root, max_steps, ckpt_path=None):
     dm = PileDataModule(str(data_dir), seq_len=16, batch_size=2, num_workers=2, primitives_size=0, seed=3)
     torch.manual_seed(0)
-    config = LoopedConfig(vocab_size=dm.vocab_size, max_seq_len=16, d_model=16, n_heads=2, d_ff=32, block_layers=1, loops=2)
+    config = LoopedConfig(
+        vocab_size=dm.vocab_size, max_seq_len=16, d_model=16, n_heads=2, d_ff=32, block_layers=1, loops=2
+    )
     model = ReadsSteppingBatches(config, warmup_steps=1)
     recorder = Recorder()
     checkpoint = L.pytorch.callbacks.ModelCheckpoint(dirpath=root, save_last=True, every_n_train_steps=1)
     trainer = L.Trainer(
-        max_steps=max_steps, accelerator="cpu", devices=1, logger=False, callbacks=[recorder, checkpoint],
-        limit_val_batches=0, enable_progress_bar=False, enable_model_summary=False,
+        max_steps=max_steps,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        callbacks=[recorder, checkpoint],
+        limit_val_batches=0,
+        enable_progress_bar=False,
+        enable_model_summary=False,
     )
     trainer.fit(model, datamodule=dm, ckpt_path=ckpt_path)
     return recorder.batches

@@ -13,12 +13,20 @@ from pile_data import prepared_pile
 
 # row -> (prelude, k, L, coda, regulariser (k, λ) or None): the paper's Tables 3-4 and Figure 3.
 ROWS = {
-    "pile/24x1": (0, 24, 1, 0, None), "pile/12x1": (0, 12, 1, 0, None), "pile/12x2": (0, 12, 2, 0, None),
-    "pile/middle": (4, 4, 4, 4, None), "pile/8x1": (0, 8, 1, 0, None), "pile/8x3": (0, 8, 3, 0, None),
-    "pile/6x1": (0, 6, 1, 0, None), "pile/6x4": (0, 6, 4, 0, None), "pile/4x1": (0, 4, 1, 0, None),
+    "pile/24x1": (0, 24, 1, 0, None),
+    "pile/12x1": (0, 12, 1, 0, None),
+    "pile/12x2": (0, 12, 2, 0, None),
+    "pile/middle": (4, 4, 4, 4, None),
+    "pile/8x1": (0, 8, 1, 0, None),
+    "pile/8x3": (0, 8, 3, 0, None),
+    "pile/6x1": (0, 6, 1, 0, None),
+    "pile/6x4": (0, 6, 4, 0, None),
+    "pile/4x1": (0, 4, 1, 0, None),
     "pile_1b_4x6": (0, 4, 6, 0, None),
-    "pile/24x1_reg_k4_lam1": (0, 24, 1, 0, (4, 1.0)), "pile/24x1_reg_k4_lam10": (0, 24, 1, 0, (4, 10.0)),
-    "pile/24x1_reg_k6_lam10": (0, 24, 1, 0, (6, 10.0)), "pile/24x1_reg_k8_lam10": (0, 24, 1, 0, (8, 10.0)),
+    "pile/24x1_reg_k4_lam1": (0, 24, 1, 0, (4, 1.0)),
+    "pile/24x1_reg_k4_lam10": (0, 24, 1, 0, (4, 10.0)),
+    "pile/24x1_reg_k6_lam10": (0, 24, 1, 0, (6, 10.0)),
+    "pile/24x1_reg_k8_lam10": (0, 24, 1, 0, (8, 10.0)),
     "pile/24x1_reg_k12_lam10": (0, 24, 1, 0, (12, 10.0)),
     **{f"pile/4x{L}": (0, 4, L, 0, None) for L in (2, 3, 9, 12)},
     **{f"pile/{4 * L}x1": (0, 4 * L, 1, 0, None) for L in (9, 12)},
@@ -26,11 +34,32 @@ ROWS = {
 # The recipe's own ModelParallelStrategy (FSDP2 on a 1-rank CPU mesh, looped.optim.Adafactor) and its
 # full validation list (pile + the four primitives sets), at a size a CPU trains in seconds.
 SMOKE = [
-    "--trainer.devices", "1", "--trainer.num_nodes", "1",
-    "--trainer.precision", "32-true", "--trainer.max_steps", "3", "--trainer.val_check_interval", "3",
-    "--model.init_args.config.d_model", "64", "--model.init_args.config.n_heads", "2",
-    "--model.init_args.config.d_ff", "128", "--data.seq_len", "64", "--data.batch_size", "2",
-    "--data.num_workers", "0", "--data.val_batches", "2", "--model.init_args.warmup_steps", "1",
+    "--trainer.devices",
+    "1",
+    "--trainer.num_nodes",
+    "1",
+    "--trainer.precision",
+    "32-true",
+    "--trainer.max_steps",
+    "3",
+    "--trainer.val_check_interval",
+    "3",
+    "--model.init_args.config.d_model",
+    "64",
+    "--model.init_args.config.n_heads",
+    "2",
+    "--model.init_args.config.d_ff",
+    "128",
+    "--data.seq_len",
+    "64",
+    "--data.batch_size",
+    "2",
+    "--data.num_workers",
+    "0",
+    "--data.val_batches",
+    "2",
+    "--model.init_args.warmup_steps",
+    "1",
 ]
 
 
@@ -62,16 +91,27 @@ def test_row_parses_to_the_paper_model(row, tiny_pile, run_dir):
     assert type(model.configure_optimizers()["optimizer"]) is Adafactor
     layers = c.prelude_layers + c.block_layers + c.coda_layers
     per_layer = 4 * 2048 * 2048 + 2 * 2048 * 5120
-    assert abs(sum(p.numel() for p in model.parameters()) - layers * per_layer) < 0.02 * layers * per_layer + 2 * 257 * 2048 + 1e5
+    assert (
+        abs(sum(p.numel() for p in model.parameters()) - layers * per_layer)
+        < 0.02 * layers * per_layer + 2 * 257 * 2048 + 1e5
+    )
 
 
 @pytest.mark.slow
 def test_pile_1b_4x6_smoke_run_on_cpu(tiny_pile, run_dir):
     """Exactly the README's smoke command: `lightning run recipes/pile_1b_4x6.yaml --data.path DIR` + overrides."""
     lightning = ROOT / ".venv" / "bin" / "lightning"
-    command = [str(lightning)] if lightning.exists() else ["python", "-c", "from looped.cli import lightning_main; lightning_main()"]
-    out = subprocess.run([*command, "run", str(RECIPES / "pile_1b_4x6.yaml"), "--data.path", str(tiny_pile), *SMOKE],
-                         capture_output=True, text=True, timeout=600)
+    command = (
+        [str(lightning)]
+        if lightning.exists()
+        else ["python", "-c", "from looped.cli import lightning_main; lightning_main()"]
+    )
+    out = subprocess.run(
+        [*command, "run", str(RECIPES / "pile_1b_4x6.yaml"), "--data.path", str(tiny_pile), *SMOKE],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
     run = run_dir / "runs" / "pile" / "4x6" / "version_0"
     assert (run / "config.yaml").exists() and (run / "checkpoints" / "last.ckpt").exists()

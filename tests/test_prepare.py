@@ -33,8 +33,9 @@ def stored_documents(split_dir, tokenizer) -> list[str]:
 def prepared(tmp_path_factory):
     root = tmp_path_factory.mktemp("pile")
     texts = make_shards(root / "shards")
-    manifest = prepare_pile(find_sources(str(root / "shards")), str(root / "data"), val_fraction=0.2, workers=2,
-                            chunk_bytes="2kb")
+    manifest = prepare_pile(
+        find_sources(str(root / "shards")), str(root / "data"), val_fraction=0.2, workers=2, chunk_bytes="2kb"
+    )
     return root, texts, manifest
 
 
@@ -97,7 +98,9 @@ def test_truncated_shard_is_named_and_skippable(tmp_path, capsys):
     with pytest.raises(CorruptShardError, match=rf"{cut}: unreadable after line \d+"):
         list(read_documents(str(cut), False, {}))
     with pytest.raises(SystemExit, match=rf"looped prepare pile: {cut}: unreadable"):
-        looped_main(["prepare", "pile", "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"), "--workers", "1"])
+        looped_main(
+            ["prepare", "pile", "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"), "--workers", "1"]
+        )
     manifest = prepare_pile([str(good), str(cut)], str(tmp_path / "skip"), skip_bad=True, workers=1)
     out = capsys.readouterr().out
     assert f"{cut}: unreadable" in out  # reported at the end, once although both splits' passes met it
@@ -111,7 +114,9 @@ def test_byte_tokenizer_and_trained_bpe_round_trip_text(tmp_path):
     assert byte.decode(byte.encode(text)) == text and max(byte.encode(text)) < 256
     make_shards(tmp_path / "shards")
     out = tmp_path / "tokenizer.json"
-    looped_main(["prepare", "tokenizer", "--input", str(tmp_path / "shards"), "--vocab-size", "320", "--output", str(out)])
+    looped_main(
+        ["prepare", "tokenizer", "--input", str(tmp_path / "shards"), "--vocab-size", "320", "--output", str(out)]
+    )
     from looped.tokenizer import load_tokenizer
 
     bpe = load_tokenizer(str(out))

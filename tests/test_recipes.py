@@ -65,8 +65,13 @@ def _without_config(config: dict) -> dict:
 def _differences(expected, actual, key="") -> list[str]:
     """Dotted keys (list items as [i]) whose values differ."""
     if isinstance(expected, dict) and isinstance(actual, dict):
-        return [d for k in {**expected, **actual} for d in _differences(
-            expected.get(k, "<absent>"), actual.get(k, "<absent>"), f"{key}.{k}" if key else str(k))]
+        return [
+            d
+            for k in {**expected, **actual}
+            for d in _differences(
+                expected.get(k, "<absent>"), actual.get(k, "<absent>"), f"{key}.{k}" if key else str(k)
+            )
+        ]
     if isinstance(expected, list) and isinstance(actual, list) and len(expected) == len(actual):
         return [d for i, (e, a) in enumerate(zip(expected, actual)) for d in _differences(e, a, f"{key}[{i}]")]
     return [] if expected == actual else [f"{key}: {expected!r} -> {actual!r}"]
@@ -81,7 +86,8 @@ def test_every_recipe_resolves_as_its_golden_file(path):
     differences = _differences(expected, actual)
     assert not differences, (
         f"{name(path)} resolves differently from {golden.relative_to(GOLDEN.parents[2])}:\n  "
-        + "\n  ".join(differences) + f"\nIf the change is meant: `{UPDATE}` and review the diff."
+        + "\n  ".join(differences)
+        + f"\nIf the change is meant: `{UPDATE}` and review the diff."
     )
 
 

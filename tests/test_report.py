@@ -23,12 +23,27 @@ TABLE3 = {
 # The paper's printed % Gap row is not in the reference file and could not be found;
 # these are worked by hand from the formula, (looped − shallow) / (24⊗1 − shallow) × 100.
 EXPECTED_GAP = {
-    "8⊗3": {"closed QA": 2.2 / 4.9 * 100, "open QA": 8.1 / 11.2 * 100, "math WP": 11.3 / 12.2 * 100,
-            "all": 7.8 / 9.9 * 100, "primitives": 22.3 / 14.5 * 100},   # 44.9, 72.3, 92.6, 78.8, 153.8
-    "6⊗4": {"closed QA": 4.2 / 7.2 * 100, "open QA": 9.4 / 14.6 * 100, "math WP": 12.1 / 11.6 * 100,
-            "all": 9.1 / 11.4 * 100, "primitives": 32.0 / 23.4 * 100},  # 58.3, 64.4, 104.3, 79.8, 136.8
-    "4⊗6": {"closed QA": 4.9 / 9.4 * 100, "open QA": 12.4 / 20.1 * 100, "math WP": 15.1 / 19.6 * 100,
-            "all": 11.4 / 17.0 * 100, "primitives": 37.5 / 28.1 * 100},  # 52.1, 61.7, 77.0, 67.1, 133.5
+    "8⊗3": {
+        "closed QA": 2.2 / 4.9 * 100,
+        "open QA": 8.1 / 11.2 * 100,
+        "math WP": 11.3 / 12.2 * 100,
+        "all": 7.8 / 9.9 * 100,
+        "primitives": 22.3 / 14.5 * 100,
+    },  # 44.9, 72.3, 92.6, 78.8, 153.8
+    "6⊗4": {
+        "closed QA": 4.2 / 7.2 * 100,
+        "open QA": 9.4 / 14.6 * 100,
+        "math WP": 12.1 / 11.6 * 100,
+        "all": 9.1 / 11.4 * 100,
+        "primitives": 32.0 / 23.4 * 100,
+    },  # 58.3, 64.4, 104.3, 79.8, 136.8
+    "4⊗6": {
+        "closed QA": 4.9 / 9.4 * 100,
+        "open QA": 12.4 / 20.1 * 100,
+        "math WP": 15.1 / 19.6 * 100,
+        "all": 11.4 / 17.0 * 100,
+        "primitives": 37.5 / 28.1 * 100,
+    },  # 52.1, 61.7, 77.0, 67.1, 133.5
 }
 
 
@@ -70,8 +85,12 @@ data:
   init_args: {{hops: 3, batch_size: 64}}
 """
 # name: (k, L, test exact match, val losses over 3 validations)
-RUNS = {"deep": (4, 1, 0.90, [1.2, 0.8, 0.5]), "base": (1, 1, 0.40, [1.5, 1.2, 1.0]),
-        "loop": (1, 4, 0.80, [1.3, 0.9, 0.6]), "loop2": (1, 2, 0.60, [1.4, 1.1, 0.8])}
+RUNS = {
+    "deep": (4, 1, 0.90, [1.2, 0.8, 0.5]),
+    "base": (1, 1, 0.40, [1.5, 1.2, 1.0]),
+    "loop": (1, 4, 0.80, [1.3, 0.9, 0.6]),
+    "loop2": (1, 2, 0.60, [1.4, 1.1, 0.8]),
+}
 
 
 def write_fake_runs(root):
@@ -132,10 +151,18 @@ def test_isoplot_recorder_logs_matching_metrics():
 
     logged = []
     logger = SimpleNamespace(log_metrics=lambda metrics, step: logged.append((step, metrics)))
-    trainer = SimpleNamespace(global_step=5, sanity_checking=False, is_global_zero=True, loggers=[logger],
-                              callback_metrics={"val/loss": torch.tensor(0.7), "val/exact_match": torch.tensor(0.5),
-                                                "val/exact_match_loop1": torch.tensor(0.1),
-                                                "train/loss": torch.tensor(1.0)})
+    trainer = SimpleNamespace(
+        global_step=5,
+        sanity_checking=False,
+        is_global_zero=True,
+        loggers=[logger],
+        callback_metrics={
+            "val/loss": torch.tensor(0.7),
+            "val/exact_match": torch.tensor(0.5),
+            "val/exact_match_loop1": torch.tensor(0.1),
+            "train/loss": torch.tensor(1.0),
+        },
+    )
     recorder = IsoplotRecorder(every_n_steps=5)
     recorder.on_validation_end(trainer, None)
     recorder.on_validation_end(trainer, None)  # same step: recorded once
@@ -153,7 +180,9 @@ def test_task_groups_average_columns():
 
     columns = ["closed_qa/trivia", "closed_qa/nq", "math/gsm"]
     assert task_groups(columns, ["closed QA=closed_qa/*", "math=test/math/*"]) == {
-        "closed QA": ["closed_qa/trivia", "closed_qa/nq"], "math": ["math/gsm"]}
+        "closed QA": ["closed_qa/trivia", "closed_qa/nq"],
+        "math": ["math/gsm"],
+    }
     with pytest.raises(ValueError):
         task_groups(columns, ["no-equals-sign"])
 
@@ -167,13 +196,25 @@ def test_isoplot_recorder_in_a_real_trainer(tmp_path):
     from looped.datamodules import PHop
 
     data = PHop(length=16, hops=2, batch_size=16, val_size=32, test_size=32)
-    config = looped.LoopedConfig(vocab_size=data.vocab_size, max_seq_len=data.seq_len, d_model=32, n_heads=4,
-                                 d_ff=64, loops=2)
+    config = looped.LoopedConfig(
+        vocab_size=data.vocab_size, max_seq_len=data.seq_len, d_model=32, n_heads=4, d_ff=64, loops=2
+    )
     recorder = IsoplotRecorder()
-    trainer = L.Trainer(max_steps=10, val_check_interval=5, check_val_every_n_epoch=None, accelerator="cpu",
-                        logger=CSVLogger(tmp_path), callbacks=[recorder], enable_progress_bar=False,
-                        enable_model_summary=False, enable_checkpointing=False)
+    trainer = L.Trainer(
+        max_steps=10,
+        val_check_interval=5,
+        check_val_every_n_epoch=None,
+        accelerator="cpu",
+        logger=CSVLogger(tmp_path),
+        callbacks=[recorder],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+    )
     trainer.fit(looped.LoopedLM(config, warmup_steps=2, decay_steps=10), data)
     assert [p["step"] for p in recorder.points] == [5, 10]  # the sanity check is not recorded
     assert all(set(p) == {"step", "log_perplexity", "val/exact_match"} for p in recorder.points)
-    assert "isoplot/log_perplexity,isoplot/val/exact_match" in (tmp_path / "lightning_logs/version_0/metrics.csv").read_text()
+    assert (
+        "isoplot/log_perplexity,isoplot/val/exact_match"
+        in (tmp_path / "lightning_logs/version_0/metrics.csv").read_text()
+    )

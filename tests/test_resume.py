@@ -87,8 +87,15 @@ def test_checkpoint_loads_safely_into_a_new_module(tmp_path):
     data = PHop(length=16, hops=2, batch_size=8, val_size=16, test_size=16)
     config = LoopedConfig(vocab_size=data.vocab_size, max_seq_len=data.seq_len, d_model=32, n_heads=4, d_ff=64, loops=2)
     model = LoopedLM(config, warmup_steps=1, decay_steps=2)
-    trainer = L.Trainer(default_root_dir=tmp_path, max_steps=2, limit_val_batches=0, logger=False,
-                        enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
+    trainer = L.Trainer(
+        default_root_dir=tmp_path,
+        max_steps=2,
+        limit_val_batches=0,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+    )
     trainer.fit(model, datamodule=data)
     path = tmp_path / "model.ckpt"
     trainer.save_checkpoint(path)

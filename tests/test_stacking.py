@@ -39,13 +39,21 @@ class LrRecorder(L.Callback):
 @pytest.mark.slow
 def test_training_grows_and_keeps_the_schedule(tmp_path):
     data = PHop(length=16, hops=2, batch_size=8, val_size=16, test_size=16)
-    config = LoopedConfig(vocab_size=data.vocab_size, max_seq_len=data.seq_len, d_model=16, n_heads=2, d_ff=32,
-                          block_layers=2)
+    config = LoopedConfig(
+        vocab_size=data.vocab_size, max_seq_len=data.seq_len, d_model=16, n_heads=2, d_ff=32, block_layers=2
+    )
     module = LoopedLM(config, warmup_steps=2, decay_steps=8)
     recorder = LrRecorder()
-    trainer = L.Trainer(default_root_dir=tmp_path, max_steps=8, limit_val_batches=0, logger=False,
-                        enable_progress_bar=False, enable_model_summary=False, accelerator="cpu",
-                        callbacks=[GradualStacking(grow_at_steps=[3, 6], block_layers=1), recorder])
+    trainer = L.Trainer(
+        default_root_dir=tmp_path,
+        max_steps=8,
+        limit_val_batches=0,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+        callbacks=[GradualStacking(grow_at_steps=[3, 6], block_layers=1), recorder],
+    )
     trainer.fit(module, datamodule=data)
     assert [recorder.layers[s] for s in range(8)] == [2, 2, 2, 3, 3, 3, 4, 4]
     # The rebuilt optimiser trains every layer, and the LR follows one warmup-cosine curve throughout.

@@ -27,11 +27,17 @@ def test_every_cell_is_one_combination_with_its_overrides(tmp_path):
     spec = {
         "name": "grid",
         "overrides": {"trainer.max_steps": 7},
-        "tasks": {"a": {"recipe": QUICK, "size_key": "data.init_args.hops", "sizes": [2, 3]},
-                  "b": {"recipe": QUICK, "size_key": "data.init_args.length", "sizes": [16]}},
-        "axes": {"mixer": {"softmax": {"model.init_args.config.attention": "softmax"},
-                           "hybrid": {"model.init_args.config.attention": ["linear", "softmax"]}},
-                 "width": {"32": {"model.init_args.config.d_model": 32}, "64": {"model.init_args.config.d_model": 64}}},
+        "tasks": {
+            "a": {"recipe": QUICK, "size_key": "data.init_args.hops", "sizes": [2, 3]},
+            "b": {"recipe": QUICK, "size_key": "data.init_args.length", "sizes": [16]},
+        },
+        "axes": {
+            "mixer": {
+                "softmax": {"model.init_args.config.attention": "softmax"},
+                "hybrid": {"model.init_args.config.attention": ["linear", "softmax"]},
+            },
+            "width": {"32": {"model.init_args.config.d_model": 32}, "64": {"model.init_args.config.d_model": 64}},
+        },
     }
     sweep = load_sweep(write(tmp_path, spec), tmp_path / "runs")
     expected = [("a", 2), ("a", 3), ("b", 16)]
@@ -41,9 +47,12 @@ def test_every_cell_is_one_combination_with_its_overrides(tmp_path):
     ]
     assert len({c.name for c in sweep.cells}) == len(sweep.cells)  # one directory each
     cell = next(c for c in sweep.cells if c.task == "b" and c.labels == {"mixer": "hybrid", "width": "64"})
-    assert cell.overrides == {"trainer.max_steps": 7, "data.init_args.length": 16,
-                              "model.init_args.config.attention": ["linear", "softmax"],
-                              "model.init_args.config.d_model": 64}
+    assert cell.overrides == {
+        "trainer.max_steps": 7,
+        "data.init_args.length": 16,
+        "model.init_args.config.attention": ["linear", "softmax"],
+        "model.init_args.config.d_model": 64,
+    }
     command = sweep.command(cell)
     assert command[command.index("--model.init_args.config.attention") + 1] == '["linear", "softmax"]'
     assert command[command.index("--trainer.logger.init_args.name") + 1] == cell.name
@@ -69,13 +78,23 @@ def test_a_real_sweep_runs_every_cell_once_and_reports_the_heatmap(run_dir, caps
         "name": "tiny",
         "metric": "test/exact_match",
         "solved_at": 0.5,
-        "overrides": {"trainer.max_steps": 3, "trainer.val_check_interval": 3, "data.init_args.val_size": 64,
-                      "data.init_args.test_size": 64, "data.init_args.batch_size": 8,
-                      "model.init_args.config.n_heads": 2, "model.init_args.config.d_ff": 64},
+        "overrides": {
+            "trainer.max_steps": 3,
+            "trainer.val_check_interval": 3,
+            "data.init_args.val_size": 64,
+            "data.init_args.test_size": 64,
+            "data.init_args.batch_size": 8,
+            "model.init_args.config.n_heads": 2,
+            "model.init_args.config.d_ff": 64,
+        },
         "tasks": {"phop": {"recipe": QUICK, "size_key": "data.init_args.hops", "sizes": [1]}},
-        "axes": {"mixer": {"softmax": {"model.init_args.config.attention": "softmax"},
-                           "linear": {"model.init_args.config.attention": "linear"}},
-                 "width": {"16": {"model.init_args.config.d_model": 16}}},
+        "axes": {
+            "mixer": {
+                "softmax": {"model.init_args.config.attention": "softmax"},
+                "linear": {"model.init_args.config.attention": "linear"},
+            },
+            "width": {"16": {"model.init_args.config.d_model": 16}},
+        },
     }
     path = write(run_dir, spec)
     sweep_main([str(path), "--runs-dir", "runs"])
@@ -83,7 +102,9 @@ def test_a_real_sweep_runs_every_cell_once_and_reports_the_heatmap(run_dir, caps
     assert cells == ["phop-size1-mixer_linear-width_16", "phop-size1-mixer_softmax-width_16"]
     record = json.loads((run_dir / "runs/tiny/phop-size1-mixer_linear-width_16/cell.json").read_text())
     assert record["cell"] == {"task": "phop", "size": 1, "mixer": "linear", "width": "16"}
-    config = yaml.safe_load(next((run_dir / "runs/tiny/phop-size1-mixer_linear-width_16").glob("version_*/config.yaml")).read_text())
+    config = yaml.safe_load(
+        next((run_dir / "runs/tiny/phop-size1-mixer_linear-width_16").glob("version_*/config.yaml")).read_text()
+    )
     assert config["model"]["init_args"]["config"]["attention"] == "linear"  # the override reached the run
     assert config["model"]["init_args"]["config"]["d_model"] == 16
 
@@ -104,28 +125,44 @@ def test_a_real_sweep_runs_every_cell_once_and_reports_the_heatmap(run_dir, caps
 
 
 def test_study_table_marks_exactly_the_cells_at_or_above_the_threshold(tmp_path):
-    accuracy = {("softmax", "64", "4"): 0.95, ("softmax", "64", "8"): 0.90, ("linear", "64", "4"): 0.899,
-                ("linear", "128", "8"): 0.2}
+    accuracy = {
+        ("softmax", "64", "4"): 0.95,
+        ("softmax", "64", "8"): 0.90,
+        ("linear", "64", "4"): 0.899,
+        ("linear", "128", "8"): 0.2,
+    }
     points = [StudyPoint("lis", f"mixer={m}", w, s, a, 0.9) for (m, w, s), a in accuracy.items()]
     table = study_table(points)
-    assert "| 64 | 95.0 ✓ | 90.0 ✓ |" in table       # 0.90 is solved (≥)
-    assert "| 64 | 89.9 | — |" in table               # 0.899 is not
+    assert "| 64 | 95.0 ✓ | 90.0 ✓ |" in table  # 0.90 is solved (≥)
+    assert "| 64 | 89.9 | — |" in table  # 0.899 is not
     assert "| 128 | — | 20.0 |" in table
     assert plot_study(points, tmp_path / "h.png").stat().st_size > 0
 
 
 def test_study_points_read_cell_records_and_keep_the_best_version(tmp_path):
     cell = tmp_path / "sweep" / "lis-size8-mixer_linear-width_64"
-    record = {"sweep": "s", "metric": "test/answer_accuracy", "solved_at": 0.9,
-              "cell": {"task": "lis", "size": 8, "mixer": "linear", "width": "64"}}
+    record = {
+        "sweep": "s",
+        "metric": "test/answer_accuracy",
+        "solved_at": 0.9,
+        "cell": {"task": "lis", "size": 8, "mixer": "linear", "width": "64"},
+    }
     (cell / "version_0").mkdir(parents=True)
     (cell / "version_1").mkdir()
     (cell / "cell.json").write_text(json.dumps(record))
-    runs = [SimpleNamespace(path=cell / f"version_{i}", last={"test/answer_accuracy": acc}.get)
-            for i, acc in enumerate([0.5, 0.93])]
+    runs = [
+        SimpleNamespace(path=cell / f"version_{i}", last={"test/answer_accuracy": acc}.get)
+        for i, acc in enumerate([0.5, 0.93])
+    ]
     runs.append(SimpleNamespace(path=tmp_path / "elsewhere", last=lambda tag: 1.0))  # not a sweep run
     [point] = study_points(runs)
-    assert (point.task, point.panel, point.width, point.size, point.accuracy) == ("lis", "mixer=linear", "64", "8", 0.93)
+    assert (point.task, point.panel, point.width, point.size, point.accuracy) == (
+        "lis",
+        "mixer=linear",
+        "64",
+        "8",
+        0.93,
+    )
     assert point.solved
 
 

@@ -86,9 +86,16 @@ def test_the_trainer_gets_the_reference_batches_gathered_from_the_fixed_set(tmp_
     recorder = BatchRecorder()
     config = LoopedConfig(vocab_size=t.vocab_size, max_seq_len=t.seq_len, d_model=16, n_heads=2, d_ff=32)
     trainer = L.Trainer(
-        default_root_dir=tmp_path, accelerator="cpu", devices=1, max_steps=t.ROWS_PER_DRAW + 3,
-        limit_val_batches=0, callbacks=[recorder], logger=False, enable_progress_bar=False,
-        enable_model_summary=False, enable_checkpointing=False,
+        default_root_dir=tmp_path,
+        accelerator="cpu",
+        devices=1,
+        max_steps=t.ROWS_PER_DRAW + 3,
+        limit_val_batches=0,
+        callbacks=[recorder],
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
     )
     trainer.fit(LoopedLM(config), datamodule=t)
     assert len(recorder.batches) == t.ROWS_PER_DRAW + 3  # across a draw boundary of row indices
@@ -102,8 +109,12 @@ def test_the_trainer_gets_the_reference_batches_gathered_from_the_fixed_set(tmp_
     "make, dtype",
     [
         (lambda: task(train_size=4096), np.int8),  # 5 tokens
-        (lambda: LongestIncreasingSubsequence(size=12, value_range=150, format="direct", batch_size=32,
-                                              val_size=64, test_size=64, train_size=4096), np.int16),  # 166 tokens
+        (
+            lambda: LongestIncreasingSubsequence(
+                size=12, value_range=150, format="direct", batch_size=32, val_size=64, test_size=64, train_size=4096
+            ),
+            np.int16,
+        ),  # 166 tokens
     ],
 )
 def test_the_set_is_stored_narrow_and_gathers_back_exactly(make, dtype):

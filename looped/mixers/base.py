@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from looped.cache import DecodeCache, LayerCache
 
+
 class RotaryEmbedding(nn.Module):
     """Rotary position embedding (Su et al. 2021), shared by every layer.
 

@@ -147,7 +147,9 @@ def gap_families(names: Sequence[str]) -> list[GapFamily]:
     return families
 
 
-def gap_table(rows: dict[str, dict[str, float]], columns: Optional[Sequence[str]] = None) -> dict[str, dict[str, float]]:
+def gap_table(
+    rows: dict[str, dict[str, float]], columns: Optional[Sequence[str]] = None
+) -> dict[str, dict[str, float]]:
     """``{looped name: {column: % Gap}}`` for every family ``gap_families`` finds in ``rows``.
 
     ``rows`` maps a model name to its numbers per column (e.g. task-group averages);

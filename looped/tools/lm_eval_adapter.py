@@ -33,6 +33,7 @@ from looped.cache import DecodeCache
 from looped.module import LoopedLM
 from looped.tokenizer import load_tokenizer
 
+
 @register_model("looped")
 class LoopedEvalLM(LM):
     """lm-eval's ``LM`` interface over a ``LoopedTransformer``: scores are sums of token log-probabilities."""
@@ -158,9 +159,7 @@ class LoopedEvalLM(LM):
             logits = self.model(torch.tensor([ids], device=self._device), loops=self.loops, cache=cache)
             for _ in range(max_new):
                 last = logits[0, -1].float()
-                token = (
-                    int(torch.multinomial(F.softmax(last / temperature, -1), 1)) if sample else int(last.argmax())
-                )
+                token = int(torch.multinomial(F.softmax(last / temperature, -1), 1)) if sample else int(last.argmax())
                 if token == self.eot_token_id:
                     break
                 new.append(token)

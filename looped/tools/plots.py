@@ -59,8 +59,15 @@ def cosine_heatmap(values: dict[str, list[float]], block_layers: int):
     )
     for row, group in enumerate(groups):
         for col, value in enumerate(values[group]):
-            ax.text(col, row, f"{value:.2f}", ha="center", va="center", fontsize=7,
-                    color="white" if abs(value) > 0.6 else "black")
+            ax.text(
+                col,
+                row,
+                f"{value:.2f}",
+                ha="center",
+                va="center",
+                fontsize=7,
+                color="white" if abs(value) > 0.6 else "black",
+            )
     ax.set_xticks(range(columns))
     ax.set_xticklabels([str(i) for i in range(columns)])
     ax.set_yticks(range(len(groups)))
@@ -86,8 +93,13 @@ def pareto_figure(fixed: list[float], adaptive: list, trained_loops: int):
         xs, ys = [p.mean_loops for p in points], [100 * p.accuracy for p in points]
         ax.scatter(xs, ys, marker=marker, label=rule, zorder=3)
         for p in points:
-            ax.annotate(p.name.split("_", 1)[1], (p.mean_loops, 100 * p.accuracy), fontsize=7,
-                        xytext=(3, 3), textcoords="offset points")
+            ax.annotate(
+                p.name.split("_", 1)[1],
+                (p.mean_loops, 100 * p.accuracy),
+                fontsize=7,
+                xytext=(3, 3),
+                textcoords="offset points",
+            )
     ax.set_xlabel("mean loops used")
     ax.set_ylabel("exact match %")
     ax.set_ylim(-2, 102)

@@ -194,8 +194,12 @@ def prepare_pile(
     out = Path(output).absolute()
     out.mkdir(parents=True, exist_ok=True)
     manifest_path = out / MANIFEST
-    info = {"sha256": tokenizer.sha256, "vocab_size": tokenizer.vocab_size, "eos_id": tokenizer.eos_id,
-            "kind": "bytes" if tokenizer_path is None else "file"}
+    info = {
+        "sha256": tokenizer.sha256,
+        "vocab_size": tokenizer.vocab_size,
+        "eos_id": tokenizer.eos_id,
+        "kind": "bytes" if tokenizer_path is None else "file",
+    }
     if manifest_path.exists():
         manifest = json.loads(manifest_path.read_text())
         if manifest["tokenizer"]["sha256"] != tokenizer.sha256:
@@ -210,8 +214,12 @@ def prepare_pile(
                 "training documents into validation. Use the same value or a new --output directory"
             )
     else:
-        manifest = {"format": 1, "tokenizer": info, "val_fraction": val_fraction,
-                    "splits": {split: {"sources": {}} for split in SPLITS}}
+        manifest = {
+            "format": 1,
+            "tokenizer": info,
+            "val_fraction": val_fraction,
+            "splits": {split: {"sources": {}} for split in SPLITS},
+        }
     if tokenizer_path is not None:
         shutil.copyfile(tokenizer_path, out / TOKENIZER_FILE)
     manifest_path.write_text(json.dumps(manifest, indent=2))
@@ -229,8 +237,12 @@ def prepare_pile(
         fn = _Tokenize(getattr(tokenizer, "text", None), split, val_fraction, skip_bad, str(reports))
         try:
             litdata.optimize(
-                fn=fn, inputs=todo, output_dir=str(out / split), chunk_bytes=chunk_bytes,
-                num_workers=min(workers or os.cpu_count() or 1, len(todo)), item_loader=TokensLoader(),
+                fn=fn,
+                inputs=todo,
+                output_dir=str(out / split),
+                chunk_bytes=chunk_bytes,
+                num_workers=min(workers or os.cpu_count() or 1, len(todo)),
+                item_loader=TokensLoader(),
                 mode="append" if done else "overwrite",
                 # litdata forces a process-wide start method (spawn by default): fork is
                 # seconds faster per call on Linux and leaves the default there unchanged.
@@ -279,8 +291,15 @@ def main(argv: list[str]) -> None:
     args = parser.parse_args(argv)
     try:
         if args.what == "pile":
-            prepare_pile(find_sources(args.input), args.output, args.tokenizer, args.val_fraction, args.workers,
-                         args.skip_bad, args.chunk_bytes)
+            prepare_pile(
+                find_sources(args.input),
+                args.output,
+                args.tokenizer,
+                args.val_fraction,
+                args.workers,
+                args.skip_bad,
+                args.chunk_bytes,
+            )
         else:
             trained = train_tokenizer(find_sources(args.input), args.vocab_size, args.output, args.sample_documents)
             print(f"wrote {args.output}: vocab {trained.vocab_size}, eos id {trained.eos_id}")

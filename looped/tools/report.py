@@ -21,7 +21,15 @@ from typing import Optional, Sequence
 import yaml
 
 from looped.tools.analysis import (
-    ModelShape, fit_line, fit_log_depth, gap_families, gap_table, paper_order, parse_shape, scaling_ratio, task_groups,
+    ModelShape,
+    fit_line,
+    fit_log_depth,
+    gap_families,
+    gap_table,
+    paper_order,
+    parse_shape,
+    scaling_ratio,
+    task_groups,
 )
 from looped.tools.plots import cosine_heatmap, per_loop_figure, pyplot, save
 from looped.tools.study import plot_study, study_points, study_table
@@ -269,12 +277,20 @@ def scaling_fits(cells: dict[str, dict[str, float]], columns: Sequence[str]) -> 
             continue
         a_base, b_base = fit_log_depth(*zip(*deep))
         for k in sorted({s.block_layers for s in shapes.values() if s.loops > 1}):
-            loop = [(s.depth, cells[n][column]) for n, s in shapes.items() if s.block_layers == k and column in cells[n]]
+            loop = [
+                (s.depth, cells[n][column]) for n, s in shapes.items() if s.block_layers == k and column in cells[n]
+            ]
             if len({d for d, _ in loop}) < 2:
                 continue
             a_loop, b_loop = fit_log_depth(*zip(*loop))
-            rows.append([column, f"{k}⊗L", *(f"{v:.2f}" for v in (a_loop, b_loop, a_base, b_base)),
-                         f"{scaling_ratio(a_loop, a_base):.2f}"])
+            rows.append(
+                [
+                    column,
+                    f"{k}⊗L",
+                    *(f"{v:.2f}" for v in (a_loop, b_loop, a_base, b_base)),
+                    f"{scaling_ratio(a_loop, a_base):.2f}",
+                ]
+            )
     return rows
 
 
@@ -344,33 +360,50 @@ def variants_table(runs: list[Run], metrics: Sequence[str]) -> str:
     rows = []
     for run in runs:
         values = [run.last(m) for m in metrics]
-        rows.append([f"`{run.label}`", run.shape.name, run.variant,
-                     *(_fmt(as_percent(m, v)) if v is not None else "" for m, v in zip(metrics, values))])
+        rows.append(
+            [
+                f"`{run.label}`",
+                run.shape.name,
+                run.variant,
+                *(_fmt(as_percent(m, v)) if v is not None else "" for m, v in zip(metrics, values)),
+            ]
+        )
     return _markdown(header, rows)
 
 
-def write_report(runs: list[Run], output: Path, metrics: Sequence[str] = (), groups: Sequence[str] = (),
-                 isoplot_metric: str = "val/exact_match") -> Path:
+def write_report(
+    runs: list[Run],
+    output: Path,
+    metrics: Sequence[str] = (),
+    groups: Sequence[str] = (),
+    isoplot_metric: str = "val/exact_match",
+) -> Path:
     output.mkdir(parents=True, exist_ok=True)
     metrics = list(metrics) or default_metrics(runs)
     everything = runs
     runs = [r for r in everything if not r.variant]  # the paper's tables: plain looping only
     columns, cells, shared = collect_cells(runs, metrics)
     parts = [f"# Report\n\n{len(everything)} runs: " + ", ".join(f"`{r.label}` ({r.shape.name})" for r in everything)]
-    parts.append("## Accuracy per model (Table 1)\n\n" + (table1(cells, columns, shared) if columns else "No test metrics."))
+    parts.append(
+        "## Accuracy per model (Table 1)\n\n" + (table1(cells, columns, shared) if columns else "No test metrics.")
+    )
     if shared:
         parts.append("\\* several runs share this cell; the best is shown (the paper: best of 3 seeds).")
     table3 = table3_from_numbers(group_rows(runs, cells, columns, groups))
     if table3:
-        parts.append("## Looped vs shallow vs deep (Table 3)\n\n"
-                     "`% Gap = (Avg(k⊗L) − Avg(k⊗1)) / (Avg(kL⊗1) − Avg(k⊗1)) × 100`; ppl = exp(val/loss).\n\n" + table3)
+        parts.append(
+            "## Looped vs shallow vs deep (Table 3)\n\n"
+            "`% Gap = (Avg(k⊗L) − Avg(k⊗1)) / (Avg(kL⊗1) − Avg(k⊗1)) × 100`; ppl = exp(val/loss).\n\n" + table3
+        )
     variants = [r for r in everything if r.variant]
     if variants:
         parts.append("## Training variants\n\n" + variants_table(variants, metrics))
     fits = scaling_fits(cells, columns)
     if fits:
-        parts.append("## Scaling with effective depth (Figure 3)\n\n`acc = α·log(D) + β` (natural log, acc in %).\n\n"
-                     + _markdown(["metric", "looped", "α_loop", "β_loop", "α_base", "β_base", "α_loop/α_base"], fits))
+        parts.append(
+            "## Scaling with effective depth (Figure 3)\n\n`acc = α·log(D) + β` (natural log, acc in %).\n\n"
+            + _markdown(["metric", "looped", "α_loop", "β_loop", "α_base", "β_base", "α_loop/α_base"], fits)
+        )
     study = study_points(everything)
     if study:
         parts.append("## Width × problem size (`looped sweep` cells; ✓ = solved)\n\n" + study_table(study))
@@ -390,10 +423,18 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser = argparse.ArgumentParser(prog="looped report", description=__doc__.split("\n\n")[0])
     parser.add_argument("runs", nargs="+", help="version directories, or folders searched recursively for them")
     parser.add_argument("--output", required=True, type=Path, help="folder for report.md and the PNGs")
-    parser.add_argument("--metric", action="append", default=[],
-                        help="scalar tag for Table 1 (repeatable; default: every test/*exact_match* tag)")
-    parser.add_argument("--group", action="append", default=[],
-                        help="task group for Table 3, NAME=GLOB over metric columns (repeatable)")
+    parser.add_argument(
+        "--metric",
+        action="append",
+        default=[],
+        help="scalar tag for Table 1 (repeatable; default: every test/*exact_match* tag)",
+    )
+    parser.add_argument(
+        "--group",
+        action="append",
+        default=[],
+        help="task group for Table 3, NAME=GLOB over metric columns (repeatable)",
+    )
     parser.add_argument("--isoplot-metric", default="val/exact_match", help="y axis of isoplot.png")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     runs = load_runs(args.runs)

@@ -63,6 +63,7 @@ def study_points(runs: Sequence) -> list[StudyPoint]:
 
 def _sorted(values) -> list[str]:
     """Numbers in numeric order, other labels alphabetically after them."""
+
     def key(v: str):
         try:
             return (0, float(v), "")
@@ -104,8 +105,13 @@ def plot_study(points: Sequence[StudyPoint], path: Path):
 
     tasks = sorted({p.task for p in points})
     panels = sorted({p.panel for p in points})
-    fig, axes = plt.subplots(len(tasks), len(panels), figsize=(2.6 * len(panels) + 1.2, 2.4 * len(tasks) + 0.6),
-                             squeeze=False, layout="constrained")
+    fig, axes = plt.subplots(
+        len(tasks),
+        len(panels),
+        figsize=(2.6 * len(panels) + 1.2, 2.4 * len(tasks) + 0.6),
+        squeeze=False,
+        layout="constrained",
+    )
     image = None
     for row, task in enumerate(tasks):
         widths = _sorted(p.width for p in points if p.task == task)
@@ -117,8 +123,15 @@ def plot_study(points: Sequence[StudyPoint], path: Path):
                 if p.task == task and p.panel == panel:
                     grid[widths.index(p.width), sizes.index(p.size)] = 100 * p.accuracy
                     label = f"{100 * p.accuracy:.0f}" + (" ✓" if p.solved else "")
-                    ax.text(sizes.index(p.size), widths.index(p.width), label, ha="center", va="center",
-                            color="black" if p.accuracy > 0.6 else "white", fontsize=8)
+                    ax.text(
+                        sizes.index(p.size),
+                        widths.index(p.width),
+                        label,
+                        ha="center",
+                        va="center",
+                        color="black" if p.accuracy > 0.6 else "white",
+                        fontsize=8,
+                    )
             image = ax.imshow(grid, origin="lower", cmap="viridis", vmin=0, vmax=100, aspect="auto")
             ax.set_xticks(range(len(sizes)), sizes)
             ax.set_yticks(range(len(widths)), widths)

@@ -79,8 +79,12 @@ class Sweep:
         for key, value in cell.overrides.items():
             args += [f"--{key}", value if isinstance(value, str) else json.dumps(value)]
         # Every recipe logs with TensorBoardLogger: point it at the cell's own directory.
-        args += ["--trainer.logger.init_args.save_dir", str(self.runs_dir / self.name),
-                 "--trainer.logger.init_args.name", cell.name]
+        args += [
+            "--trainer.logger.init_args.save_dir",
+            str(self.runs_dir / self.name),
+            "--trainer.logger.init_args.name",
+            cell.name,
+        ]
         return args
 
 
@@ -125,8 +129,13 @@ def load_sweep(path: str | Path, runs_dir: str | Path = "runs") -> Sweep:
                     overrides.update(axis_overrides)
                 labels = {axis: str(label) for axis, (label, _) in zip(axes, combo)}
                 cells.append(Cell(task, size, labels, str(recipe), overrides))
-    return Sweep(spec["name"], cells, Path(runs_dir), spec.get("metric", "test/answer_accuracy"),
-                 float(spec.get("solved_at", 0.9)))
+    return Sweep(
+        spec["name"],
+        cells,
+        Path(runs_dir),
+        spec.get("metric", "test/answer_accuracy"),
+        float(spec.get("solved_at", 0.9)),
+    )
 
 
 def finished(cell_dir: Path, metric: str) -> bool:
@@ -164,8 +173,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         raise SystemExit(f"looped sweep: {err}") from err
     cells = [c for c in sweep.cells if not args.only or any(s in c.name for s in args.only)]
     todo = [c for c in cells if not finished(sweep.cell_dir(c), sweep.metric)]
-    print(f"looped sweep {sweep.name}: {len(cells)} cells, {len(cells) - len(todo)} finished, {len(todo)} to run",
-          file=sys.stderr)
+    print(
+        f"looped sweep {sweep.name}: {len(cells)} cells, {len(cells) - len(todo)} finished, {len(todo)} to run",
+        file=sys.stderr,
+    )
     if args.print:
         for cell in todo:
             print(shlex.join(sweep.command(cell)))
@@ -180,5 +191,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                 failed.append(cell.name)
     if failed:
         raise SystemExit(f"looped sweep: {len(failed)} cells failed: {', '.join(failed)}")
-    print(f"looped sweep: done; `looped report {sweep.runs_dir / sweep.name} --output DIR` draws the heatmap",
-          file=sys.stderr)
+    print(
+        f"looped sweep: done; `looped report {sweep.runs_dir / sweep.name} --output DIR` draws the heatmap",
+        file=sys.stderr,
+    )
