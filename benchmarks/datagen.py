@@ -47,7 +47,6 @@ import importlib
 import itertools
 import time
 from pathlib import Path
-from typing import Optional
 
 import lightning as L
 import torch
@@ -64,7 +63,7 @@ MFU = 0.40
 
 # label, recipe (task settings and model), training batch (None: the recipe's), fixed training set size
 # (None: the recipe's data.train_size, if any). Adding a task is one line.
-TASKS: list[tuple[str, str, Optional[int], Optional[int]]] = [
+TASKS: list[tuple[str, str, int | None, int | None]] = [
     ("PHop p=16", "recipes/phop/p16_1x1.yaml", None, None),
     ("PHop p=32", "recipes/phop/p32_1x1.yaml", None, None),
     # CPU recipes; on a GPU: the paper's p-hop batch and a fixed set (--data.train_size)
@@ -79,7 +78,7 @@ TASKS: list[tuple[str, str, Optional[int], Optional[int]]] = [
 FIXED_SET_CAP = 200_000  # rows of a recipe's fixed training set built here (drawing speed does not depend on it)
 
 
-def build(recipe: str, batch_size: Optional[int], train_size: Optional[int], fixed_set: bool):
+def build(recipe: str, batch_size: int | None, train_size: int | None, fixed_set: bool):
     """The recipe's data module (small eval sets: they only feed the collision check) and its model.
 
     ``fixed_set``: with the recipe's ``train_size`` (capped), else generating fresh samples.

@@ -21,8 +21,8 @@ import argparse
 import statistics
 
 import torch
-
 from loop_overhead import interleaved_step_times, matmul_peak  # benchmarks/ is on sys.path when run as a script
+
 from looped import LoopedConfig, LoopedTransformer
 
 

@@ -11,7 +11,8 @@ with a ``TensorBoardLogger``.
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import lightning as L
 import torch
@@ -41,7 +42,7 @@ class AdaptiveExit(L.Callback):
 
     def __init__(
         self,
-        max_eval_loops: Optional[int] = None,
+        max_eval_loops: int | None = None,
         patience: Sequence[int] = (1, 2, 3),
         kl_thresholds: Sequence[float] = (1e-1, 1e-2, 1e-3),
     ) -> None:

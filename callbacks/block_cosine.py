@@ -9,15 +9,13 @@ the cosine between every layer ``l`` and the same layer of the next block,
 
 from __future__ import annotations
 
-from typing import Optional
-
 import lightning as L
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor
 
-from looped.tools.plots import cosine_heatmap
 from looped.regularizer import PARAMETER_GROUPS, layer_parameter, neighbour_cosines
+from looped.tools.plots import cosine_heatmap
 
 DEFAULT_GROUPS = ["q", "k", "v", "o", "w1", "w2", "attn_norm", "ffn_norm"]
 
@@ -50,7 +48,7 @@ class BlockCosineSimilarity(L.Callback):
         every_n_steps: log after every N optimiser steps (and always when training ends).
     """
 
-    def __init__(self, block_layers: int, groups: Optional[list[str]] = None, every_n_steps: int = 100) -> None:
+    def __init__(self, block_layers: int, groups: list[str] | None = None, every_n_steps: int = 100) -> None:
         if block_layers < 1:
             raise ValueError(f"BlockCosineSimilarity.block_layers must be >= 1, got {block_layers}")
         if every_n_steps < 1:
@@ -61,8 +59,8 @@ class BlockCosineSimilarity(L.Callback):
         if unknown:
             raise ValueError(f"BlockCosineSimilarity.groups: unknown {unknown}; choose from {sorted(PARAMETER_GROUPS)}")
         self.every_n_steps = every_n_steps
-        self.last: Optional[dict[str, list[float]]] = None  # the values most recently computed
-        self._logged_step: Optional[int] = None
+        self.last: dict[str, list[float]] | None = None  # the values most recently computed
+        self._logged_step: int | None = None
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         n = len(pl_module.model.block)

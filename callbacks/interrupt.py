@@ -16,7 +16,6 @@ This callback finds the directory at train start instead and changes nothing els
 from __future__ import annotations
 
 import os
-from typing import Optional
 
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -32,12 +31,12 @@ class InterruptCheckpoint(L.Callback):
         filename: file name without extension.
     """
 
-    def __init__(self, dirpath: Optional[str] = None, filename: str = "interrupted") -> None:
+    def __init__(self, dirpath: str | None = None, filename: str = "interrupted") -> None:
         self.dirpath = dirpath
         self.filename = filename
 
     @property
-    def ckpt_path(self) -> Optional[str]:
+    def ckpt_path(self) -> str | None:
         return os.path.join(self.dirpath, f"{self.filename}.ckpt") if self.dirpath else None
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

@@ -9,7 +9,7 @@ cross-entropy) and ``isoplot/<metric>`` for each downstream metric, so
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import lightning as L
 
@@ -29,7 +29,7 @@ class IsoplotRecorder(L.Callback):
         self,
         prefixes: Sequence[str] = ("val/exact_match",),
         loss_key: str = "val/loss",
-        every_n_steps: Optional[int] = None,
+        every_n_steps: int | None = None,
     ) -> None:
         if every_n_steps is not None and every_n_steps < 1:
             raise ValueError(f"IsoplotRecorder.every_n_steps must be >= 1 or None, got {every_n_steps}")

@@ -14,7 +14,7 @@ see ``per_loop_figure``). With several named evaluation sets (the data module's
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import lightning as L
 import torch
@@ -52,7 +52,7 @@ class PerLoopAccuracy(L.Callback):
             to show extrapolation beyond the loops seen in training).
     """
 
-    def __init__(self, max_eval_loops: Optional[int] = None) -> None:
+    def __init__(self, max_eval_loops: int | None = None) -> None:
         self.max_eval_loops = max_eval_loops
         # Per evaluation dataloader: exact matches after each loop [n], and samples seen.
         self._correct: dict[int, Tensor] = {}

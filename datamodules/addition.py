@@ -26,7 +26,7 @@ Training draws n uniformly from ``train_operands`` for each sample (the paper:
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -54,7 +54,7 @@ class NaryAddition(SyntheticTask):
         digits: int = 3,
         train_operands: Sequence[int] = (2, 4, 8, 16, 32),
         eval_operands: Sequence[int] = (8, 16, 24, 32),
-        pad_to: Optional[int] = None,
+        pad_to: int | None = None,
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
@@ -100,7 +100,8 @@ class NaryAddition(SyntheticTask):
         example, labels = self.generate(np.random.default_rng(0), 1)
         return (
             f"{super().describe()}\n  answer: {self.answer_digits} digits, most significant first, zero-padded; "
-            f"train n ∈ {self.train_operands}, eval sets {self.eval_names}\n  e.g. input {self.decode(example[0])}, labels {self.decode(labels[0])}"
+            f"train n ∈ {self.train_operands}, eval sets {self.eval_names}\n"
+            f"  e.g. input {self.decode(example[0])}, labels {self.decode(labels[0])}"
         )
 
     # -- generation ------------------------------------------------------------------

@@ -28,12 +28,11 @@ except at answer positions.
 from __future__ import annotations
 
 import zlib
-from functools import cached_property
 from abc import abstractmethod
-from typing import Iterator, Optional, Union
+from collections.abc import Iterator
+from functools import cached_property
 
 import lightning as L
-from lightning.pytorch.utilities import rank_zero_info
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
@@ -80,12 +79,12 @@ class SyntheticTask(FixedTrainingSet, L.LightningDataModule):
     def __init__(
         self,
         batch_size: int = 64,
-        eval_batch_size: Optional[int] = None,
+        eval_batch_size: int | None = None,
         val_size: int = 1024,
         test_size: int = 1024,
         seed: int = 0,
         num_workers: int = 0,
-        train_size: Optional[int] = None,
+        train_size: int | None = None,
     ) -> None:
         super().__init__()
         if batch_size < 1:
@@ -101,9 +100,9 @@ class SyntheticTask(FixedTrainingSet, L.LightningDataModule):
         self.seed = seed
         self.num_workers = num_workers
         self.train_size = train_size
-        self._train_set: Optional[np.ndarray] = None  # [n 2 t]: each sample's input_ids and labels, side by side
+        self._train_set: np.ndarray | None = None  # [n 2 t]: each sample's input_ids and labels, side by side
         self._train_set_on_device: dict[torch.device, torch.Tensor] = {}
-        self._eval_sets: dict[tuple[int, Optional[str]], tuple[np.ndarray, np.ndarray]] = {}
+        self._eval_sets: dict[tuple[int, str | None], tuple[np.ndarray, np.ndarray]] = {}
         self._eval_keys: set[bytes] = set()
 
     _supervise: str = "last"
@@ -122,7 +121,7 @@ class SyntheticTask(FixedTrainingSet, L.LightningDataModule):
     eval_names: list[str] = []
     """Named evaluation sets, each drawn by ``generate_eval``; empty: one validation and one test set."""
 
-    eos_id: Optional[int] = None
+    eos_id: int | None = None
     """The token that ends an answer, for tasks scored by generation (``CoTTask``); None for the others."""
 
     # -- what a task defines ------------------------------------------------
@@ -162,7 +161,7 @@ class SyntheticTask(FixedTrainingSet, L.LightningDataModule):
         return np.random.default_rng([self.seed, purpose, rank, index])
 
     # -- evaluation sets -------------------------------------------------------
-    def eval_set(self, purpose: int, name: Optional[str] = None) -> tuple[np.ndarray, np.ndarray]:
+    def eval_set(self, purpose: int, name: str | None = None) -> tuple[np.ndarray, np.ndarray]:
         """The fixed validation (``_VAL``) or test (``_TEST``) set, or its set ``name`` of ``eval_names``.
 
         All sets are built together, once, each excluding every sample drawn before it.
@@ -183,7 +182,7 @@ class SyntheticTask(FixedTrainingSet, L.LightningDataModule):
         self._eval_keys = seen
 
     def _draw_unique(
-        self, purpose: int, size: int, seen: set[bytes], name: Optional[str] = None
+        self, purpose: int, size: int, seen: set[bytes], name: str | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
         ids, labels, attempt = [], [], 0
         while sum(len(x) for x in ids) < size:
@@ -205,7 +204,8 @@ class SyntheticTask(FixedTrainingSet, L.LightningDataModule):
                 raise ValueError(
                     f"{type(self).__name__}: could not draw {size} distinct evaluation samples"
                     + (f" for set {name!r}" if name is not None else "")
-                    + "; the task has too few distinct samples, lower data.val_size / data.test_size or make the task larger"
+                    + "; the task has too few distinct samples, lower data.val_size / data.test_size "
+                    "or make the task larger"
                 )
         return np.concatenate(ids), np.concatenate(labels)
 
@@ -215,7 +215,7 @@ class SyntheticTask(FixedTrainingSet, L.LightningDataModule):
         return self._eval_keys
 
     def train_batch(self, rank: int, index: int) -> tuple[np.ndarray, np.ndarray]:
-        """Training batch ``index`` of ``rank`` as int64 arrays: fresh samples (val/test ones redrawn), or fixed-set rows.
+        """Training batch ``index`` of ``rank`` as int64 arrays: fresh samples (val/test ones redrawn) or fixed rows.
 
         The reference definition of the stream; the training loader delivers exactly these batches.
         """
@@ -243,7 +243,7 @@ class SyntheticTask(FixedTrainingSet, L.LightningDataModule):
         raise NotImplementedError(f"{type(self).__name__} has no per-position labels; use data.supervise: last")
 
     # -- Lightning hooks -------------------------------------------------------
-    def setup(self, stage: Optional[str] = None) -> None:
+    def setup(self, stage: str | None = None) -> None:
         self._build_eval_sets()
         if self.train_size is not None and stage in (None, "fit"):
             self.train_set()  # once, before dataloader workers fork (they share it copy-on-write)
@@ -255,7 +255,7 @@ class SyntheticTask(FixedTrainingSet, L.LightningDataModule):
             return 0
         return trainer.global_step * trainer.accumulate_grad_batches
 
-    def train_dataloader(self) -> Union[DataLoader, "TrainRows"]:
+    def train_dataloader(self) -> DataLoader | TrainRows:
         trainer = self.trainer
         rank = trainer.global_rank if trainer is not None else 0
         start = self._consumed_batches()
@@ -278,7 +278,7 @@ class SyntheticTask(FixedTrainingSet, L.LightningDataModule):
         """Extra per-sample arrays for evaluation batches (e.g. a gold answer for decoding); none by default."""
         return {}
 
-    def _eval_loader(self, purpose: int) -> Union[DataLoader, list[DataLoader]]:
+    def _eval_loader(self, purpose: int) -> DataLoader | list[DataLoader]:
         """One loader, or one per name of ``eval_names`` in that order (Lightning's ``dataloader_idx``)."""
         loaders = []
         for name in self.eval_names or [None]:
@@ -287,10 +287,10 @@ class SyntheticTask(FixedTrainingSet, L.LightningDataModule):
             loaders.append(DataLoader(dataset, batch_size=self.eval_batch_size, shuffle=False))
         return loaders if self.eval_names else loaders[0]
 
-    def val_dataloader(self) -> Union[DataLoader, list[DataLoader]]:
+    def val_dataloader(self) -> DataLoader | list[DataLoader]:
         return self._eval_loader(_VAL)
 
-    def test_dataloader(self) -> Union[DataLoader, list[DataLoader]]:
+    def test_dataloader(self) -> DataLoader | list[DataLoader]:
         return self._eval_loader(_TEST)
 
     def describe(self) -> str:
@@ -318,9 +318,7 @@ class TrainStream(IterableDataset):
 
 
 class EvalSet(Dataset):
-    def __init__(
-        self, input_ids: np.ndarray, labels: np.ndarray, extras: Optional[dict[str, np.ndarray]] = None
-    ) -> None:
+    def __init__(self, input_ids: np.ndarray, labels: np.ndarray, extras: dict[str, np.ndarray] | None = None) -> None:
         self.input_ids = torch.from_numpy(input_ids)
         self.labels = torch.from_numpy(labels)
         self.extras = {name: torch.from_numpy(np.asarray(v)) for name, v in (extras or {}).items()}

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import itertools
 import math
-
 from typing import Literal
 
 import numpy as np

@@ -50,7 +50,7 @@ Evaluation always scores the final answer alone.
 from __future__ import annotations
 
 import string
-from typing import Literal, Optional
+from typing import Literal
 
 import numpy as np
 
@@ -89,7 +89,7 @@ class IGSM(SyntheticTask):
         layers: int = 4,
         entities_per_layer: int = 4,
         modulus: int = 7,
-        pad_to: Optional[int] = None,
+        pad_to: int | None = None,
         supervise: Literal["last", "all"] = "last",
         shuffle: bool = True,
         **kwargs,

@@ -12,7 +12,6 @@ A sample reads ``v_1 … v_n =`` and the label at ``=`` is the answer letter.
 from __future__ import annotations
 
 import string
-
 from typing import Literal
 
 import numpy as np
@@ -96,7 +95,8 @@ class PHop(SyntheticTask):
             raise ValueError(
                 f"data.hops={self.hops} is impossible in practice for data.length={self.length} "
                 f"(alphabet {self.alphabet_size}): the {self.hops}-hop chain exists in only {rate:.1%} of "
-                f"random sequences. Raise data.length (about {self.alphabet_size * self.hops * 2} works) or lower data.hops."
+                f"random sequences. Raise data.length (about {self.alphabet_size * self.hops * 2} works) "
+                "or lower data.hops."
             )
         self._chain_rate = rate
 

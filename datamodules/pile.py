@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 from itertools import islice
-from typing import Any, Optional
+from typing import Any
 
 import lightning as L
 import numpy as np
@@ -59,11 +59,11 @@ class PileDataModule(L.LightningDataModule):
         path: str,
         seq_len: int = 1280,
         batch_size: int = 8,
-        eval_batch_size: Optional[int] = None,
+        eval_batch_size: int | None = None,
         num_workers: int = 4,
         seed: int = 0,
         shuffle: bool = True,
-        val_batches: Optional[int] = None,
+        val_batches: int | None = None,
         primitives_shots: int = 5,
         primitives_size: int = 256,
     ) -> None:
@@ -86,8 +86,8 @@ class PileDataModule(L.LightningDataModule):
         self.primitives_shots, self.primitives_size = primitives_shots, primitives_size
         self.manifest = self._read_manifest()
         self._train_loader = None
-        self._pending_state: Optional[dict] = None
-        self._primitives: Optional[dict[str, EvalSet]] = None
+        self._pending_state: dict | None = None
+        self._primitives: dict[str, EvalSet] | None = None
         self._tokenizer = None  # read from data.path when first needed
 
     # -- what the model links to --------------------------------------------------------------
@@ -238,7 +238,8 @@ def encode_prompts(
     """``(prompt, answer)`` pairs → left-padded ``input_ids``/``labels`` ``[n t]``, labels on the answer only.
 
     Prompt and `` answer`` are encoded separately (a BPE merge across the boundary would
-    hide where the answer starts); a space that encodes alone joins the prompt. Prompts longer than ``seq_len`` lose their earliest
+    hide where the answer starts); a space that encodes alone joins the prompt. Prompts longer than ``seq_len`` lose
+    their earliest
     tokens (earlier shots), as evaluation harnesses truncate long contexts.
     """
     rows, space = [], tokenizer.encode(" ")

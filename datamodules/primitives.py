@@ -30,7 +30,7 @@ the answer at the last position for every setting; padding is never labelled.
 from __future__ import annotations
 
 import string
-from typing import Literal, Optional
+from typing import Literal
 
 import numpy as np
 
@@ -68,7 +68,7 @@ class ReasoningPrimitives(SyntheticTask):
         num_values: int = 10,
         num_variables: int = 4,
         shots: int = 0,
-        pad_to: Optional[int] = None,
+        pad_to: int | None = None,
         supervise: Literal["last", "all"] = "last",
         **kwargs,
     ) -> None:

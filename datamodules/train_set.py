@@ -16,7 +16,7 @@ gives a ``SyntheticTask`` that set:
 
 from __future__ import annotations
 
-from typing import Iterator, Optional
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -33,8 +33,8 @@ class FixedTrainingSet:
     """The fixed-training-set half of ``SyntheticTask`` (a mixin: it reads the task's ``train_size``,
     ``batch_size``, ``num_workers``, ``vocab_size``, ``rng``, ``fresh_batch`` and ``eval_keys``)."""
 
-    train_size: Optional[int]
-    _train_set: Optional[np.ndarray]  # [n 2 t]: each sample's input_ids and labels, side by side
+    train_size: int | None
+    _train_set: np.ndarray | None  # [n 2 t]: each sample's input_ids and labels, side by side
     _train_set_on_device: dict[torch.device, torch.Tensor]
 
     ROWS_PER_DRAW = 256

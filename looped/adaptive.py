@@ -24,8 +24,9 @@ Dimension letters: n loop, b sample, m labelled position (over the whole batch),
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable, NamedTuple
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F

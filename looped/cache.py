@@ -11,7 +11,7 @@ Dimension letters: b batch, h heads, t time, e head width.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -31,8 +31,8 @@ class LayerCache:
         self.owner = owner
         self.capacity = owner.capacity
         self.state: Any = None
-        self._keys: Optional[Tensor] = None
-        self._values: Optional[Tensor] = None
+        self._keys: Tensor | None = None
+        self._values: Tensor | None = None
 
     def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Store keys and values ``[b h t e]`` at positions ``offset..offset+t-1``; return all of them so far.

@@ -1,4 +1,4 @@
-"""Command line: ``looped {fit,validate,test,predict,run,report,prepare,sweep,lm-eval}`` and ``lightning run RECIPE.yaml``.
+"""Command line: ``looped {fit,validate,test,predict,run,report,prepare,sweep,lm-eval}``, ``lightning run RECIPE``.
 
 ``looped run RECIPE.yaml [--key value ...]`` trains the recipe, then tests the
 best checkpoint. ``looped report RUNS... --output DIR`` turns TensorBoard logs
@@ -14,7 +14,6 @@ import io
 import sys
 from importlib import metadata
 from unittest import mock
-from typing import Optional
 
 import lightning as L
 from lightning.pytorch.cli import LightningCLI
@@ -76,7 +75,7 @@ class LoopedCLI(LightningCLI):
         parser.link_arguments("data.seq_len", "model.init_args.config.max_seq_len", apply_on="instantiate")
 
 
-def data_eos_id(data: DataModuleContract) -> Optional[int]:
+def data_eos_id(data: DataModuleContract) -> int | None:
     """The data module's ``eos_id`` (None unless its task is scored by generation), after checking its contract."""
     check_data_module(data)
     return data.eos_id
@@ -114,7 +113,7 @@ def run(argv: list[str]) -> LoopedCLI:
     return cli
 
 
-def main(argv: Optional[list[str]] = None) -> None:
+def main(argv: list[str] | None = None) -> None:
     """Console script ``looped``."""
     argv = _take_argv(argv)
     if argv and argv[0] == "run":
@@ -132,14 +131,14 @@ def main(argv: Optional[list[str]] = None) -> None:
     LoopedCLI(args=argv)
 
 
-def _take_argv(argv: Optional[list[str]]) -> list[str]:
+def _take_argv(argv: list[str] | None) -> list[str]:
     """The arguments to parse; consumed from ``sys.argv`` so LightningCLI does not read them twice."""
     if argv is None:
         argv, sys.argv[1:] = sys.argv[1:], []
     return list(argv)
 
 
-def lightning_main(argv: Optional[list[str]] = None) -> None:
+def lightning_main(argv: list[str] | None = None) -> None:
     """Console script ``lightning``: ``lightning run RECIPE.yaml`` is ``looped run RECIPE.yaml``.
 
     Lightning 2.6 installs no ``lightning`` command. The separate ``lightning-sdk``

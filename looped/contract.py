@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Sequence
-from typing import Optional, Protocol
+from typing import Protocol
 
 from torch import Tensor
 
@@ -31,7 +31,7 @@ class DataModuleContract(Protocol):
     """Positions of every ``input_ids`` row; linked into ``LoopedConfig.max_seq_len``."""
     eval_names: list[str]
     """Names of the validation/test loaders, in order (``val/exact_match_<name>``); ``[]``: one unnamed loader."""
-    eos_id: Optional[int]
+    eos_id: int | None
     """The token that ends a sequence or an answer (tasks scored by generation decode up to it); None: none."""
 
     def decode(self, ids: Sequence[int]) -> str:

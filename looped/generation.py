@@ -8,7 +8,7 @@ its answer is the token right before the first ``eos_id``. ``LoopedLM`` calls th
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -26,9 +26,7 @@ def final_answer(continuation: Tensor, eos_id: int) -> Tensor:
     return torch.where(is_eos.any(dim=1) & (first > 0), before, torch.full_like(before, -1))
 
 
-def generate_answers(
-    model: LoopedTransformer, batch: dict[str, Tensor], eos_id: Optional[int]
-) -> tuple[Tensor, Tensor]:
+def generate_answers(model: LoopedTransformer, batch: dict[str, Tensor], eos_id: int | None) -> tuple[Tensor, Tensor]:
     """Greedy continuation ``[b n]`` of each prompt and its final answer ``[b]`` (-1: no eos emitted).
 
     The prompt is ``input_ids[:, :prompt_len]``; decoding runs with the model's decode cache
@@ -54,8 +52,8 @@ def generate_answers(
 def sample_rows(
     decode: Callable[[list[int]], str],
     batch: dict[str, Tensor],
-    preds: Optional[Tensor] = None,
-    continuation: Optional[Tensor] = None,
+    preds: Tensor | None = None,
+    continuation: Tensor | None = None,
     n: int = 4,
     chars: int = 400,
 ) -> list[str]:

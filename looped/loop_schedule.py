@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Literal
 
 import torch
 
@@ -40,10 +40,10 @@ class LoopSchedule:
 
     distribution: Literal["fixed", "uniform", "lognormal_poisson"] = "fixed"
     min_loops: int = 1
-    max_loops: Optional[int] = None
-    mean_loops: Optional[float] = None
+    max_loops: int | None = None
+    mean_loops: float | None = None
     sigma: float = 0.5
-    grad_loops: Optional[int] = None
+    grad_loops: int | None = None
     per_loop_loss_weight: float = 0.0
     seed: int = 0
 

@@ -18,17 +18,18 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Iterator, Literal, Optional, Union
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from looped.mixers import MIXERS, RotaryEmbedding, build_mixer
 from looped.cache import DecodeCache, LayerCache
+from looped.mixers import MIXERS, RotaryEmbedding, build_mixer
 
-Slots = Iterator[Optional[LayerCache]]  # one decode-cache slot per layer application, in order
+Slots = Iterator[LayerCache | None]  # one decode-cache slot per layer application, in order
 NO_CACHE: Slots = itertools.repeat(None)
 
 
@@ -36,9 +37,9 @@ NO_CACHE: Slots = itertools.repeat(None)
 class LoopedConfig:
     """Architecture of a looped transformer. Every field has the paper's meaning."""
 
-    vocab_size: Optional[int] = None
+    vocab_size: int | None = None
     """Number of token ids. Linked from the data module in recipes, never typed twice."""
-    max_seq_len: Optional[int] = None
+    max_seq_len: int | None = None
     """Longest input the model accepts (RoPE / learned-position tables). Linked from the data module."""
     d_model: int = 128
     """Residual stream width."""
@@ -70,7 +71,7 @@ class LoopedConfig:
     """Share the input embedding with the output head."""
     input_injection: Literal["none", "add"] = "none"
     """``none`` as in the paper; ``add`` re-adds the loop input before every loop after the first."""
-    attention: Union[str, list[str]] = "softmax"
+    attention: str | list[str] = "softmax"
     """Token mixer, or a per-layer pattern cycled within the prelude, the block and the coda."""
     mixer_options: dict = field(default_factory=dict)
     """Keyword options for the mixers, by mixer name: ``{linear: {feature_map: elu}, sparse: {window: 64}}``."""
@@ -127,7 +128,7 @@ class LoopedConfig:
         """Layer applications in one forward pass at the trained loop count."""
         return self.applications()
 
-    def applications(self, loops: Optional[int] = None) -> int:
+    def applications(self, loops: int | None = None) -> int:
         """Layer applications in one forward pass with ``loops`` loops (default: the trained count)."""
         return self.prelude_layers + self.block_layers * (self.loops if loops is None else loops) + self.coda_layers
 
@@ -174,7 +175,7 @@ class TransformerLayer(nn.Module):
         self.ffn = FeedForward(config)
         self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: Tensor, rope: Optional[RotaryEmbedding] = None, cache: Optional[LayerCache] = None) -> Tensor:
+    def forward(self, x: Tensor, rope: RotaryEmbedding | None = None, cache: LayerCache | None = None) -> Tensor:
         x = x + self.dropout(self.attn(self.attn_norm(x), rope, cache))
         return x + self.dropout(self.ffn(self.ffn_norm(x)))
 
@@ -232,11 +233,11 @@ class LoopedTransformer(nn.Module):
     def forward(
         self,
         input_ids: Tensor,
-        loops: Optional[int] = None,
+        loops: int | None = None,
         return_loop_states: bool = False,
-        grad_loops: Optional[int] = None,
-        cache: Optional[DecodeCache] = None,
-    ) -> Union[Tensor, tuple[Tensor, list[Tensor]]]:
+        grad_loops: int | None = None,
+        cache: DecodeCache | None = None,
+    ) -> Tensor | tuple[Tensor, list[Tensor]]:
         """Logits ``[b t v]`` after ``loops`` applications of the block (default: the trained L).
 
         With ``return_loop_states=True`` also returns the hidden state ``[b t d]``
@@ -286,7 +287,7 @@ class LoopedTransformer(nn.Module):
             x = layer(x, self.rope, next(slots))
         return x
 
-    def readout(self, hidden: Tensor, positions: Optional[Tensor] = None, slots: Slots = NO_CACHE) -> Tensor:
+    def readout(self, hidden: Tensor, positions: Tensor | None = None, slots: Slots = NO_CACHE) -> Tensor:
         """Logits from a hidden state: ``coda → norm → head``.
 
         ``positions`` (a boolean mask ``[b t]``) keeps only those positions' logits,
@@ -301,13 +302,13 @@ class LoopedTransformer(nn.Module):
             hidden = hidden[positions]
         return self.head(self.norm(hidden))
 
-    def applications(self, loops: Optional[int] = None) -> int:
+    def applications(self, loops: int | None = None) -> int:
         """Layer applications in one forward pass with ``loops`` loops (decode-cache slots)."""
         return self.config.applications(loops)
 
     @torch.no_grad()
     def generate(
-        self, prompt: Tensor, max_new_tokens: int, eos_id: Optional[int] = None, loops: Optional[int] = None
+        self, prompt: Tensor, max_new_tokens: int, eos_id: int | None = None, loops: int | None = None
     ) -> Tensor:
         """Greedy continuation of ``prompt`` ``[b p]``: ``[b p+n]`` with ``n <= max_new_tokens``.
 
@@ -344,7 +345,7 @@ class LoopedTransformer(nn.Module):
             logits = self(token[:, None], loops=loops, cache=cache)[:, -1]
         return torch.cat(tokens, dim=1)
 
-    def flops_per_token(self, seq_len: int, loops: Optional[int] = None) -> int:
+    def flops_per_token(self, seq_len: int, loops: int | None = None) -> int:
         """Matmul FLOPs of one *forward* pass per token, counting the block ``loops`` times.
 
         Per layer application: Q, K, V, O (``8d²``), the FFN (``4df``, ``6df`` for

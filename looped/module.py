@@ -12,10 +12,11 @@ hooks; see README).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, nullcontext
 from contextvars import ContextVar
 from dataclasses import asdict
-from typing import Any, Callable, Iterable, Iterator, Optional
+from typing import Any
 
 import lightning as L
 import torch
@@ -121,11 +122,11 @@ class LoopedLM(L.LightningModule):
         config: LoopedConfig,
         optimizer: OptimizerFactory = adamw,
         warmup_steps: int = 100,
-        decay_steps: Optional[int] = None,
+        decay_steps: int | None = None,
         min_lr_ratio: float = 0.1,
-        regularizer: Optional[BlockRegularizer] = None,
-        loop_schedule: Optional[LoopSchedule] = None,
-        eos_id: Optional[int] = None,
+        regularizer: BlockRegularizer | None = None,
+        loop_schedule: LoopSchedule | None = None,
+        eos_id: int | None = None,
         activation_checkpointing: bool = False,
         compile: bool = False,
     ) -> None:
@@ -166,7 +167,7 @@ class LoopedLM(L.LightningModule):
         # Per named evaluation set, made in setup() from the data module's eval_names: {stage: {name: metrics}}.
         self.eval_names: list[str] = []
         self.eval_set_metrics = nn.ModuleDict({"val": nn.ModuleDict(), "test": nn.ModuleDict()})
-        self._batch_shape: Optional[tuple[int, int]] = None
+        self._batch_shape: tuple[int, int] | None = None
         self._samples_logged = False  # decoded samples go to TensorBoard once per evaluation
         self._loops_this_step = config.loops  # what the last training step ran (random with a loop_schedule)
         # Scaling out (looped.parallel): applied in configure_model, where the strategy's mesh is known.
@@ -189,7 +190,7 @@ class LoopedLM(L.LightningModule):
             return nn.ModuleDict(metrics)
 
     # -- forward and loss -------------------------------------------------------
-    def forward(self, input_ids: Tensor, loops: Optional[int] = None, return_loop_states: bool = False):
+    def forward(self, input_ids: Tensor, loops: int | None = None, return_loop_states: bool = False):
         return self.model(input_ids, loops=loops, return_loop_states=return_loop_states)
 
     def compute_loss(self, logits: Tensor, labels: Tensor) -> Tensor:
@@ -288,7 +289,7 @@ class LoopedLM(L.LightningModule):
         return predicted == batch["answer"]
 
     def maybe_log_samples(
-        self, batch: dict[str, Tensor], preds: Optional[Tensor] = None, continuation: Optional[Tensor] = None
+        self, batch: dict[str, Tensor], preds: Tensor | None = None, continuation: Tensor | None = None
     ) -> None:
         """Log samples from the first evaluation batch of each validation or test run (not the sanity check)."""
         if self._trainer is None or self.trainer.sanity_checking or self._samples_logged:
@@ -299,8 +300,8 @@ class LoopedLM(L.LightningModule):
     def log_samples(
         self,
         batch: dict[str, Tensor],
-        preds: Optional[Tensor] = None,
-        continuation: Optional[Tensor] = None,
+        preds: Tensor | None = None,
+        continuation: Tensor | None = None,
         n: int = 4,
         chars: int = 400,
     ) -> None:
@@ -309,7 +310,7 @@ class LoopedLM(L.LightningModule):
         Tasks scored by generation show prompt, greedy continuation and gold; the others show the
         input and, at the labelled positions, the model's argmax prediction and the gold tokens.
         """
-        data: Optional[DataModuleContract] = self.trainer.datamodule
+        data: DataModuleContract | None = self.trainer.datamodule
         loggers = [lg for lg in self.trainer.loggers if isinstance(lg, TensorBoardLogger)]
         if data is None or not loggers or not self.trainer.is_global_zero:
             return
@@ -358,7 +359,7 @@ class LoopedLM(L.LightningModule):
 
     # -- checks before compute ----------------------------------------------------
     def setup(self, stage: str) -> None:
-        data: Optional[DataModuleContract] = self.trainer.datamodule if self._trainer is not None else None
+        data: DataModuleContract | None = self.trainer.datamodule if self._trainer is not None else None
         if data is None:
             return  # trained on bare dataloaders: nothing to check
         check_data_module(data)
@@ -434,7 +435,7 @@ class LoopedLM(L.LightningModule):
 
     # -- throughput ---------------------------------------------------------------------
     @property
-    def flops_per_batch(self) -> Optional[int]:
+    def flops_per_batch(self) -> int | None:
         """Training FLOPs of the last batch (3 × forward), read by Lightning's ThroughputMonitor for MFU."""
         if self._batch_shape is None:
             return None

@@ -10,10 +10,9 @@ instead runs the stock update, unchanged, on the whole tensor, one parameter at 
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import torch
-from torch import Tensor
 
 __all__ = ["Adafactor"]
 
@@ -46,7 +45,7 @@ class Adafactor(torch.optim.Adafactor):
     """
 
     @torch.no_grad()
-    def step(self, closure: Optional[Callable[[], float]] = None):
+    def step(self, closure: Callable[[], float] | None = None):
         from torch.distributed.tensor import DTensor, Replicate
 
         loss = None

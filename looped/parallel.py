@@ -21,8 +21,6 @@ ever holds the whole model.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import nn
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Optional, Union
 
 MANIFEST = "manifest.json"
 TOKENIZER_FILE = "tokenizer.json"
@@ -33,7 +32,7 @@ class ByteTokenizer:
 class FileTokenizer:
     """A Hugging Face ``tokenizer.json``; EOS is the first of ``EOS_CANDIDATES`` in its vocabulary."""
 
-    def __init__(self, text: str, origin: str = "tokenizer", eos_token: Optional[str] = None) -> None:
+    def __init__(self, text: str, origin: str = "tokenizer", eos_token: str | None = None) -> None:
         from tokenizers import Tokenizer
 
         self.text = text
@@ -56,7 +55,7 @@ class FileTokenizer:
         return self.tokenizer.decode(list(ids))
 
 
-def load_tokenizer(path: Optional[str], eos_token: Optional[str] = None):
+def load_tokenizer(path: str | None, eos_token: str | None = None):
     """``FileTokenizer`` for a ``tokenizer.json`` path, ``ByteTokenizer`` for None.
 
     A directory is read as ``looped prepare pile``'s output: its manifest says bytes or
@@ -88,7 +87,7 @@ def read_text(url: str) -> str:
         return f.read()
 
 
-def prepared_tokenizer(path: str, manifest: dict) -> Union[ByteTokenizer, FileTokenizer]:
+def prepared_tokenizer(path: str, manifest: dict) -> ByteTokenizer | FileTokenizer:
     """The tokenizer a prepared directory (local or an object-store URL) was made with, from its manifest."""
     if manifest["tokenizer"]["kind"] == "bytes":
         return ByteTokenizer()

@@ -7,10 +7,9 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from conftest import RECIPES
 from looped.datamodules.addition import NaryAddition
 from looped.datamodules.base import IGNORE, rows_as_keys
-
-from conftest import RECIPES
 from streams import stream
 
 

@@ -7,9 +7,8 @@ import sys
 import pytest
 import torch
 
-from looped.cli import LoopedCLI, lightning_main
-
 from conftest import RECIPES, ROOT
+from looped.cli import LoopedCLI, lightning_main
 
 
 def _console(name: str) -> str:

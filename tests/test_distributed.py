@@ -12,12 +12,11 @@ import sys
 import pytest
 import torch
 
+from conftest import ROOT
 from looped import LoopedConfig, LoopedLM
 from looped.model import FeedForward, LoopedTransformer
 from looped.optim import Adafactor
 from looped.parallel import materialize, parallelize
-
-from conftest import ROOT
 
 SCRIPT = ROOT / "tests" / "fsdp_run.py"
 

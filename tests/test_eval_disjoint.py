@@ -4,9 +4,8 @@ import importlib
 
 import pytest
 
-from looped.datamodules.base import SyntheticTask, rows_as_keys
-
 from conftest import RECIPE_ROWS, resolved
+from looped.datamodules.base import SyntheticTask, rows_as_keys
 
 
 def data_class(class_path: str):

@@ -28,7 +28,7 @@ class Rows(torch.utils.data.Dataset):
 
 
 class TwoSets(L.LightningDataModule):
-    """Two named evaluation sets; ``eval_names`` orders the loaders. Implements ``looped.contract.DataModuleContract``."""
+    """Two named evaluation sets; ``eval_names`` orders the loaders (``looped.contract.DataModuleContract``)."""
 
     vocab_size, seq_len, eos_id = VOCAB, T, None
 

@@ -168,7 +168,7 @@ def test_fit_end_to_end_logs_answer_accuracy_and_samples(tmp_path):
 
 
 def test_tasks_scored_at_labelled_positions_log_input_prediction_and_gold(tmp_path):
-    """Every task, not only generated ones, puts a handful of validation samples with the model's answers in TensorBoard."""
+    """Every task, not only generated ones, puts a few validation samples with the model's answers in TensorBoard."""
     from looped.datamodules import PHop
 
     data = PHop(alphabet_size=4, length=12, hops=2, batch_size=8, val_size=16, test_size=16)

@@ -3,10 +3,9 @@
 import numpy as np
 import pytest
 
+from conftest import RECIPES
 from looped.datamodules.base import IGNORE, rows_as_keys
 from looped.datamodules.groups import GroupComposition
-
-from conftest import RECIPES
 
 SETTINGS = [("symmetric", 5), ("symmetric", 3), ("cyclic", 7)]
 

@@ -7,7 +7,6 @@ import pytest
 
 from looped.datamodules import IGSM
 from looped.datamodules.base import IGNORE, rows_as_keys
-
 from streams import stream
 
 OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}

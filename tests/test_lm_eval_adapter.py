@@ -133,7 +133,7 @@ metric_list:
 
 @pytest.mark.slow
 def test_lm_eval_cli_scores_a_local_task(assets, tmp_path):
-    """`python -m looped.tools.lm_eval_adapter` (lm-eval's CLI) on a local YAML task: every logged score is the hand one."""
+    """`python -m looped.tools.lm_eval_adapter` (lm-eval's CLI) on a local YAML task: every score is the hand one."""
     docs = [
         {"question": "the cat sat on the", "choices": ["mat", "dog", "rug ."], "answer": 0},
         {"question": "a dog", "choices": ["ran", "sat on a mat", "the"], "answer": 1},

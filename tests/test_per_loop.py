@@ -11,8 +11,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 import looped
 from looped.callbacks import PerLoopAccuracy
 from looped.callbacks.per_loop import exact_match_per_loop, log_figure
-from looped.tools.plots import per_loop_figure
 from looped.datamodules import PHop
+from looped.tools.plots import per_loop_figure
 
 
 def test_curve_image_is_written_after_fit_and_test(tmp_path):

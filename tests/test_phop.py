@@ -6,8 +6,6 @@ import torch
 
 from looped.datamodules import PHop
 from looped.datamodules.base import IGNORE, rows_as_keys
-
-from conftest import RECIPES
 from streams import stream
 
 

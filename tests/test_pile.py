@@ -9,7 +9,6 @@ from looped.datamodules import PileDataModule
 from looped.datamodules.primitives import ReasoningPrimitives
 from looped.model import LoopedConfig
 from looped.module import IGNORE
-
 from pile_data import prepared_pile
 
 
@@ -75,7 +74,7 @@ class Recorder(L.Callback):
 
 
 class ReadsSteppingBatches(LoopedLM):
-    """Reads ``estimated_stepping_batches`` first, which builds the train loader before the restore (Lightning #20550)."""
+    """Reads ``estimated_stepping_batches`` first, building the train loader before the restore (Lightning #20550)."""
 
     def configure_optimizers(self):
         assert self.trainer.estimated_stepping_batches > 0

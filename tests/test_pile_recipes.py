@@ -5,10 +5,9 @@ import subprocess
 import pytest
 import torch
 
+from conftest import RECIPES, ROOT
 from looped.cli import LoopedCLI
 from looped.optim import Adafactor
-
-from conftest import RECIPES, ROOT
 from pile_data import prepared_pile
 
 # row -> (prelude, k, L, coda, regulariser (k, λ) or None): the paper's Tables 3-4 and Figure 3.

@@ -10,7 +10,6 @@ from litdata.streaming.item_loader import TokensLoader
 from looped.cli import main as looped_main
 from looped.tokenizer import ByteTokenizer
 from looped.tools.prepare import CorruptShardError, find_sources, prepare_pile, read_documents, train_tokenizer
-
 from pile_data import documents, make_shards, write_shard
 
 

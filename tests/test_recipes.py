@@ -15,10 +15,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from conftest import RECIPE_ROWS, RECIPES, resolved, resolved_text
 from looped import LoopedLM
 from looped.cli import LoopedCLI
-
-from conftest import RECIPE_ROWS, RECIPES, resolved, resolved_text
 
 GOLDEN = Path(__file__).resolve().parent / "golden" / "resolved_recipes"
 UPDATE = "python tests/test_recipes.py --update-golden"

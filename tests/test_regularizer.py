@@ -10,9 +10,9 @@ import torch
 
 from looped import LoopedConfig, LoopedLM
 from looped.callbacks import BlockCosineSimilarity
-from looped.tools.plots import cosine_heatmap
 from looped.datamodules import PHop
 from looped.regularizer import PARAMETER_GROUPS, BlockRegularizer, block_cosines
+from looped.tools.plots import cosine_heatmap
 
 PAPER_GROUPS = ["q", "k", "v", "o", "w1", "w2"]
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from looped.mixers import SoftmaxAttention, build_mixer
-from looped.model import LoopedConfig, LoopedTransformer
 from looped.mixers.sparse import SparseAttention, dense_mask
+from looped.model import LoopedConfig, LoopedTransformer
 
 
 def visible(pattern: str, window: int, stride: int, t: int, s: int) -> bool:

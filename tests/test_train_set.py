@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from looped import LoopedConfig, LoopedLM
-
 from looped.datamodules import LongestIncreasingSubsequence, PHop
 from looped.datamodules.base import rows_as_keys
 from looped.datamodules.train_set import _TRAIN_SET, TrainRows

@@ -26,15 +26,15 @@ a chunk (``s`` a second one), e head width (``f`` a second one, for ``e×e`` sta
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from einops import einsum, rearrange
 from torch import Tensor
 
-from looped.mixers.base import AttentionMixer
 from looped.cache import LayerCache
+from looped.mixers.base import AttentionMixer
 
 FEATURE_MAPS: dict[str, Callable[[Tensor], Tensor]] = {
     "elu": lambda x: F.elu(x) + 1.0,  # the paper's choice: positive, smooth, gradient everywhere

@@ -27,8 +27,8 @@ Dimension letters: b batch, h heads, t time, e head width.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import lru_cache
-from typing import Callable
 
 import torch
 import torch.nn.functional as F

@@ -15,8 +15,8 @@ from __future__ import annotations
 import fnmatch
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional, Sequence
 
 import numpy as np
 
@@ -109,7 +109,7 @@ _SIMPLE = re.compile(r"^\s*(\d+)\s*[⊗x×]\s*(\d+)\s*$")
 _MIDDLE = re.compile(r"^\s*\(?\s*(\d+)\s*[⊗x×]\s*1\s*,\s*(\d+)\s*[⊗x×]\s*(\d+)\s*,\s*(\d+)\s*[⊗x×]\s*1\s*\)?\s*$")
 
 
-def parse_shape(name: str) -> Optional[ModelShape]:
+def parse_shape(name: str) -> ModelShape | None:
     """``"k⊗L"`` or ``"(p⊗1, k⊗L, c⊗1)"`` (``x`` or ``×`` also accepted); None for anything else."""
     if m := _SIMPLE.match(name):
         return ModelShape(int(m[1]), int(m[2]))
@@ -147,9 +147,7 @@ def gap_families(names: Sequence[str]) -> list[GapFamily]:
     return families
 
 
-def gap_table(
-    rows: dict[str, dict[str, float]], columns: Optional[Sequence[str]] = None
-) -> dict[str, dict[str, float]]:
+def gap_table(rows: dict[str, dict[str, float]], columns: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
     """``{looped name: {column: % Gap}}`` for every family ``gap_families`` finds in ``rows``.
 
     ``rows`` maps a model name to its numbers per column (e.g. task-group averages);

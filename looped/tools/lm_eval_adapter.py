@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -41,13 +40,13 @@ class LoopedEvalLM(LM):
     def __init__(
         self,
         checkpoint: str,
-        tokenizer: Optional[str] = None,
-        loops: Optional[int] = None,
-        max_length: Optional[int] = None,
-        eot_token: Optional[str] = None,
-        device: Optional[str] = None,
-        batch_size: Union[int, str] = 1,
-        max_batch_size: Optional[int] = None,
+        tokenizer: str | None = None,
+        loops: int | None = None,
+        max_length: int | None = None,
+        eot_token: str | None = None,
+        device: str | None = None,
+        batch_size: int | str = 1,
+        max_batch_size: int | None = None,
         **_: object,
     ) -> None:
         super().__init__()
@@ -74,7 +73,8 @@ class LoopedEvalLM(LM):
         self.max_length = int(max_length or self.model.config.max_seq_len)
         if self.max_length > self.model.config.max_seq_len:
             raise ValueError(
-                f"model_args max_length={self.max_length} exceeds the model's max_seq_len={self.model.config.max_seq_len}"
+                f"model_args max_length={self.max_length} exceeds the model's "
+                f"max_seq_len={self.model.config.max_seq_len}"
             )
         self.batch_size = 1 if str(batch_size).startswith("auto") else int(batch_size)
         self.eot_token_id = self.tokenizer.eos_id
@@ -173,8 +173,8 @@ class LoopedEvalLM(LM):
         return outputs
 
 
-def main(argv: Optional[list[str]] = None) -> None:
-    """``looped lm-eval ...`` / ``python -m looped.tools.lm_eval_adapter ...``: lm-eval's CLI with ``looped`` registered."""
+def main(argv: list[str] | None = None) -> None:
+    """``looped lm-eval ...`` / ``python -m looped.tools.lm_eval_adapter ...``: lm-eval's CLI, ``looped`` registered."""
     from lm_eval.__main__ import cli_evaluate
 
     sys.argv = ["lm_eval", *(sys.argv[1:] if argv is None else argv)]

@@ -25,8 +25,8 @@ import os
 import re
 import shutil
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator, Optional
 
 from looped.tokenizer import EOS_CANDIDATES, MANIFEST, TOKENIZER_FILE, ByteTokenizer, FileTokenizer, load_tokenizer
 
@@ -148,7 +148,7 @@ def in_val(text: str, val_fraction: float) -> bool:
 class _Tokenize:
     """``litdata.optimize`` fn: one shard in, one token tensor per document of ``split`` out."""
 
-    def __init__(self, tokenizer_text: Optional[str], split: str, val_fraction: float, skip_bad: bool, reports: str):
+    def __init__(self, tokenizer_text: str | None, split: str, val_fraction: float, skip_bad: bool, reports: str):
         self.tokenizer_text, self.split, self.val_fraction = tokenizer_text, split, val_fraction
         self.skip_bad, self.reports = skip_bad, reports
         self._tokenizer = None
@@ -178,9 +178,9 @@ class _Tokenize:
 def prepare_pile(
     sources: list[str],
     output: str,
-    tokenizer_path: Optional[str] = None,
+    tokenizer_path: str | None = None,
     val_fraction: float = 0.005,
-    workers: Optional[int] = None,
+    workers: int | None = None,
     skip_bad: bool = False,
     chunk_bytes: str = "64MB",
 ) -> dict:

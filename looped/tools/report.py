@@ -14,9 +14,9 @@ import argparse
 import math
 import re
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
 
 import yaml
 
@@ -49,12 +49,12 @@ class Run:
     shape: ModelShape
     data: dict
     scalars: dict[str, list[tuple[int, float]]]  # tag -> [(step, value)] in the order written
-    cosine_k: Optional[int] = None
+    cosine_k: int | None = None
     variant: str = ""  # training beyond the paper's plain looping ("random loops 2..8", "regularised k=1 λ=10")
     label: str = ""
     task: str = ""
 
-    def last(self, tag: str) -> Optional[float]:
+    def last(self, tag: str) -> float | None:
         series = self.scalars.get(tag)
         return series[-1][1] if series else None
 
@@ -197,7 +197,7 @@ def collect_cells(runs: list[Run], metrics: Sequence[str]) -> tuple[list[str], d
     return list(columns), cells, {key for key, n in seen.items() if n > 1}
 
 
-def _fmt(value: Optional[float]) -> str:
+def _fmt(value: float | None) -> str:
     return "—" if value is None or math.isnan(value) else f"{value:.1f}"
 
 
@@ -215,7 +215,7 @@ def table1(cells: dict[str, dict[str, float]], columns: Sequence[str], shared: s
     return _markdown(["model", "params / FLOPs", *columns], rows)
 
 
-def table3_from_numbers(rows: dict[str, dict[str, float]], columns: Optional[Sequence[str]] = None) -> str:
+def table3_from_numbers(rows: dict[str, dict[str, float]], columns: Sequence[str] | None = None) -> str:
     """Table 3 of the paper from numbers: per deep baseline ``kL⊗1``, each ``k⊗1``, ``k⊗L`` and its % Gap.
 
     ``rows`` maps model names (``"12⊗2"``) to ``{column: value}``; columns named in
@@ -295,7 +295,7 @@ def scaling_fits(cells: dict[str, dict[str, float]], columns: Sequence[str]) -> 
 
 
 # -- figures -----------------------------------------------------------------------------
-def plot_per_loop(run: Run, output: Path, stage: str = "test") -> Optional[Path]:
+def plot_per_loop(run: Run, output: Path, stage: str = "test") -> Path | None:
     per_loop = {}
     for tag in run.scalars:
         match = PER_LOOP.search(tag)
@@ -307,7 +307,7 @@ def plot_per_loop(run: Run, output: Path, stage: str = "test") -> Optional[Path]
     return save(per_loop_figure(accuracy, run.shape.loops), output / f"per_loop_{run.label}.png")
 
 
-def plot_cosine(run: Run, output: Path) -> Optional[Path]:
+def plot_cosine(run: Run, output: Path) -> Path | None:
     values: dict[str, dict[int, float]] = {}
     for tag in run.scalars:
         if match := COSINE.match(tag):
@@ -329,7 +329,7 @@ def isoplot_points(run: Run, metric: str) -> list[tuple[float, float]]:
     return []
 
 
-def plot_isoplot(runs: list[Run], output: Path, metric: str) -> Optional[Path]:
+def plot_isoplot(runs: list[Run], output: Path, metric: str) -> Path | None:
     families: dict[str, list[tuple[float, float]]] = {}
     for run in runs:
         key = run.shape.family + (f" [{run.task}]" if run.task else "")
@@ -418,7 +418,7 @@ def write_report(
     return report
 
 
-def main(argv: Optional[list[str]] = None) -> None:
+def main(argv: list[str] | None = None) -> None:
     """``looped report RUN_DIR_OR_PARENT [...] --output DIR [--metric TAG ...] [--group NAME=GLOB ...]``."""
     parser = argparse.ArgumentParser(prog="looped report", description=__doc__.split("\n\n")[0])
     parser.add_argument("runs", nargs="+", help="version directories, or folders searched recursively for them")

@@ -10,9 +10,9 @@ coloured and labelled by its final-answer accuracy, marked solved (✓) at ``acc
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
 
 CELL_FILE = "cell.json"
 WIDTH = "width"
@@ -32,7 +32,7 @@ class StudyPoint:
         return self.accuracy >= self.solved_at
 
 
-def cell_record(version_dir: Path) -> Optional[dict]:
+def cell_record(version_dir: Path) -> dict | None:
     """The ``cell.json`` of a run made by ``looped sweep`` (in its version dir or a parent), else None."""
     for folder in (version_dir, *version_dir.parents[:2]):
         path = folder / CELL_FILE

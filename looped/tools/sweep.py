@@ -34,10 +34,11 @@ import shlex
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any
 
 import yaml
 
@@ -159,7 +160,7 @@ def run_cell(sweep: Sweep, cell: Cell, threads: int) -> tuple[Cell, int, float]:
     return cell, code, time.perf_counter() - start
 
 
-def main(argv: Optional[Sequence[str]] = None) -> None:
+def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="looped sweep", description=__doc__.split("\n\n")[0])
     parser.add_argument("sweep", help="the sweep file (e.g. recipes/sweeps/efficient_cot_cpu.yaml)")
     parser.add_argument("--runs-dir", default="runs", help="parent of the sweep's run directories")
