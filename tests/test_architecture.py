@@ -2,7 +2,7 @@
 
 Layers, lowest first (a module may import its own layer and those below, never one above):
 
-0. leaves — ``looped.contract``, ``looped.tokenizer``, ``looped.tools.plots``: import nothing of looped;
+0. leaves — ``looped.contract``, ``looped.errors``, ``looped.tokenizer``, ``looped.tools.plots``: import nothing of looped;
 1. the model — ``looped.model``, ``looped.cache``, ``looped.mixers``: torch only;
 2. training — ``LoopedLM`` and what it uses (loss, schedule, regulariser, optimiser, parallelism);
 3. data and callbacks — ``looped.datamodules``, ``looped.callbacks``;
@@ -22,7 +22,7 @@ from conftest import ROOT
 
 # Source folder -> the import name it installs as (pyproject's package-dir).
 PACKAGES = {"looped": "looped", "datamodules": "looped.datamodules", "callbacks": "looped.callbacks"}
-LEAVES = {"looped.contract", "looped.tokenizer", "looped.tools.plots"}
+LEAVES = {"looped.contract", "looped.errors", "looped.tokenizer", "looped.tools.plots"}
 MODEL = ("looped.model", "looped.cache", "looped.mixers")
 TRAINING = (
     "looped.module",
