@@ -2,7 +2,7 @@
 
 Layers, lowest first (a module may import its own layer and those below, never one above):
 
-0. leaves — ``looped.contract``, ``looped.errors``, ``looped.tokenizer``, ``looped.tools.plots``: import nothing of looped;
+0. leaves — ``looped.contract``, ``looped.errors``, ``looped.tokenizer``, ``looped.tools.plots``: nothing of looped;
 1. the model — ``looped.model``, ``looped.cache``, ``looped.mixers``: torch only;
 2. training — ``LoopedLM`` and what it uses (loss, schedule, regulariser, optimiser, parallelism);
 3. data and callbacks — ``looped.datamodules``, ``looped.callbacks``;
