@@ -8,7 +8,8 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from looped import LoopedConfig, LoopedLM, LoopedTransformer
+from conftest import tiny_model, tiny_module
+from looped import LoopedTransformer
 from looped.adaptive import (
     LoopPredictions,
     Point,
@@ -29,10 +30,8 @@ PATIENCE = (1, 2, 3)
 
 def make(**overrides) -> LoopedTransformer:
     # A large init makes every loop move the prediction, so samples exit at different loops.
-    fields = dict(vocab_size=5, max_seq_len=12, d_model=32, n_heads=4, d_ff=64, block_layers=1, loops=3, init_std=0.3)
-    fields.update(overrides)
-    torch.manual_seed(0)
-    return LoopedTransformer(LoopedConfig(**fields)).eval()
+    fields = dict(vocab_size=5, max_seq_len=12, d_model=32, n_heads=4, d_ff=64, loops=3, init_std=0.3)
+    return tiny_model(**{**fields, **overrides})
 
 
 def batch(vocab_size: int = 5, size: int = 24, length: int = 12) -> tuple[torch.Tensor, torch.Tensor]:
@@ -137,11 +136,9 @@ NAMED_SETS = dict(digits=1, train_operands=(2, 3), eval_operands=(2, 3), batch_s
     ids=["one set", "named sets"],
 )
 def test_callback_logs_what_the_functions_compute(data, tmp_path):
-    torch.manual_seed(0)
-    config = LoopedConfig(
+    module = tiny_module(
         vocab_size=data.vocab_size, max_seq_len=data.seq_len, d_model=32, n_heads=4, d_ff=64, loops=2, init_std=0.3
     )
-    module = LoopedLM(config)
     callback = AdaptiveExit(max_eval_loops=5, patience=(1, 2), kl_thresholds=(1e-2,))
     trainer = L.Trainer(
         accelerator="cpu",

@@ -163,6 +163,7 @@ def test_pad_to_only_adds_left_padding():
     np.testing.assert_array_equal(ly[:, -y.shape[1] :], y)
 
 
+@pytest.mark.slow
 def test_recipe_trains_and_validates_over_every_set(run_dir):
     """fast_dev_run of a CPU recipe through LoopedLM, with one loader per set; val/exact_match pools all sets."""
     from lightning import Trainer

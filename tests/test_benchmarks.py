@@ -13,6 +13,7 @@ def _number(text: str) -> float:
     return float(text.replace(",", "").rstrip("x"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("label", ["PHop p=16", "NaryAddition"])  # a fixed training set; a generated stream
 def test_datagen_prints_consistent_headroom(label):
     out = subprocess.run(

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from looped import LoopedConfig, LoopedTransformer
+from conftest import tiny_model
+from looped import LoopedTransformer
 from looped.cache import DecodeCache
 
 VOCAB, MAX_LEN = 13, 24
@@ -27,8 +28,7 @@ SHAPES = {
 
 
 def make(mixer: str, shape: str, pos_encoding: str = "rope") -> LoopedTransformer:
-    torch.manual_seed(0)
-    config = LoopedConfig(
+    return tiny_model(
         vocab_size=VOCAB,
         max_seq_len=MAX_LEN,
         d_model=32,
@@ -39,7 +39,6 @@ def make(mixer: str, shape: str, pos_encoding: str = "rope") -> LoopedTransforme
         **MIXERS[mixer],
         **SHAPES[shape],
     )
-    return LoopedTransformer(config).eval()
 
 
 def tokens(batch: int, length: int, seed: int = 1) -> torch.Tensor:

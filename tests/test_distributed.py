@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT
+from conftest import ROOT, tiny_config
 from looped import LoopedConfig, LoopedLM
 from looped.model import FeedForward, LoopedTransformer
 from looped.optim import Adafactor
@@ -22,9 +22,7 @@ SCRIPT = ROOT / "tests" / "fsdp_run.py"
 
 
 def tiny(**fields) -> LoopedConfig:
-    return LoopedConfig(
-        vocab_size=11, max_seq_len=16, d_model=32, n_heads=4, d_ff=48, block_layers=2, loops=3, **fields
-    )
+    return tiny_config(d_model=32, n_heads=4, d_ff=48, block_layers=2, loops=3, **fields)
 
 
 def test_activation_checkpointing_recomputes_each_layer_application(monkeypatch):

@@ -25,7 +25,11 @@ def synthetic_data_settings():
         key = class_path + repr(sorted(args.items()))
         batches = max(recipe["trainer"]["max_steps"], settings.get(key, (None, None, 0, ""))[2])
         settings[key] = (class_path, args, batches, path.stem)
-    return list(settings.values())
+    # The paper-sized sets (10^4-10^5 evaluation samples) take seconds each: slow; the CPU-sized stay everyday.
+    return [
+        pytest.param(*values, marks=[] if values[1].get("test_size", 0) <= 4096 else [pytest.mark.slow])
+        for values in settings.values()
+    ]
 
 
 @pytest.mark.parametrize(

@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from looped import LoopedConfig, LoopedLM
+from conftest import tiny_module
+from looped import LoopedLM
 from looped.callbacks import PerLoopAccuracy
 
 VOCAB, T, LOOPS = 7, 10, 2
@@ -47,9 +48,7 @@ class TwoSets(L.LightningDataModule):
 
 
 def make_module() -> LoopedLM:
-    torch.manual_seed(0)
-    config = LoopedConfig(vocab_size=VOCAB, max_seq_len=T, d_model=16, n_heads=2, d_ff=32, loops=LOOPS, init_std=0.3)
-    return LoopedLM(config, warmup_steps=1, decay_steps=10).eval()
+    return tiny_module(vocab_size=VOCAB, max_seq_len=T, loops=LOOPS, init_std=0.3).eval()
 
 
 def labelled_set(module: LoopedLM, n: int, right_fraction: float, seed: int) -> dict[str, torch.Tensor]:

@@ -7,6 +7,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.utils.data import DataLoader
 
+from conftest import tiny_module
 from looped import LoopedConfig, LoopedLM
 from looped.generation import final_answer
 
@@ -103,9 +104,7 @@ def expected_accuracy(model, batch, eos_id) -> float:
 
 
 def make_module(eos_id) -> LoopedLM:
-    torch.manual_seed(0)
-    config = LoopedConfig(vocab_size=VOCAB, max_seq_len=T, d_model=16, n_heads=2, d_ff=32, loops=2, init_std=0.3)
-    return LoopedLM(config, warmup_steps=1, decay_steps=10, eos_id=eos_id).eval()
+    return tiny_module(vocab_size=VOCAB, max_seq_len=T, loops=2, init_std=0.3, eos_id=eos_id).eval()
 
 
 def test_answer_accuracy_per_set_matches_the_reference(tmp_path):

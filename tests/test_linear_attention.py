@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import tiny_model
 from looped import LoopedConfig, LoopedTransformer
 from looped.mixers.linear import LinearAttention
 
@@ -90,10 +91,9 @@ def test_bf16_autocast_computes_in_float32():
 
 
 def model(attention, **kw):
-    torch.manual_seed(0)
-    cfg = dict(vocab_size=50, max_seq_len=32, d_model=32, n_heads=4, d_ff=64, attention=attention)
-    cfg.update(kw)
-    return LoopedTransformer(LoopedConfig(**cfg)).eval()
+    return tiny_model(
+        **{**dict(vocab_size=50, max_seq_len=32, d_model=32, n_heads=4, d_ff=64), **kw}, attention=attention
+    )
 
 
 @pytest.mark.parametrize(

@@ -5,7 +5,8 @@ import statistics
 import pytest
 import torch
 
-from looped import LoopedConfig, LoopedLM, LoopedTransformer
+from conftest import tiny_model, tiny_module
+from looped import LoopedTransformer
 from looped.loop_schedule import LoopSchedule
 
 
@@ -35,8 +36,7 @@ def test_bad_schedule_is_named():
 
 
 def model(**kw) -> LoopedTransformer:
-    torch.manual_seed(0)
-    return LoopedTransformer(LoopedConfig(vocab_size=9, max_seq_len=10, d_model=16, n_heads=2, d_ff=32, loops=4, **kw))
+    return tiny_model(vocab_size=9, max_seq_len=10, loops=4, **kw)
 
 
 @pytest.mark.parametrize("injection", ["none", "add"])
@@ -65,8 +65,11 @@ def test_truncated_backprop_equals_detached_reference(injection):
 
 
 def test_training_step_with_schedule_and_per_loop_loss():
-    module = LoopedLM(
-        LoopedConfig(vocab_size=9, max_seq_len=10, d_model=16, n_heads=2, d_ff=32, loops=3, input_injection="add"),
+    module = tiny_module(
+        vocab_size=9,
+        max_seq_len=10,
+        loops=3,
+        input_injection="add",
         loop_schedule=LoopSchedule(
             distribution="uniform", min_loops=2, max_loops=5, grad_loops=2, per_loop_loss_weight=0.5
         ),

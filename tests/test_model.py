@@ -7,14 +7,12 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
+from conftest import tiny_model
 from looped import LoopedConfig, LoopedTransformer
 
 
 def make(**overrides) -> LoopedTransformer:
-    fields = dict(vocab_size=11, max_seq_len=24, d_model=32, n_heads=4, d_ff=64, block_layers=2, loops=3)
-    fields.update(overrides)
-    torch.manual_seed(0)
-    return LoopedTransformer(LoopedConfig(**fields)).eval()
+    return tiny_model(**{**dict(max_seq_len=24, d_model=32, n_heads=4, d_ff=64, block_layers=2, loops=3), **overrides})
 
 
 def tokens(model: LoopedTransformer, batch: int = 3, length: int = 24) -> torch.Tensor:

@@ -6,16 +6,14 @@ import pytest
 import torch
 from torch import nn
 
-from looped import LoopedConfig, LoopedLM
+from conftest import tiny_module
+from looped import LoopedLM
 from looped.callbacks.per_loop import exact_match_per_loop
 from looped.module import warmup_cosine
 
 
 def make_module(**model) -> LoopedLM:
-    fields = dict(vocab_size=7, max_seq_len=12, d_model=16, n_heads=2, d_ff=32, block_layers=1, loops=3)
-    fields.update(model)
-    torch.manual_seed(0)
-    return LoopedLM(LoopedConfig(**fields), warmup_steps=2, decay_steps=10)
+    return tiny_module(**{**dict(vocab_size=7, max_seq_len=12, loops=3), **model})
 
 
 def batch(n: int = 64, t: int = 12, vocab: int = 7):

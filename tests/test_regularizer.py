@@ -8,6 +8,7 @@ import lightning as L
 import pytest
 import torch
 
+from conftest import tiny_module
 from looped import LoopedConfig, LoopedLM
 from looped.callbacks import BlockCosineSimilarity
 from looped.datamodules import PHop
@@ -18,11 +19,7 @@ PAPER_GROUPS = ["q", "k", "v", "o", "w1", "w2"]
 
 
 def unshared(layers: int = 6, **fields) -> LoopedLM:
-    torch.manual_seed(0)
-    config = LoopedConfig(
-        vocab_size=7, max_seq_len=12, d_model=16, n_heads=2, d_ff=32, block_layers=layers, loops=1, **fields
-    )
-    return LoopedLM(config, warmup_steps=2, decay_steps=10)
+    return tiny_module(vocab_size=7, max_seq_len=12, block_layers=layers, **fields)
 
 
 def paper_similarity(layers, k: int, group: str) -> float:
@@ -87,9 +84,8 @@ def test_check_refuses_a_block_size_that_does_not_tile(k, layers):
 
 
 def test_looped_lm_checks_the_regulariser():
-    config = LoopedConfig(vocab_size=7, max_seq_len=12, d_model=16, n_heads=2, d_ff=32, block_layers=2, loops=3)
     with pytest.raises(ValueError, match=r"regularizer\.block_layers=2 does not fit a stack of 2 layers"):
-        LoopedLM(config, regularizer=BlockRegularizer(block_layers=2))
+        tiny_module(block_layers=2, loops=3, regularizer=BlockRegularizer(block_layers=2))
     with pytest.raises(ValueError, match=r"regularizer\.groups"):
         BlockRegularizer(groups=["q", "gate"])
 
@@ -128,6 +124,7 @@ def test_heatmap_has_one_annotated_cell_per_value():
     plt.close(figure)
 
 
+@pytest.mark.slow
 def test_callback_gathers_sharded_parameters():
     """A DTensor parameter (FSDP2) is gathered with full_tensor(): same cosines as the plain model."""
     script = textwrap.dedent(

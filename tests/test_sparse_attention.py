@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from conftest import tiny_model
 from looped.mixers import SoftmaxAttention, build_mixer
 from looped.mixers.sparse import SparseAttention, dense_mask
 from looped.model import LoopedConfig, LoopedTransformer
@@ -92,19 +93,8 @@ def test_wide_local_window_equals_dense_softmax(window):
 
 @pytest.mark.parametrize("attention", ["sparse", ["sparse", "softmax"]])
 def test_looped_model_is_causal(attention):
-    torch.manual_seed(0)
-    config = LoopedConfig(
-        vocab_size=11,
-        max_seq_len=16,
-        d_model=16,
-        n_heads=2,
-        d_ff=32,
-        block_layers=2,
-        loops=3,
-        attention=attention,
-        mixer_options={"sparse": {"pattern": "strided", "stride": 4}},
-    )
-    model = LoopedTransformer(config).eval()
+    options = {"sparse": {"pattern": "strided", "stride": 4}}
+    model = tiny_model(block_layers=2, loops=3, attention=attention, mixer_options=options)
     ids = torch.randint(0, 11, (2, 14))
     with torch.no_grad():
         base = model(ids)

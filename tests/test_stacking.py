@@ -4,15 +4,15 @@ import lightning as L
 import pytest
 import torch
 
-from looped import LoopedConfig, LoopedLM, LoopedTransformer
+from conftest import tiny_config, tiny_model
+from looped import LoopedLM
 from looped.callbacks.stacking import GradualStacking, grow_middle
 from looped.datamodules import PHop
 from looped.module import warmup_cosine
 
 
 def test_grow_middle_copies_the_middle_block():
-    torch.manual_seed(0)
-    model = LoopedTransformer(LoopedConfig(vocab_size=5, max_seq_len=8, d_model=16, n_heads=2, d_ff=32, block_layers=4))
+    model = tiny_model(block_layers=4).train()
     before = [layer for layer in model.block]
     grown = grow_middle(model.block, 2)
     assert len(grown) == 6
@@ -39,9 +39,7 @@ class LrRecorder(L.Callback):
 @pytest.mark.slow
 def test_training_grows_and_keeps_the_schedule(tmp_path):
     data = PHop(length=16, hops=2, batch_size=8, val_size=16, test_size=16)
-    config = LoopedConfig(
-        vocab_size=data.vocab_size, max_seq_len=data.seq_len, d_model=16, n_heads=2, d_ff=32, block_layers=2
-    )
+    config = tiny_config(vocab_size=data.vocab_size, max_seq_len=data.seq_len, block_layers=2)
     module = LoopedLM(config, warmup_steps=2, decay_steps=8)
     recorder = LrRecorder()
     trainer = L.Trainer(

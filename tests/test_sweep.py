@@ -169,10 +169,7 @@ def test_study_points_read_cell_records_and_keep_the_best_version(tmp_path):
 SWEEPS = sorted((RECIPES / "sweeps").glob("*.yaml"))
 
 
-def test_the_study_sweeps_exist():
-    assert {p.name for p in SWEEPS} >= {"efficient_cot.yaml", "efficient_cot_cpu.yaml"}
-
-
+@pytest.mark.slow
 @pytest.mark.parametrize("path", SWEEPS, ids=lambda p: p.name)
 def test_every_sweep_cell_builds(path, run_dir):
     """Each task × size × mixer of a shipped sweep parses and builds (at the sweep's smallest width)."""

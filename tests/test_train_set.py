@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from looped import LoopedConfig, LoopedLM
+from conftest import tiny_config
+from looped import LoopedLM
 from looped.datamodules import LongestIncreasingSubsequence, PHop
 from looped.datamodules.base import rows_as_keys
 from looped.datamodules.train_set import _TRAIN_SET, TrainRows
@@ -83,7 +84,7 @@ def test_the_trainer_gets_the_reference_batches_gathered_from_the_fixed_set(tmp_
     t = task(train_size=3000, batch_size=8)
     assert set(next(iter(t.train_dataloader()))) == {"rows"}
     recorder = BatchRecorder()
-    config = LoopedConfig(vocab_size=t.vocab_size, max_seq_len=t.seq_len, d_model=16, n_heads=2, d_ff=32)
+    config = tiny_config(vocab_size=t.vocab_size, max_seq_len=t.seq_len)
     trainer = L.Trainer(
         default_root_dir=tmp_path,
         accelerator="cpu",
