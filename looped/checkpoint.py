@@ -20,6 +20,7 @@ tensors are never loaded here.
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +80,12 @@ def _torch_load(path: Path, flag: str) -> Any:
         # weights_only, as Lightning loads it; mmap: the tensors stay on disk.
         return torch.load(path, map_location="cpu", weights_only=True, mmap=head == ZIP_MAGIC)
     except Exception as error:  # torch raises RuntimeError, UnpicklingError, KeyError, EOFError... for bad files
+        if isinstance(error, pickle.UnpicklingError) and str(error).startswith("Weights only load failed"):
+            raise InputError(
+                f"{flag} {path} holds Python objects that torch.load(weights_only=True) refuses, and LightningCLI "
+                "loads checkpoints that way; LoopedLM's checkpoints hold plain data, so this one was saved by "
+                "other code"
+            ) from error
         if head == ZIP_MAGIC:  # torch's own zip format, yet unreadable: cut short or damaged
             reason = str(error).strip().split(". ")[0]  # "PytorchStreamReader failed reading zip archive: ..."
             raise InputError(
