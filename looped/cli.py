@@ -158,12 +158,20 @@ def data_eos_id(data: DataModuleContract) -> int | None:
 
 
 def check_devices(trainer: dict[str, Any]) -> None:
-    """Refuse ``trainer.devices`` above what this machine has (GPUs, or CPU cores on the CPU)."""
+    """Refuse ``trainer.accelerator: gpu`` without a GPU, and ``trainer.devices`` above what the machine has."""
     devices, accelerator = trainer.get("devices", "auto"), trainer.get("accelerator", "auto")
+    if not isinstance(accelerator, str):
+        return  # an Accelerator instance: Lightning checks it
+    gpu = CUDAAccelerator.is_available() or MPSAccelerator.is_available()
+    if accelerator in ("gpu", "cuda") and not gpu:
+        raise InputError(
+            f"trainer.accelerator={accelerator}, but torch sees no GPU on this machine; "
+            "use --trainer.accelerator cpu (or auto)"
+        )
     if isinstance(devices, str) and devices.strip().isdigit():
         devices = int(devices)
-    if not isinstance(devices, int) or isinstance(devices, bool) or devices < 1 or not isinstance(accelerator, str):
-        return  # "auto", -1 (all), a list of indices, or an Accelerator instance: Lightning checks those
+    if not isinstance(devices, int) or isinstance(devices, bool) or devices < 1:
+        return  # "auto", -1 (all), a list of device indices: Lightning checks those
     if accelerator == "auto":
         accelerator = "cuda" if CUDAAccelerator.is_available() else "mps" if MPSAccelerator.is_available() else "cpu"
     if accelerator in ("gpu", "cuda") and CUDAAccelerator.is_available():
@@ -172,7 +180,7 @@ def check_devices(trainer: dict[str, Any]) -> None:
         available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
         what = "CPU cores (one process per device)"
     else:
-        return  # no such accelerator here at all (Lightning says so), or MPS/TPU: Lightning checks them
+        return  # MPS (one device), TPU...: Lightning checks them
     if devices > available:
         raise InputError(
             f"trainer.devices={devices}, but this machine has {available} {what}; "

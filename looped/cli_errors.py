@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import os
 import re
 import sys
@@ -113,7 +114,7 @@ def user_message(error: BaseException, argv: list[str]) -> str | None:
 
 
 _PARSER_KEY = re.compile(r'^Parser key "([^"]+)":\s*(.*)$')
-_CLASS_PATH = re.compile(r"^Problem with given class_path '[^']*':\s*(.*)$")
+_CLASS_PATH = re.compile(r"^Problem with given class_path '([^']*)':\s*(.*)$")
 _UNION = "Does not validate against any of the Union subtypes"
 
 
@@ -140,8 +141,10 @@ def jsonargparse_message(chain: list[BaseException]) -> str:
             keys.append(match.group(1))
             leaf = match.group(2) or leaf
         elif match := _CLASS_PATH.match(first):
+            if not _importable(match.group(1)):  # the class itself is the mistake: name the key that names it
+                return f"{'.'.join(keys) or 'class_path'}: cannot import {match.group(1)!r} ({one_line(text)})"
             keys.append("init_args")
-            leaf = match.group(1) or leaf
+            leaf = match.group(2) or leaf
         else:
             leaf = text
     key = ".".join(keys)
@@ -151,6 +154,14 @@ def jsonargparse_message(chain: list[BaseException]) -> str:
     if "unrecognized arguments" in message or "does not accept option" in message:
         message += "; `looped fit --config RECIPE --help` lists every key"
     return f"{key}: {message}" if key else message
+
+
+def _importable(class_path: str) -> bool:
+    module, _, name = class_path.rpartition(".")
+    try:
+        return hasattr(importlib.import_module(module), name) if module else False
+    except ImportError:
+        return False
 
 
 def yaml_location(error: yaml.MarkedYAMLError, files: list[Path]) -> str:
@@ -179,7 +190,7 @@ def config_files(argv: list[str]) -> list[Path]:
         found.append(path)
         try:
             data = yaml.safe_load(path.read_text())
-        except yaml.YAMLError:
+        except (OSError, UnicodeDecodeError, yaml.YAMLError):
             continue
         bases = data.get("config") if isinstance(data, dict) else None
         for base in [bases] if isinstance(bases, str) else bases if isinstance(bases, list) else []:
@@ -191,6 +202,8 @@ def _yaml_error_of(path: Path) -> tuple[int, int] | None | bool:
     """Where ``path`` fails to parse as YAML (0-based line, column), None if nowhere known, False if it parses."""
     try:
         yaml.safe_load(path.read_text())
+    except (OSError, UnicodeDecodeError):
+        return False
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         return (mark.line, mark.column) if mark is not None else None

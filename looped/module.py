@@ -137,6 +137,13 @@ class LoopedLM(L.LightningModule):
         compile: bool = False,
     ) -> None:
         super().__init__()
+        for name, value, ok, need in (
+            ("warmup_steps", warmup_steps, warmup_steps >= 0, ">= 0"),
+            ("decay_steps", decay_steps, decay_steps is None or decay_steps >= 1, ">= 1 or null (trainer.max_steps)"),
+            ("min_lr_ratio", min_lr_ratio, 0.0 <= min_lr_ratio <= 1.0, "in [0, 1], a fraction of the peak rate"),
+        ):
+            if not ok:
+                raise InputError(f"model.init_args.{name} must be {need}, got {value}")
         # Checkpoints hold plain data only (they load with torch.load(weights_only=True));
         # the optimiser is a callable, recorded in the run's config.yaml instead.
         config = config if isinstance(config, LoopedConfig) else LoopedConfig(**config)

@@ -205,6 +205,21 @@ def test_jsonargparse_errors_name_the_whole_key(capsys, run_dir):
     assert last == f"looped: error: --config: File does not exist: '{run_dir / 'gone.yaml'}'"
 
 
+def test_a_class_path_that_does_not_import_and_a_bad_schedule_are_named(capsys, run_dir):
+    last = _last_line(capsys, ["fit", "--config", QUICKSTART, "--data", "looped.datamodules.Nope"])
+    assert last.startswith("looped: error: data: cannot import 'looped.datamodules.Nope'")
+    last = _last_line(capsys, ["fit", "--config", QUICKSTART, "--model.init_args.warmup_steps", "-5"])
+    assert last == "looped: error: model.init_args.warmup_steps must be >= 0, got -5"
+
+
+@pytest.mark.skipif(
+    torch.cuda.is_available() or torch.backends.mps.is_available(), reason="needs a machine without GPU"
+)
+def test_asking_for_a_gpu_without_one_names_the_accelerator(capsys, run_dir):
+    last = _last_line(capsys, ["fit", "--config", QUICKSTART, "--trainer.accelerator", "gpu"])
+    assert last.startswith("looped: error: trainer.accelerator=gpu, but torch sees no GPU")
+
+
 def test_unknown_key_in_a_recipe_file_and_yaml_errors_in_a_base(capsys, run_dir):
     (run_dir / "typo.yaml").write_text(f"config: {QUICKSTART}\nmodel:\n  init_args:\n    config:\n      d_modle: 64\n")
     last = _last_line(capsys, ["fit", "--config", str(run_dir / "typo.yaml")])
