@@ -80,7 +80,8 @@ def _torch_load(path: Path, flag: str) -> Any:
         # weights_only, as Lightning loads it; mmap: the tensors stay on disk.
         return torch.load(path, map_location="cpu", weights_only=True, mmap=head == ZIP_MAGIC)
     except Exception as error:  # torch raises RuntimeError, UnpicklingError, KeyError, EOFError... for bad files
-        if isinstance(error, pickle.UnpicklingError) and str(error).startswith("Weights only load failed"):
+        refused = isinstance(error, pickle.UnpicklingError) and str(error).startswith("Weights only load failed")
+        if head == ZIP_MAGIC and refused:  # a whole torch.save archive, of objects beyond plain data
             raise InputError(
                 f"{flag} {path} holds Python objects that torch.load(weights_only=True) refuses, and LightningCLI "
                 "loads checkpoints that way; LoopedLM's checkpoints hold plain data, so this one was saved by "

@@ -261,7 +261,7 @@ def test_read_checkpoint_names_what_a_file_is_not(tmp_path):
     torch.save({"weights": torch.ones(2)}, tmp_path / "bare.pt")
     torch.save({"state_dict": {}, "x": fractions.Fraction(1, 3)}, tmp_path / "pickled.ckpt")
     (tmp_path / "cut.ckpt").write_bytes((tmp_path / "good.ckpt").read_bytes()[:-100])
-    (tmp_path / "text.ckpt").write_text("hello")
+    (tmp_path / "text.ckpt").write_text("not a checkpoint\n")  # the legacy unpickler reads it as bad opcodes
     for name, said in [
         ("bare.pt", "is a torch file but not a Lightning checkpoint"),
         ("pickled.ckpt", "holds Python objects that torch.load(weights_only=True) refuses"),
