@@ -28,6 +28,7 @@ from looped.adaptive import (
     rule_name,
 )
 from looped.callbacks.per_loop import log_figure
+from looped.errors import InputError
 from looped.tools.plots import pareto_figure
 
 
@@ -47,9 +48,9 @@ class AdaptiveExit(L.Callback):
         kl_thresholds: Sequence[float] = (1e-1, 1e-2, 1e-3),
     ) -> None:
         if any(m < 1 for m in patience):
-            raise ValueError(f"AdaptiveExit.patience: every m must be >= 1, got {list(patience)}")
+            raise InputError(f"AdaptiveExit.patience: every m must be >= 1, got {list(patience)}")
         if any(t <= 0 for t in kl_thresholds):
-            raise ValueError(f"AdaptiveExit.kl_thresholds: every threshold must be > 0, got {list(kl_thresholds)}")
+            raise InputError(f"AdaptiveExit.kl_thresholds: every threshold must be > 0, got {list(kl_thresholds)}")
         self.max_eval_loops = max_eval_loops
         self.patience = tuple(patience)
         self.kl_thresholds = tuple(kl_thresholds)

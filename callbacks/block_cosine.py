@@ -14,6 +14,7 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor
 
+from looped.errors import InputError
 from looped.regularizer import PARAMETER_GROUPS, layer_parameter, neighbour_cosines
 from looped.tools.plots import cosine_heatmap
 
@@ -50,14 +51,14 @@ class BlockCosineSimilarity(L.Callback):
 
     def __init__(self, block_layers: int, groups: list[str] | None = None, every_n_steps: int = 100) -> None:
         if block_layers < 1:
-            raise ValueError(f"BlockCosineSimilarity.block_layers must be >= 1, got {block_layers}")
+            raise InputError(f"BlockCosineSimilarity.block_layers must be >= 1, got {block_layers}")
         if every_n_steps < 1:
-            raise ValueError(f"BlockCosineSimilarity.every_n_steps must be >= 1, got {every_n_steps}")
+            raise InputError(f"BlockCosineSimilarity.every_n_steps must be >= 1, got {every_n_steps}")
         self.block_layers = block_layers
         self.groups = list(DEFAULT_GROUPS if groups is None else groups)
         unknown = sorted(set(self.groups) - set(PARAMETER_GROUPS))
         if unknown:
-            raise ValueError(f"BlockCosineSimilarity.groups: unknown {unknown}; choose from {sorted(PARAMETER_GROUPS)}")
+            raise InputError(f"BlockCosineSimilarity.groups: unknown {unknown}; choose from {sorted(PARAMETER_GROUPS)}")
         self.every_n_steps = every_n_steps
         self.last: dict[str, list[float]] | None = None  # the values most recently computed
         self._logged_step: int | None = None
@@ -65,13 +66,13 @@ class BlockCosineSimilarity(L.Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         n = len(pl_module.model.block)
         if n <= self.block_layers:
-            raise ValueError(
+            raise InputError(
                 f"BlockCosineSimilarity.block_layers={self.block_layers} needs more layers than that in model.block, "
-                f"which has {n}; compare an unshared model (model.config.loops: 1, block_layers: kL)"
+                f"which has {n}; compare an unshared model (model.init_args.config.loops: 1, block_layers: kL)"
             )
         missing = [g for g in self.groups if not _has_parameter(pl_module.model.block[0], g)]
         if missing:
-            raise ValueError(f"BlockCosineSimilarity.groups: the model's layers have no {missing} parameters")
+            raise InputError(f"BlockCosineSimilarity.groups: the model's layers have no {missing} parameters")
 
     @torch.no_grad()
     def compute(self, pl_module: L.LightningModule) -> dict[str, list[float]]:

@@ -13,6 +13,8 @@ from collections.abc import Sequence
 
 import lightning as L
 
+from looped.errors import InputError
+
 
 class IsoplotRecorder(L.Callback):
     """Record ``(val/loss, metrics)`` after validation as ``isoplot/*`` scalars and in ``.points``.
@@ -32,7 +34,7 @@ class IsoplotRecorder(L.Callback):
         every_n_steps: int | None = None,
     ) -> None:
         if every_n_steps is not None and every_n_steps < 1:
-            raise ValueError(f"IsoplotRecorder.every_n_steps must be >= 1 or None, got {every_n_steps}")
+            raise InputError(f"IsoplotRecorder.every_n_steps must be >= 1 or None, got {every_n_steps}")
         self.prefixes = list(prefixes)
         self.loss_key = loss_key
         self.every_n_steps = every_n_steps

@@ -9,7 +9,8 @@ not ``max_eval_loops`` of them. Only labelled positions are read out.
 With a ``TensorBoardLogger`` the curve is also drawn (``{stage}/exact_match_per_loop``,
 see ``per_loop_figure``). With several named evaluation sets (the data module's
 ``eval_names``) the curve is over all of them, and each set also gets its own
-``{stage}/exact_match_loop{n}_{name}``.
+``{stage}/exact_match_loop{n}_{name}``. ``looped validate|test|run`` show them as the columns
+``loop1 … loopN`` of their evaluation table (``looped.tools.eval_table``).
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
-from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
 from looped.contract import IGNORE
@@ -45,7 +45,7 @@ def exact_match_per_loop(model, input_ids: Tensor, labels: Tensor, loops: int) -
 
 
 class PerLoopAccuracy(L.Callback):
-    """Log ``{stage}/exact_match_loop{n}`` for n = 1..max_eval_loops and print the curve after testing.
+    """Log ``{stage}/exact_match_loop{n}`` for n = 1..max_eval_loops (per named set too) and draw the curve.
 
     Args:
         max_eval_loops: deepest loop count to read (default: twice the trained L,
@@ -112,18 +112,7 @@ class PerLoopAccuracy(L.Callback):
         self._finish(trainer, pl_module, "val")
 
     def on_test_epoch_end(self, trainer, pl_module) -> None:
-        accuracy = self._finish(trainer, pl_module, "test")
-        rank_zero_info(format_loop_table(accuracy, trained_loops=pl_module.config.loops))
-
-
-def format_loop_table(accuracy: list[float], trained_loops: int) -> str:
-    """Plain-text table of exact match per loop; the trained loop count is starred."""
-    lines = [f"\nTest exact match per loop (trained with L={trained_loops}; * = trained L, beyond it = extrapolation)"]
-    lines.append(
-        "  loops  " + " ".join(f"{n}{'*' if n == trained_loops else ' ':<5}" for n in range(1, len(accuracy) + 1))
-    )
-    lines.append("  acc %  " + " ".join(f"{100 * a:<6.1f}" for a in accuracy))
-    return "\n".join(lines)
+        self._finish(trainer, pl_module, "test")
 
 
 def log_figure(trainer: L.Trainer, tag: str, draw) -> None:

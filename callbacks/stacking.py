@@ -18,12 +18,14 @@ import lightning as L
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
+from looped.errors import InputError
+
 
 def grow_middle(layers: nn.ModuleList, block_layers: int) -> nn.ModuleList:
     """``[.., m_1..m_b, ..]`` → ``[.., m_1..m_b, copy(m_1..m_b), ..]`` with ``m`` the middle block."""
     n = len(layers)
     if block_layers > n:
-        raise ValueError(f"GradualStacking.block_layers={block_layers} exceeds the {n} layers the model has")
+        raise InputError(f"GradualStacking.block_layers={block_layers} exceeds the {n} layers the model has")
     start = (n - block_layers) // 2
     end = start + block_layers
     copies = [copy.deepcopy(layer) for layer in layers[start:end]]
@@ -43,7 +45,7 @@ class GradualStacking(L.Callback):
 
     def __init__(self, grow_at_steps: list[int], block_layers: int = 1) -> None:
         if block_layers < 1:
-            raise ValueError(f"GradualStacking.block_layers must be >= 1, got {block_layers}")
+            raise InputError(f"GradualStacking.block_layers must be >= 1, got {block_layers}")
         self.grow_at_steps = sorted(grow_at_steps)
         self.block_layers = block_layers
         self._grown: set[int] = set()

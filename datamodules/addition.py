@@ -32,6 +32,7 @@ import numpy as np
 
 from looped.contract import IGNORE
 from looped.datamodules.base import SyntheticTask
+from looped.errors import InputError
 
 PLUS, EQUALS, PAD = 10, 11, 12
 
@@ -59,15 +60,15 @@ class NaryAddition(SyntheticTask):
     ) -> None:
         super().__init__(**kwargs)
         if not 1 <= digits <= 9:
-            raise ValueError(f"data.digits must lie in 1..9 (the paper: 3), got {digits}")
+            raise InputError(f"data.digits must lie in 1..9 (the paper: 3), got {digits}")
         for field, values in (("train_operands", train_operands), ("eval_operands", eval_operands)):
             bad = [n for n in values if not isinstance(n, int) or n < 2]
             if bad:
-                raise ValueError(f"data.{field} must hold operand counts n >= 2 (a sum needs two terms), got {bad}")
+                raise InputError(f"data.{field} must hold operand counts n >= 2 (a sum needs two terms), got {bad}")
             if len(set(values)) != len(values):
-                raise ValueError(f"data.{field} lists an operand count twice: {list(values)}")
+                raise InputError(f"data.{field} lists an operand count twice: {list(values)}")
         if not train_operands:
-            raise ValueError("data.train_operands is empty; give the n to train on, e.g. [2, 4, 8, 16, 32]")
+            raise InputError("data.train_operands is empty; give the n to train on, e.g. [2, 4, 8, 16, 32]")
         self.digits = digits
         self.train_operands = list(train_operands)
         self.eval_operands = list(eval_operands)
@@ -77,7 +78,7 @@ class NaryAddition(SyntheticTask):
         # n operands of d digits, n-1 '+', '=', and the answer without its last digit.
         needed = self.max_operands * (digits + 1) + self.answer_digits - 1
         if pad_to is not None and pad_to < needed:
-            raise ValueError(
+            raise InputError(
                 f"data.pad_to={pad_to} is too short: {self.max_operands} operands of {digits} digits and a "
                 f"{self.answer_digits}-digit answer need {needed} tokens; raise data.pad_to or leave it unset"
             )

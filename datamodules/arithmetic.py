@@ -24,6 +24,7 @@ from __future__ import annotations
 import numpy as np
 
 from looped.datamodules.cot import CoTTask, Parts
+from looped.errors import InputError
 
 OPERATORS = ("+", "-", "*", "/")
 PRECEDENCE = {"+": 1, "-": 1, "*": 2, "/": 2}
@@ -42,9 +43,9 @@ class ModularArithmetic(CoTTask):
     def __init__(self, size: int = 5, modulus: int = 11, **kwargs) -> None:
         super().__init__(**kwargs)
         if size < 1:
-            raise ValueError(f"data.size (operators per expression) must be >= 1, got {size}")
+            raise InputError(f"data.size (operators per expression) must be >= 1, got {size}")
         if modulus < 2 or any(modulus % d == 0 for d in range(2, int(modulus**0.5) + 1)):
-            raise ValueError(f"data.modulus must be a prime (division needs inverses), got {modulus}")
+            raise InputError(f"data.modulus must be a prime (division needs inverses), got {modulus}")
         self.size, self.modulus = size, modulus
         self.inverse = [0] + [pow(v, modulus - 2, modulus) for v in range(1, modulus)]
         self.task_tokens = [str(v) for v in range(modulus)] + list(OPERATORS) + ["(", ")", "="]

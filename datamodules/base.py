@@ -39,6 +39,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_in
 
 from looped.contract import IGNORE
 from looped.datamodules.train_set import _TEST, _TRAIN, _VAL, FixedTrainingSet, TrainRows
+from looped.errors import InputError
 
 
 def answer_at_end(sequences: np.ndarray, answer: np.ndarray, separator: int) -> tuple[np.ndarray, np.ndarray]:
@@ -88,9 +89,9 @@ class SyntheticTask(FixedTrainingSet, L.LightningDataModule):
     ) -> None:
         super().__init__()
         if batch_size < 1:
-            raise ValueError(f"data.batch_size must be >= 1, got {batch_size}")
+            raise InputError(f"data.batch_size must be >= 1, got {batch_size}")
         if train_size is not None and train_size < batch_size:
-            raise ValueError(
+            raise InputError(
                 f"data.train_size ({train_size}) must hold at least one batch (data.batch_size={batch_size})"
             )
         self.batch_size = batch_size
@@ -115,7 +116,7 @@ class SyntheticTask(FixedTrainingSet, L.LightningDataModule):
     @supervise.setter
     def supervise(self, value: str) -> None:
         if value not in ("last", "all"):
-            raise ValueError(f"data.supervise must be 'last' or 'all', got {value!r}")
+            raise InputError(f"data.supervise must be 'last' or 'all', got {value!r}")
         self._supervise = value
 
     eval_names: list[str] = []
@@ -201,7 +202,7 @@ class SyntheticTask(FixedTrainingSet, L.LightningDataModule):
             labels.append(y[keep])
             attempt += 1
             if attempt > 100:
-                raise ValueError(
+                raise InputError(
                     f"{type(self).__name__}: could not draw {size} distinct evaluation samples"
                     + (f" for set {name!r}" if name is not None else "")
                     + "; the task has too few distinct samples, lower data.val_size / data.test_size "

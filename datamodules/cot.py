@@ -35,6 +35,7 @@ import numpy as np
 
 from looped.contract import IGNORE
 from looped.datamodules.base import SyntheticTask
+from looped.errors import InputError
 
 PAD, EOS, ANSWER = "<pad>", "<eos>", "<ans>"
 SPECIAL = [PAD, EOS, ANSWER]  # ids 0, 1, 2 in every CoT task
@@ -66,14 +67,14 @@ class CoTTask(SyntheticTask):
     def __init__(self, format: Literal["direct", "cot"] = "cot", max_seq_len: int = 4096, **kwargs) -> None:
         super().__init__(**kwargs)
         if format not in FORMATS:
-            raise ValueError(f"data.format must be 'direct' or 'cot', got {format!r}")
+            raise InputError(f"data.format must be 'direct' or 'cot', got {format!r}")
         self.format = format
         self.max_seq_len = max_seq_len
 
     def _check_length(self) -> None:
         """Call at the end of a subclass's ``__init__``, once the bounds are known."""
         if self.seq_len > self.max_seq_len:
-            raise ValueError(
+            raise InputError(
                 f"{type(self).__name__}: data.size={self.size} in the {self.format} format gives rows of "
                 f"{self.seq_len} tokens, more than data.max_seq_len={self.max_seq_len}; lower data.size "
                 "or raise data.max_seq_len"

@@ -26,6 +26,7 @@ import string
 import numpy as np
 
 from looped.datamodules.cot import CoTTask, Parts
+from looped.errors import InputError
 
 INSERT_DELETE, SUBSTITUTE = 2, 3
 
@@ -43,9 +44,9 @@ class EditDistance(CoTTask):
     def __init__(self, size: int = 16, alphabet_size: int = 26, **kwargs) -> None:
         super().__init__(**kwargs)
         if size < 1:
-            raise ValueError(f"data.size (string length) must be >= 1, got {size}")
+            raise InputError(f"data.size (string length) must be >= 1, got {size}")
         if not 2 <= alphabet_size <= 26:
-            raise ValueError(f"data.alphabet_size must be in 2 … 26 (letters a-z), got {alphabet_size}")
+            raise InputError(f"data.alphabet_size must be in 2 … 26 (letters a-z), got {alphabet_size}")
         self.size, self.alphabet_size = size, alphabet_size
         self.letters = list(string.ascii_lowercase[:alphabet_size])
         self.task_tokens = self.letters + ["|", "<sep>", ","] + [str(v) for v in range(SUBSTITUTE * size + 1)]

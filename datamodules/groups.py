@@ -25,6 +25,7 @@ from typing import Literal
 import numpy as np
 
 from looped.datamodules.base import SyntheticTask, answer_at_end
+from looped.errors import InputError
 
 MAX_CYCLIC_ORDER = 100
 MAX_SYMMETRIC_DEGREE = 6  # S6 has 720 elements; S7's 5040 tokens would dwarf the model's embedding
@@ -85,18 +86,18 @@ class GroupComposition(SyntheticTask):
     ) -> None:
         super().__init__(**kwargs)
         if group not in ("cyclic", "symmetric"):
-            raise ValueError(f"data.group must be 'cyclic' or 'symmetric', got {group!r}")
+            raise InputError(f"data.group must be 'cyclic' or 'symmetric', got {group!r}")
         if group == "cyclic" and not 2 <= order <= MAX_CYCLIC_ORDER:
-            raise ValueError(f"data.order must lie in 2..{MAX_CYCLIC_ORDER} for the cyclic group Z_m, got {order}")
+            raise InputError(f"data.order must lie in 2..{MAX_CYCLIC_ORDER} for the cyclic group Z_m, got {order}")
         if group == "symmetric" and not 2 <= order <= MAX_SYMMETRIC_DEGREE:
             size = f" (S{order} has {math.factorial(order)} elements, one token each)" if order > 1 else ""
-            raise ValueError(
+            raise InputError(
                 f"data.order must lie in 2..{MAX_SYMMETRIC_DEGREE} for the symmetric group S_d, got {order}{size}: "
                 f"the vocabulary is one token per element, so S7 (5040 tokens) and above would be mostly embedding "
                 f"table. S5 (120 elements) is the paper's non-solvable case."
             )
         if length < 2:
-            raise ValueError(f"data.length must be >= 2 (elements to compose), got {length}")
+            raise InputError(f"data.length must be >= 2 (elements to compose), got {length}")
         self.group, self.order, self.length, self.supervise = group, order, length, supervise
         self._elements = group_elements(group, order)
         self._table = multiplication_table(group, order)
@@ -105,7 +106,7 @@ class GroupComposition(SyntheticTask):
         # Distinct inputs must comfortably exceed the eval sets, or drawing them disjointly stalls.
         distinct = len(self._elements) ** length
         if distinct < 2 * (self.val_size + self.test_size):
-            raise ValueError(
+            raise InputError(
                 f"data.length={length} gives only {distinct} distinct sequences of {self.group_name}, too few for "
                 f"data.val_size + data.test_size = {self.val_size + self.test_size} disjoint evaluation samples; "
                 "raise data.length or lower the eval sizes"

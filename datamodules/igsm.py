@@ -56,6 +56,7 @@ import numpy as np
 
 from looped.contract import IGNORE
 from looped.datamodules.base import SyntheticTask, answer_at_end
+from looped.errors import InputError
 
 PAD = "<pad>"
 OPERATORS = ["+", "-", "*"]
@@ -96,34 +97,34 @@ class IGSM(SyntheticTask):
     ) -> None:
         super().__init__(**kwargs)
         if layers < 2:
-            raise ValueError(f"data.layers must be >= 2 (an edge joins two consecutive layers), got {layers}")
+            raise InputError(f"data.layers must be >= 2 (an edge joins two consecutive layers), got {layers}")
         if entities_per_layer < 1:
-            raise ValueError(f"data.entities_per_layer must be >= 1, got {entities_per_layer}")
+            raise InputError(f"data.entities_per_layer must be >= 1, got {entities_per_layer}")
         if layers * entities_per_layer > len(string.ascii_uppercase):
-            raise ValueError(
+            raise InputError(
                 f"data.layers * data.entities_per_layer = {layers * entities_per_layer} entities, but only "
                 f"{len(string.ascii_uppercase)} letter names exist; lower data.entities_per_layer"
             )
         possible = (layers - 1) * entities_per_layer**2
         if not 2 <= num_edges <= possible:
-            raise ValueError(
+            raise InputError(
                 f"data.num_edges={num_edges} is impossible: a hierarchy of data.layers={layers} with "
                 f"data.entities_per_layer={entities_per_layer} has {possible} possible edges and a problem "
                 f"needs at least 2 (a constant and a derived parameter). Use 2 <= data.num_edges <= {possible}."
             )
         if not 1 <= num_operations <= num_edges - 1:
-            raise ValueError(
+            raise InputError(
                 f"data.num_operations={num_operations} is impossible with data.num_edges={num_edges}: the first "
                 f"parameter of the DAG must be a constant, so 1 <= data.num_operations <= {num_edges - 1}"
             )
         if modulus < 2:
-            raise ValueError(f"data.modulus must be >= 2, got {modulus}")
+            raise InputError(f"data.modulus must be >= 2, got {modulus}")
         self.num_operations, self.num_edges = num_operations, num_edges
         self.layers, self.entities_per_layer, self.modulus = layers, entities_per_layer, modulus
         self.supervise = supervise
         self.shuffle = shuffle
         if pad_to is not None and pad_to < self.natural_len:
-            raise ValueError(
+            raise InputError(
                 f"data.pad_to={pad_to} is shorter than a sample of this setting ({self.natural_len} tokens: "
                 f"{num_edges - num_operations} constants x {CONSTANT_LEN} + {num_operations} operations x "
                 f"{DERIVED_LEN} + {QUERY_LEN}); use data.pad_to >= {self.natural_len} or leave it unset"

@@ -23,6 +23,7 @@ from __future__ import annotations
 import numpy as np
 
 from looped.datamodules.cot import CoTTask, Parts
+from looped.errors import InputError
 
 
 class LongestIncreasingSubsequence(CoTTask):
@@ -38,9 +39,9 @@ class LongestIncreasingSubsequence(CoTTask):
     def __init__(self, size: int = 80, value_range: int = 150, **kwargs) -> None:
         super().__init__(**kwargs)
         if size < 2:
-            raise ValueError(f"data.size (sequence length) must be >= 2, got {size}")
+            raise InputError(f"data.size (sequence length) must be >= 2, got {size}")
         if value_range < size:
-            raise ValueError(
+            raise InputError(
                 f"data.value_range={value_range} is smaller than data.size={size}: an increasing run as long as "
                 "the sequence needs that many distinct values; raise data.value_range"
             )

@@ -18,6 +18,7 @@ import numpy as np
 
 from looped.contract import IGNORE
 from looped.datamodules.base import SyntheticTask, answer_at_end
+from looped.errors import InputError
 
 
 def hop_table(seqs: np.ndarray, alphabet_size: int) -> np.ndarray:
@@ -74,13 +75,13 @@ class PHop(SyntheticTask):
         super().__init__(**kwargs)
         self.supervise = supervise
         if not 2 <= alphabet_size <= 26:
-            raise ValueError(f"data.alphabet_size must lie in 2..26, got {alphabet_size}")
+            raise InputError(f"data.alphabet_size must lie in 2..26, got {alphabet_size}")
         if hops < 1:
-            raise ValueError(f"data.hops must be >= 1, got {hops}")
+            raise InputError(f"data.hops must be >= 1, got {hops}")
         if length <= hops:
             # Each hop either moves left or sits on a fixed point (v_{i-1} = v_i); with
             # n <= p every chain would end on one, and the answer would just be a repeat.
-            raise ValueError(
+            raise InputError(
                 f"data.hops={hops} is impossible for data.length={length}: a chain can move left at most "
                 f"{length - 1} times. Use data.length > data.hops (the paper: 256 letters for 16 and 32 hops)."
             )
@@ -92,7 +93,7 @@ class PHop(SyntheticTask):
         probe = np.random.default_rng(0).integers(0, self.alphabet_size, size=(2048, self.length))
         rate = float((follow_hops(probe, self.alphabet_size, self.hops) > 0).mean())
         if rate < 0.05:  # >95% of draws wasted, and the survivors mostly end on fixed points
-            raise ValueError(
+            raise InputError(
                 f"data.hops={self.hops} is impossible in practice for data.length={self.length} "
                 f"(alphabet {self.alphabet_size}): the {self.hops}-hop chain exists in only {rate:.1%} of "
                 f"random sequences. Raise data.length (about {self.alphabet_size * self.hops * 2} works) "

@@ -21,6 +21,7 @@ restore (e.g. by reading ``trainer.estimated_stepping_batches``, Lightning
 from __future__ import annotations
 
 import json
+import os
 from itertools import islice
 from typing import Any
 
@@ -32,6 +33,7 @@ from torch.utils.data import DataLoader
 from looped.contract import IGNORE
 from looped.datamodules.base import _VAL, EvalSet
 from looped.datamodules.primitives import ReasoningPrimitives
+from looped.errors import InputError
 from looped.tokenizer import MANIFEST, prepared_tokenizer, read_text
 
 PRIMITIVE_SETS = [(flavour, depth) for flavour in ("math", "code") for depth in (0, 1)]
@@ -76,9 +78,9 @@ class PileDataModule(L.LightningDataModule):
             ("primitives_size", primitives_size, 0),
         ):
             if value < low:
-                raise ValueError(f"data.{name} must be >= {low}, got {value}")
+                raise InputError(f"data.{name} must be >= {low}, got {value}")
         if val_batches is not None and val_batches < 1:
-            raise ValueError(f"data.val_batches must be >= 1 or null, got {val_batches}")
+            raise InputError(f"data.val_batches must be >= 1 or null, got {val_batches}")
         self.path = path.rstrip("/")
         self._seq_len = seq_len
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
@@ -104,6 +106,11 @@ class PileDataModule(L.LightningDataModule):
         return int(self.manifest["tokenizer"]["eos_id"])
 
     @property
+    def tokenizer_sha256(self) -> str | None:
+        """The prepared tokenizer's hash; checkpoints record it (``looped.checkpoint.check_same_data``)."""
+        return self.manifest["tokenizer"].get("sha256")
+
+    @property
     def eval_names(self) -> list[str]:
         """Names of the validation sets, in the order ``val_dataloader`` returns them."""
         names = ["pile"]
@@ -112,19 +119,30 @@ class PileDataModule(L.LightningDataModule):
         return names
 
     def _read_manifest(self) -> dict:
+        if not self.path:
+            raise InputError(
+                "data.path is empty; give the directory `looped prepare pile --input SHARDS --output DIR` wrote"
+            )
         url = f"{self.path}/{MANIFEST}"
         fix = f"prepare it with `looped prepare pile --input SHARDS --output {self.path}`"
+        local = "://" not in self.path
         try:
+            if local and not os.path.isdir(self.path):
+                raise InputError(f"data.path: {self.path} does not exist; {fix}")
             manifest = json.loads(read_text(url))
             manifest["tokenizer"]["vocab_size"], manifest["splits"]["train"]["sources"]
         except FileNotFoundError:
-            raise FileNotFoundError(f"data.path: {url} does not exist; {fix}") from None
+            raise InputError(
+                f"data.path: {self.path} has no {MANIFEST}, so `looped prepare pile` did not write it; {fix}"
+            ) from None
+        except InputError:
+            raise
         except (ValueError, KeyError, TypeError) as error:
-            raise ValueError(f"data.path: {url} is not a prepare manifest ({error!r}); {fix} again") from None
+            raise InputError(f"data.path: {url} is not a prepare manifest ({error!r}); {fix} again") from None
         except ImportError as error:
             raise ImportError(f"data.path: reading {url} needs an fsspec backend: {error}") from None
         if not manifest["splits"]["train"]["sources"]:
-            raise ValueError(f"data.path: {self.path} has no prepared training data yet; {fix}")
+            raise InputError(f"data.path: {self.path} has no prepared training data yet; {fix}")
         return manifest
 
     def tokenizer(self):
@@ -151,7 +169,7 @@ class PileDataModule(L.LightningDataModule):
                 seed=self.seed,
             )
         except (FileNotFoundError, ValueError) as error:
-            raise FileNotFoundError(
+            raise InputError(
                 f"data.path: cannot open the {split} chunks in {self.path}/{split} ({error}); prepare it again with "
                 f"`looped prepare pile --input SHARDS --output {self.path}` (it resumes what is done)"
             ) from None

@@ -36,6 +36,7 @@ import numpy as np
 
 from looped.contract import IGNORE
 from looped.datamodules.base import SyntheticTask
+from looped.errors import InputError
 
 LETTERS = list(string.ascii_lowercase)
 PAD = "<pad>"
@@ -75,25 +76,25 @@ class ReasoningPrimitives(SyntheticTask):
         super().__init__(**kwargs)
         self.supervise = supervise
         if depth not in (0, 1):
-            raise ValueError(f"data.depth must be 0 or 1, got {depth}")
+            raise InputError(f"data.depth must be 0 or 1, got {depth}")
         if flavour not in ("math", "code"):
-            raise ValueError(f"data.flavour must be 'math' or 'code', got {flavour!r}")
+            raise InputError(f"data.flavour must be 'math' or 'code', got {flavour!r}")
         if num_values < 2:
-            raise ValueError(f"data.num_values must be >= 2, got {num_values}")
+            raise InputError(f"data.num_values must be >= 2, got {num_values}")
         if num_variables < 1:
-            raise ValueError(f"data.num_variables must be >= 1, got {num_variables}")
+            raise InputError(f"data.num_variables must be >= 1, got {num_variables}")
         names = num_variables * (depth + 1)
         if names > len(LETTERS):
-            raise ValueError(
+            raise InputError(
                 f"data.num_variables={num_variables} needs {names} distinct variable names at depth {depth}, "
                 f"but only {len(LETTERS)} letters exist; use data.num_variables <= {len(LETTERS) // (depth + 1)}"
             )
         if shots < 0:
-            raise ValueError(f"data.shots must be >= 0, got {shots}")
+            raise InputError(f"data.shots must be >= 0, got {shots}")
         self.depth, self.flavour, self.shots = depth, flavour, shots
         self.num_values, self.num_variables = num_values, num_variables
         if pad_to is not None and pad_to < self.natural_len:
-            raise ValueError(
+            raise InputError(
                 f"data.pad_to={pad_to} is shorter than a sample of this setting ({self.natural_len} tokens)"
             )
         self.pad_to = pad_to

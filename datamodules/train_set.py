@@ -24,6 +24,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset
 
 from looped.contract import IGNORE
+from looped.errors import InputError
 
 # What a seed is for: the streams of one task never share random numbers.
 _TRAIN, _VAL, _TEST, _TRAIN_SET = 0, 1, 2, 3
@@ -47,7 +48,7 @@ class FixedTrainingSet:
         so every batch is a pure function of its index and a resumed run draws the batches it would have drawn.
         """
         if self.train_size is None:
-            raise ValueError("fixed-set row indices need a fixed training set: set data.train_size")
+            raise InputError("fixed-set row indices need a fixed training set: set data.train_size")
         return self.rng(_TRAIN, rank, draw).integers(0, self.train_size, size=(self.ROWS_PER_DRAW, self.batch_size))
 
     def train_rows(self, rank: int, index: int) -> np.ndarray:
@@ -97,7 +98,7 @@ class FixedTrainingSet:
             info = np.iinfo(dtype)
             if info.min <= IGNORE and self.vocab_size - 1 <= info.max:
                 return dtype
-        raise ValueError(f"{type(self).__name__}: a vocabulary of {self.vocab_size} tokens does not fit int32")
+        raise InputError(f"{type(self).__name__}: a vocabulary of {self.vocab_size} tokens does not fit int32")
 
     def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
         """A batch of fixed-set row indices becomes those rows, gathered on the batch's device.

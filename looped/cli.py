@@ -4,23 +4,40 @@
 best checkpoint. ``looped report RUNS... --output DIR`` turns TensorBoard logs
 into the paper's tables and figures. Every other subcommand is LightningCLI's own, so
 ``--print_config``, ``--config`` and dotted overrides work as documented by Lightning.
+
+A user's mistake ends the process with one last line, ``looped: error: <message>``, and exit
+status 2 (``looped.cli_errors``); ``--debug`` or ``LOOPED_DEBUG=1`` adds the traceback.
+``validate`` and ``test`` print one table of results, a row per evaluation set
+(``looped.tools.eval_table``).
 """
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import importlib
+import importlib.util
 import io
+import os
 import sys
+import textwrap
 from importlib import metadata
+from pathlib import Path
+from typing import Any
 from unittest import mock
 
 import lightning as L
+import yaml
+from lightning.pytorch.accelerators import CUDAAccelerator, MPSAccelerator
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.strategies import ModelParallelStrategy
 
+from looped.checkpoint import check_same_data, check_same_model, is_local_path, read_checkpoint
+from looped.cli_errors import one_line_errors, take_debug_flag
 from looped.contract import DataModuleContract, check_data_module
+from looped.errors import InputError
 from looped.module import LoopedLM, transformer_on_meta
+from looped.tools.eval_table import print_eval_table
 
 # ``looped TOOL ...`` subcommands beside LightningCLI's own: the module whose ``main(argv)`` runs each.
 TOOLS = {
@@ -29,7 +46,16 @@ TOOLS = {
     "sweep": "looped.tools.sweep",  # a grid of recipe variants, one run directory per cell
     "lm-eval": "looped.tools.lm_eval_adapter",  # lm-evaluation-harness with the `looped` model (the [eval] extra)
 }
+# LightningCLI's subcommands, one line each for `looped --help` (a tool's line is its module docstring's first).
+SUBCOMMANDS = {
+    "run": "train a recipe, then test its best checkpoint (looped run RECIPE.yaml [--key value ...])",
+    "fit": "train a recipe (looped fit --config RECIPE.yaml [--key value ...] [--ckpt_path CKPT])",
+    "validate": "evaluate a checkpoint on the validation sets (--config RECIPE.yaml --ckpt_path CKPT)",
+    "test": "evaluate a checkpoint on the test sets (--config RECIPE.yaml --ckpt_path CKPT)",
+    "predict": "the model's predictions on the data module's predict set",
+}
 USAGE_RUN = "usage: looped run RECIPE.yaml [--section.key value ...]   (e.g. --trainer.max_steps 200)"
+HELP = ("-h", "--help")
 
 
 class LoopedCLI(LightningCLI):
@@ -38,6 +64,9 @@ class LoopedCLI(LightningCLI):
     The data module is the single source of ``vocab_size`` and sequence length:
     both are linked into ``model.config`` after the data module is built; its
     ``eos_id`` into ``model.eos_id`` (``looped.contract.DataModuleContract``).
+
+    Before a subcommand runs, ``--ckpt_path`` is checked against the recipe and its data
+    (``looped.checkpoint``) and ``trainer.devices`` against the machine.
     """
 
     def __init__(self, *args, **kwargs) -> None:
@@ -46,7 +75,21 @@ class LoopedCLI(LightningCLI):
         kwargs.setdefault("datamodule_class", L.LightningDataModule)
         kwargs.setdefault("subclass_mode_data", True)
         kwargs.setdefault("auto_configure_optimizers", False)  # the optimiser is a LoopedLM argument
+        self.checkpoint: dict[str, Any] | None = None  # the non-tensor state of --ckpt_path, once read
         super().__init__(*args, **kwargs)
+
+    def parse_arguments(self, parser, args) -> None:
+        """Read ``--ckpt_path`` right after parsing, before LightningCLI loads its hyper-parameters into the recipe."""
+        super().parse_arguments(parser, args)
+        subcommand = self.config.get("subcommand")
+        config = self.config.get(subcommand) if subcommand else None
+        if config is None or not is_local_path(config.get("ckpt_path")):
+            return
+        self.checkpoint = read_checkpoint(config["ckpt_path"])
+        model_config = config.get("model", {}).get("init_args", {}).get("config")
+        if model_config is not None:
+            as_dict = model_config.as_dict() if hasattr(model_config, "as_dict") else dict(model_config)
+            check_same_model(self.checkpoint, as_dict, config["ckpt_path"])
 
     def instantiate_classes(self) -> None:
         """Under ``ModelParallelStrategy``, build the transformer on the meta device (``transformer_on_meta``).
@@ -56,6 +99,15 @@ class LoopedCLI(LightningCLI):
         """
         with transformer_on_meta(self._shards_in_configure_model()):
             super().instantiate_classes()
+
+    def after_instantiate_classes(self) -> None:
+        if self.checkpoint is not None and isinstance(self.model, LoopedLM):
+            check_same_data(self.checkpoint, self.datamodule, self.model.config)
+
+    def instantiate_trainer(self, **kwargs):
+        if self.subcommand is not None:  # a run, not a recipe built to be inspected (run=False)
+            check_devices(self._get(self.config_init, "trainer", default={}))
+        return super().instantiate_trainer(**kwargs)
 
     def _shards_in_configure_model(self) -> bool:
         config = self.config.get(self.subcommand) if self.subcommand else self.config
@@ -74,11 +126,66 @@ class LoopedCLI(LightningCLI):
         parser.link_arguments("data.vocab_size", "model.init_args.config.vocab_size", apply_on="instantiate")
         parser.link_arguments("data.seq_len", "model.init_args.config.max_seq_len", apply_on="instantiate")
 
+    # `looped validate` / `looped test`: LightningCLI calls these instead of the trainer's own.
+    def validate(self, **kwargs) -> list[dict[str, float]]:
+        return evaluate(self.trainer, "validate", **kwargs)
+
+    def test(self, **kwargs) -> list[dict[str, float]]:
+        return evaluate(self.trainer, "test", **kwargs)
+
+
+def evaluate(trainer: L.Trainer, fn: str, verbose: bool = True, **kwargs) -> list[dict[str, float]]:
+    """``trainer.validate``/``trainer.test``, printing one table by evaluation set instead of Lightning's."""
+    results = getattr(trainer, fn)(verbose=False, **kwargs)
+    if verbose and trainer.is_global_zero:
+        model = kwargs.get("model") or trainer.lightning_module
+        config = getattr(model, "config", None)
+        ckpt = trainer.ckpt_path
+        print_eval_table(
+            results,
+            stage="val" if fn == "validate" else "test",
+            eval_names=getattr(model, "eval_names", []),
+            trained_loops=getattr(config, "loops", None),
+            title=f"{fn}: " + (f"checkpoint {ckpt}" if ckpt else "the weights in memory"),
+        )
+    return results
+
 
 def data_eos_id(data: DataModuleContract) -> int | None:
     """The data module's ``eos_id`` (None unless its task is scored by generation), after checking its contract."""
     check_data_module(data)
     return data.eos_id
+
+
+def check_devices(trainer: dict[str, Any]) -> None:
+    """Refuse ``trainer.accelerator: gpu`` without a GPU, and ``trainer.devices`` above what the machine has."""
+    devices, accelerator = trainer.get("devices", "auto"), trainer.get("accelerator", "auto")
+    if not isinstance(accelerator, str):
+        return  # an Accelerator instance: Lightning checks it
+    gpu = CUDAAccelerator.is_available() or MPSAccelerator.is_available()
+    if accelerator in ("gpu", "cuda") and not gpu:
+        raise InputError(
+            f"trainer.accelerator={accelerator}, but torch sees no GPU on this machine; "
+            "use --trainer.accelerator cpu (or auto)"
+        )
+    if isinstance(devices, str) and devices.strip().isdigit():
+        devices = int(devices)
+    if not isinstance(devices, int) or isinstance(devices, bool) or devices < 1:
+        return  # "auto", -1 (all), a list of device indices: Lightning checks those
+    if accelerator == "auto":
+        accelerator = "cuda" if CUDAAccelerator.is_available() else "mps" if MPSAccelerator.is_available() else "cpu"
+    if accelerator in ("gpu", "cuda") and CUDAAccelerator.is_available():
+        available, what = CUDAAccelerator.auto_device_count(), "GPUs"
+    elif accelerator == "cpu":
+        available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        what = "CPU cores (one process per device)"
+    else:
+        return  # MPS (one device), TPU...: Lightning checks them
+    if devices > available:
+        raise InputError(
+            f"trainer.devices={devices}, but this machine has {available} {what}; "
+            f"use --trainer.devices {available} (or fewer), or run on a machine with more"
+        )
 
 
 def resolve_recipe(recipe: str, *overrides: str) -> str:
@@ -101,34 +208,61 @@ def resolve_recipe(recipe: str, *overrides: str) -> str:
     return out.getvalue()
 
 
-def run(argv: list[str]) -> LoopedCLI:
+def console_cli(args: list[str]) -> LoopedCLI:
+    """``LoopedCLI`` as the console scripts run it: parse errors raise (``looped.cli_errors`` prints one line)."""
+    raising = {"exit_on_error": False}
+    return LoopedCLI(args=args, parser_kwargs={**raising, **{name: raising for name in LightningCLI.subcommands()}})
+
+
+def run(argv: list[str], prog: str = "looped run") -> LoopedCLI | None:
     """Fit a recipe, then test its best checkpoint (the weights it ended with if none was saved)."""
-    if not argv or argv[0].startswith("-"):
-        raise SystemExit(USAGE_RUN)
+    if not argv or argv[0] in HELP:
+        if argv:
+            print(run_help(prog))
+            return None
+        print(run_help(prog), file=sys.stderr)
+        raise InputError(f"{prog} needs a recipe: {prog} RECIPE.yaml (`{prog} --help` lists the recipe folders)")
     recipe, overrides = argv[0], argv[1:]
-    cli = LoopedCLI(args=["fit", "--config", recipe, *overrides])
+    if recipe.startswith("-"):
+        raise InputError(f"{prog}: the recipe comes first: {prog} RECIPE.yaml {recipe} ...")
+    if not Path(recipe).is_file():
+        raise InputError(f"recipe {recipe} does not exist; `{prog} --help` lists the recipe folders")
+    if any(arg in HELP for arg in overrides):
+        recipe_help(recipe, [a for a in overrides if a not in HELP], prog)
+        return None
+    cli = console_cli(["fit", "--config", recipe, *overrides])
     checkpoint = cli.trainer.checkpoint_callback
     best = getattr(checkpoint, "best_model_path", "") if checkpoint is not None else ""
-    cli.trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path=best or None)
+    evaluate(cli.trainer, "test", model=cli.model, datamodule=cli.datamodule, ckpt_path=best or None)
     return cli
 
 
 def main(argv: list[str] | None = None) -> None:
     """Console script ``looped``."""
-    argv = _take_argv(argv)
-    if argv and argv[0] == "run":
+    argv, debug = take_debug_flag(_take_argv(argv))
+    with one_line_errors(debug, argv):
+        _looped(argv)
+
+
+def _looped(argv: list[str]) -> None:
+    if not argv or argv[0] in HELP:
+        print(looped_help(), file=sys.stdout if argv else sys.stderr)
+        if not argv:
+            raise InputError("choose a subcommand (listed above)")
+        return
+    if argv[0] == "run":
         run(argv[1:])
         return
-    if argv and argv[0] in TOOLS:
+    if argv[0] in TOOLS:
         # Imported on demand: matplotlib, tokenizers, zstandard only load for the tool that needs them.
         try:
             tool = importlib.import_module(TOOLS[argv[0]])
         except ModuleNotFoundError as err:
             extra = " (pip install -e '.[eval]')" if argv[0] == "lm-eval" else ""
-            raise SystemExit(f"looped {argv[0]}: needs the package {err.name!r}{extra}") from err
+            raise InputError(f"looped {argv[0]}: needs the package {err.name!r}{extra}") from err
         tool.main(argv[1:])
         return
-    LoopedCLI(args=argv)
+    console_cli(argv)
 
 
 def _take_argv(argv: list[str] | None) -> list[str]:
@@ -145,18 +279,30 @@ def lightning_main(argv: list[str] | None = None) -> None:
     package installs a cloud CLI of that name; when it is importable, every other
     subcommand is handed to it.
     """
-    argv = _take_argv(argv)
-    if len(argv) >= 2 and argv[0] == "run" and argv[1].endswith((".yaml", ".yml")):
-        run(argv[1:])
-        return
+    argv, debug = take_debug_flag(_take_argv(argv))
     sdk = _lightning_sdk_entry_point()
+    ours = not argv or argv[0] in HELP or (argv[0] == "run" and (len(argv) == 1 or not sdk or _is_recipe(argv[1])))
+    if ours:
+        with one_line_errors(debug, argv):
+            if argv and argv[0] == "run":
+                run(argv[1:], prog="lightning run")
+                return
+            print(lightning_help(sdk is not None), file=sys.stdout if argv else sys.stderr)
+            if not argv:
+                raise InputError("lightning run RECIPE.yaml runs a recipe (usage above)")
+        return
     if sdk is None:
-        raise SystemExit(
-            "lightning: this command runs recipes: `lightning run recipes/NAME.yaml [--key value ...]`.\n"
-            "Other `lightning` subcommands belong to Lightning AI's cloud CLI: `pip install lightning-sdk`."
-        )
+        with one_line_errors(debug, argv):
+            raise InputError(
+                "this command runs recipes: `lightning run recipes/NAME.yaml [--key value ...]`. Other `lightning` "
+                "subcommands belong to Lightning AI's cloud CLI: `pip install lightning-sdk`"
+            )
     sys.argv = ["lightning", *argv]
     sys.exit(sdk())
+
+
+def _is_recipe(arg: str) -> bool:
+    return arg in HELP or arg.endswith((".yaml", ".yml"))
 
 
 def _lightning_sdk_entry_point():
@@ -164,6 +310,127 @@ def _lightning_sdk_entry_point():
         if entry.dist is not None and entry.dist.name.replace("_", "-").lower() == "lightning-sdk":
             return entry.load()
     return None
+
+
+# -- help ---------------------------------------------------------------------------------------------------
+def looped_help() -> str:
+    lines = [
+        "usage: looped SUBCOMMAND [options] [--debug]",
+        "",
+        "Lightning recipes for looped transformers. `looped SUBCOMMAND --help` shows a subcommand's options.",
+        "",
+        "subcommands:",
+    ]
+    entries = {**SUBCOMMANDS, **{name: tool_summary(module) for name, module in TOOLS.items()}}
+    width = max(map(len, entries))
+    lines += [f"  {name:<{width}}  {text}" for name, text in entries.items()]
+    lines += ["", "options:", "  --debug    on an error, show its traceback too (or set LOOPED_DEBUG=1)"]
+    return "\n".join(lines)
+
+
+def tool_summary(module: str) -> str:
+    """The first line of a tool module's docstring, read without importing the tool (its imports can be slow)."""
+    spec = importlib.util.find_spec(module)
+    if spec is None or spec.origin is None:
+        return ""
+    doc = ast.get_docstring(ast.parse(Path(spec.origin).read_text())) or ""
+    first = doc.strip().splitlines()[0] if doc.strip() else ""
+    if first.startswith("``looped") and "``: " in first:  # "``looped report RUNS``: what it does."
+        first = first.split("``: ", 1)[1]
+    return first.replace("``", "").rstrip(".")
+
+
+def recipes_dir() -> Path | None:
+    """``./recipes`` if there is one, else the repository's (an editable install runs from a clone)."""
+    for candidate in (Path.cwd() / "recipes", Path(__file__).resolve().parents[1] / "recipes"):
+        if candidate.is_dir():
+            return candidate
+    return None
+
+
+def run_help(prog: str = "looped run") -> str:
+    lines = [
+        f"usage: {prog} RECIPE.yaml [--section.key value ...] [--debug]",
+        "",
+        "Train a recipe (LightningCLI's fit), then test its best checkpoint and print one table of the",
+        "results, a row per evaluation set.",
+        "",
+    ]
+    folder = recipes_dir()
+    if folder is not None:
+        shown = os.path.relpath(folder) if folder.is_relative_to(Path.cwd()) else str(folder)
+        lines.append(f"recipes ({shown}/; rows only, _base.yaml/_cpu.yaml are the shared setups they start from):")
+        top = sorted(p.name for p in folder.glob("*.yaml") if not p.name.startswith("_"))
+        if top:
+            lines.append(
+                textwrap.fill(", ".join(top), 100, initial_indent=f"  {'*.yaml':<12} ", subsequent_indent=" " * 15)
+            )
+        for sub in sorted(p for p in folder.iterdir() if p.is_dir()):
+            rows = sorted(p for p in sub.rglob("*.yaml") if not p.name.startswith("_"))
+            if sub.name == "sweeps":
+                lines.append(f"  {'sweeps/':<12} grids of recipes for `looped sweep`, not recipes")
+            elif rows:
+                example = os.path.join(shown, rows[0].relative_to(folder))
+                lines.append(f"  {sub.name + '/':<12} {len(rows)} recipes, e.g. {example}")
+        lines.append("")
+    lines += [
+        f"A recipe's options, with the values it sets:  {prog} RECIPE.yaml --help",
+        "The whole run it stands for, resolved:        looped fit --config RECIPE.yaml --print_config",
+        f"Change any value:  {prog} recipes/quickstart.yaml --model.init_args.config.loops 6 --trainer.max_steps 200",
+    ]
+    return "\n".join(lines)
+
+
+def recipe_help(recipe: str, overrides: list[str], prog: str = "looped run") -> None:
+    """Every option of a recipe: LightningCLI's ``fit --help``, then the options of its model and data classes.
+
+    In subclass mode ``fit --help`` names ``--model`` and ``--data`` but not their arguments;
+    jsonargparse's ``--model.help CLASS`` lists those, for the classes the recipe names.
+    """
+    args = ["fit", "--config", recipe, *overrides]
+    resolved = io.StringIO()
+    with contextlib.redirect_stdout(resolved), _exits_zero():
+        console_cli([*args, "--print_config"])
+    config = yaml.safe_load(resolved.getvalue()) or {}
+    with _exits_zero():
+        console_cli([*args, "--help"])
+    for key in ("model", "data"):
+        class_path = (config.get(key) or {}).get("class_path")
+        if class_path:
+            print(f"\n{key}: {class_path}, as {recipe} names it")
+            with _exits_zero():
+                console_cli([*args, f"--{key}.help", class_path])
+    print(
+        f"\nThe value of every key as {recipe} sets it: looped fit --config {recipe} --print_config\n"
+        f"Change one: {prog} {recipe} --model.init_args.config.loops 6 (a key with its dotted path)"
+    )
+
+
+@contextlib.contextmanager
+def _exits_zero():
+    """jsonargparse's help and --print_config print, then exit 0: carry on after them."""
+    try:
+        yield
+    except SystemExit as exit_:
+        if exit_.code not in (0, None):
+            raise
+
+
+def lightning_help(sdk_installed: bool) -> str:
+    other = (
+        "Other subcommands are handed to Lightning AI's cloud CLI (lightning-sdk, installed)."
+        if sdk_installed
+        else "Other `lightning` subcommands belong to Lightning AI's cloud CLI: pip install lightning-sdk."
+    )
+    return "\n".join(
+        [
+            "usage: lightning run RECIPE.yaml [--section.key value ...] [--debug]",
+            "",
+            "`lightning run RECIPE.yaml` is `looped run RECIPE.yaml`: train the recipe, then test its best checkpoint.",
+            "`lightning run --help` lists the recipe folders; `lightning run RECIPE.yaml --help` the recipe's options.",
+            other,
+        ]
+    )
 
 
 if __name__ == "__main__":

@@ -18,6 +18,8 @@ from typing import Literal
 
 import torch
 
+from looped.errors import InputError
+
 
 @dataclass
 class LoopSchedule:
@@ -49,12 +51,13 @@ class LoopSchedule:
 
     def __post_init__(self) -> None:
         if self.min_loops < 1:
-            raise ValueError(f"loop_schedule.min_loops must be >= 1, got {self.min_loops}")
+            raise InputError(f"model.init_args.loop_schedule.min_loops must be >= 1, got {self.min_loops}")
         if self.grad_loops is not None and self.grad_loops < 1:
-            raise ValueError(f"loop_schedule.grad_loops must be >= 1 or null, got {self.grad_loops}")
+            raise InputError(f"model.init_args.loop_schedule.grad_loops must be >= 1 or null, got {self.grad_loops}")
         if self.max_loops is not None and self.max_loops < self.min_loops:
-            raise ValueError(
-                f"loop_schedule.max_loops={self.max_loops} is below min_loops={self.min_loops}; raise max_loops"
+            raise InputError(
+                f"model.init_args.loop_schedule.max_loops={self.max_loops} is below min_loops={self.min_loops}; "
+                "raise max_loops or lower min_loops"
             )
 
     def sample(self, trained_loops: int, step: int) -> int:

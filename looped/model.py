@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from looped.cache import DecodeCache, LayerCache
+from looped.errors import MODEL_CONFIG, InputError
 from looped.mixers import MIXERS, RotaryEmbedding, build_mixer
 
 Slots = Iterator[LayerCache | None]  # one decode-cache slot per layer application, in order
@@ -80,8 +81,8 @@ class LoopedConfig:
 
     def __post_init__(self) -> None:
         def need(ok: bool, field: str, msg: str) -> None:
-            if not ok:
-                raise ValueError(f"LoopedConfig.{field}: {msg}")
+            if not ok:  # named as a recipe sets it: model.init_args.config.<field>
+                raise InputError(f"{MODEL_CONFIG}.{field}: {msg}")
 
         for name in ("d_model", "n_heads", "d_ff", "block_layers", "loops"):
             need(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
@@ -97,7 +98,8 @@ class LoopedConfig:
         need(
             self.pos_encoding != "rope" or head_dim % 2 == 0,
             "n_heads",
-            f"RoPE needs an even head width, but d_model/n_heads = {head_dim}",
+            f"RoPE needs an even head width, but d_model/n_heads = {self.d_model}/{self.n_heads} = {head_dim}; "
+            "pick n_heads so that the head width is even, or set pos_encoding: learned",
         )
         need(0.0 <= self.dropout < 1.0, "dropout", f"must lie in [0, 1), got {self.dropout}")
         for name in self.attention_pattern:

@@ -27,7 +27,9 @@ from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassExactMatch
 
 # batch_size and batch_tokens are named by recipes as looped.module.batch_size / batch_tokens.
+from looped.checkpoint import check_same_data
 from looped.contract import IGNORE, DataModuleContract, batch_size, batch_tokens, check_data_module
+from looped.errors import InputError
 from looped.generation import generate_answers, sample_rows
 from looped.loop_schedule import LoopSchedule
 from looped.model import LoopedConfig, LoopedTransformer
@@ -64,8 +66,12 @@ class Perplexity(MeanMetric):
         return super().compute().exp()
 
 
-class NonFiniteLossError(FloatingPointError):
-    """The loss became NaN or inf; raised so the run stops instead of training on garbage."""
+class NonFiniteLossError(InputError, FloatingPointError):
+    """The loss became NaN or inf; raised so the run stops instead of training on garbage.
+
+    An ``InputError``: what makes a loss diverge is a setting the user chose (learning rate, warmup,
+    precision), so the command line prints the message, which names the step and those settings.
+    """
 
 
 def warmup_cosine(step: int, warmup_steps: int, decay_steps: int, min_lr_ratio: float) -> float:
@@ -131,6 +137,13 @@ class LoopedLM(L.LightningModule):
         compile: bool = False,
     ) -> None:
         super().__init__()
+        for name, value, ok, need in (
+            ("warmup_steps", warmup_steps, warmup_steps >= 0, ">= 0"),
+            ("decay_steps", decay_steps, decay_steps is None or decay_steps >= 1, ">= 1 or null (trainer.max_steps)"),
+            ("min_lr_ratio", min_lr_ratio, 0.0 <= min_lr_ratio <= 1.0, "in [0, 1], a fraction of the peak rate"),
+        ):
+            if not ok:
+                raise InputError(f"model.init_args.{name} must be {need}, got {value}")
         # Checkpoints hold plain data only (they load with torch.load(weights_only=True));
         # the optimiser is a callable, recorded in the run's config.yaml instead.
         config = config if isinstance(config, LoopedConfig) else LoopedConfig(**config)
@@ -223,9 +236,11 @@ class LoopedLM(L.LightningModule):
             self.log("train/loops", float(loops))
         if not torch.isfinite(loss):
             raise NonFiniteLossError(
-                f"loss is {loss.item()} at step {self.global_step}. Lower the learning rate "
-                "(model.init_args.optimizer.init_args.lr), lengthen model.init_args.warmup_steps, or train in "
-                "trainer.precision=32-true / bf16-mixed instead of 16-mixed; then resume from the last checkpoint."
+                f"the training loss is {loss.item()} at step {self.global_step}, so training stopped before this "
+                "step's update. Lower the learning rate (model.init_args.optimizer.init_args.lr), lengthen "
+                "model.init_args.warmup_steps, or train in trainer.precision 32-true or bf16-mixed instead of "
+                "16-mixed, and start again: resuming restores the checkpoint's optimiser and learning rate and "
+                "replays the same batches, so it would stop here again"
             )
         self.log("train/loss", loss, prog_bar=True)
         return loss
@@ -365,13 +380,13 @@ class LoopedLM(L.LightningModule):
         check_data_module(data)
         self.set_eval_names(list(data.eval_names))
         if data.vocab_size > self.config.vocab_size:
-            raise ValueError(
+            raise InputError(
                 f"vocabulary mismatch: the data has {data.vocab_size} token ids but "
                 f"model.init_args.config.vocab_size={self.config.vocab_size}; drop the override and let the "
                 "recipe link vocab_size from the data module"
             )
         if data.seq_len > self.config.max_seq_len:
-            raise ValueError(
+            raise InputError(
                 f"the data's sequences have {data.seq_len} positions but model.init_args.config.max_seq_len="
                 f"{self.config.max_seq_len}; raise max_seq_len or shorten the data"
             )
@@ -379,7 +394,7 @@ class LoopedLM(L.LightningModule):
     def set_eval_names(self, names: list[str]) -> None:
         """Metrics per named evaluation set. Runs in ``setup``, before Lightning moves the module to its device."""
         if len(set(names)) != len(names) or not all(isinstance(n, str) and n and "." not in n for n in names):
-            raise ValueError(f"data.eval_names must be distinct non-empty names without '.', got {names}")
+            raise InputError(f"data.eval_names must be distinct non-empty names without '.', got {names}")
         if names == self.eval_names:
             return
         self.eval_names = names
@@ -406,7 +421,7 @@ class LoopedLM(L.LightningModule):
             # train dataloader early, which drops a streaming loader's restored state.
             decay_steps = self.trainer.max_steps
             if decay_steps is None or decay_steps < 0:
-                raise ValueError(
+                raise InputError(
                     "the cosine schedule needs an end: set trainer.max_steps or model.init_args.decay_steps"
                 )
         # max(step, global_step): an optimiser rebuilt mid-run (gradual stacking) continues
@@ -424,8 +439,15 @@ class LoopedLM(L.LightningModule):
         checkpoint["rng_states"] = {"torch": torch.get_rng_state()}
         if torch.cuda.is_available():
             checkpoint["rng_states"]["cuda"] = torch.cuda.get_rng_state_all()
+        # The tokenizer the data was prepared with (data modules that have one, e.g. the Pile's), so that
+        # a later run on differently tokenized data is refused (looped.checkpoint.check_same_data).
+        sha = getattr(self.trainer.datamodule, "tokenizer_sha256", None) if self._trainer is not None else None
+        if sha:
+            checkpoint["data"] = {"tokenizer_sha256": sha}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self._trainer is not None:  # before the weights load: a mismatch is named, not a shape error
+            check_same_data(checkpoint, self.trainer.datamodule, self.config, where="the checkpoint")
         states = checkpoint.get("rng_states")
         if states is None:
             return

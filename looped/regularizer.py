@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from looped.errors import InputError
+
 # Paper group name -> parameter path inside a TransformerLayer.
 PARAMETER_GROUPS: dict[str, str] = {
     "q": "attn.q_proj.weight",
@@ -93,19 +95,21 @@ class BlockRegularizer:
 
     def __post_init__(self) -> None:
         if self.block_layers < 1:
-            raise ValueError(f"regularizer.block_layers must be >= 1, got {self.block_layers}")
+            raise InputError(f"model.init_args.regularizer.block_layers must be >= 1, got {self.block_layers}")
         unknown = sorted(set(self.groups) - set(PARAMETER_GROUPS))
         if unknown:
-            raise ValueError(f"regularizer.groups: unknown {unknown}; choose from {sorted(PARAMETER_GROUPS)}")
+            raise InputError(
+                f"model.init_args.regularizer.groups: unknown {unknown}; choose from {sorted(PARAMETER_GROUPS)}"
+            )
 
     def check(self, layers: nn.ModuleList) -> None:
         """Refuse a k that does not tile the stack into at least two blocks."""
         n = len(layers)
         if n % self.block_layers or n // self.block_layers < 2:
-            raise ValueError(
-                f"regularizer.block_layers={self.block_layers} does not fit a stack of {n} layers: "
+            raise InputError(
+                f"model.init_args.regularizer.block_layers={self.block_layers} does not fit a stack of {n} layers: "
                 f"k must divide it into >= 2 blocks (choose k from {[d for d in range(1, n // 2 + 1) if n % d == 0]}), "
-                "and the regulariser acts on an unshared model (model.config.loops: 1, block_layers: kL)"
+                "and the regulariser acts on an unshared model (model.init_args.config.loops: 1, block_layers: kL)"
             )
 
     def similarities(self, layers: nn.ModuleList) -> dict[str, Tensor]:

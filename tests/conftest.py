@@ -2,6 +2,7 @@
 
 import functools
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -39,6 +40,14 @@ TINY = dict(vocab_size=11, max_seq_len=16, d_model=16, n_heads=2, d_ff=32)
 # Keep each test process to the cores CI has, and quiet Lightning's tips.
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 os.environ.setdefault("PYTHONWARNINGS", "ignore")
+
+
+def console_script(name: str) -> str:
+    """The installed console script ``name`` (``looped``, ``lightning``): the program a user runs."""
+    found = shutil.which(name, path=str(ROOT / ".venv" / "bin")) or shutil.which(name)
+    if found is None:
+        pytest.skip(f"console script {name!r} is not installed (pip install -e .)")
+    return found
 
 
 @pytest.fixture

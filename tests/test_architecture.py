@@ -4,9 +4,9 @@ Layers, lowest first (a module may import its own layer and those below, never o
 
 0. leaves — ``looped.contract``, ``looped.errors``, ``looped.tokenizer``, ``looped.tools.plots``: nothing of looped;
 1. the model — ``looped.model``, ``looped.cache``, ``looped.mixers``: torch only;
-2. training — ``LoopedLM`` and what it uses (loss, schedule, regulariser, optimiser, parallelism);
+2. training — ``LoopedLM`` and what it uses (loss, schedule, regulariser, optimiser, parallelism, checkpoint checks);
 3. data and callbacks — ``looped.datamodules``, ``looped.callbacks``;
-4. tools and the command line — ``looped.tools``, ``looped.cli``.
+4. tools and the command line — ``looped.tools``, ``looped.cli``, ``looped.cli_errors``.
 
 ``looped/__init__.py`` is the facade that re-exports from every layer, so it is left out.
 """
@@ -32,9 +32,10 @@ TRAINING = (
     "looped.adaptive",
     "looped.optim",
     "looped.parallel",
+    "looped.checkpoint",
 )
 DATA_AND_CALLBACKS = ("looped.datamodules", "looped.callbacks")
-TOOLS = ("looped.tools", "looped.cli")
+TOOLS = ("looped.tools", "looped.cli", "looped.cli_errors")
 
 
 def module_files() -> dict[str, Path]:

@@ -19,6 +19,7 @@ pytest.importorskip("lm_eval")
 pytest.importorskip("tokenizers")
 
 from looped import LoopedConfig, LoopedLM  # noqa: E402
+from looped.errors import InputError  # noqa: E402
 from looped.tools.lm_eval_adapter import LoopedEvalLM  # noqa: E402
 
 WORDS = ["<|endoftext|>", "<unk>", "the", "cat", "dog", "sat", "on", "mat", "a", "ran", "rug", "."]
@@ -109,8 +110,10 @@ def test_generate_until_is_greedy_and_stops(assets):
 def test_bad_arguments_name_the_fix(assets, tmp_path):
     with pytest.raises(ValueError, match="tokenizer=... is required"):
         LoopedEvalLM(checkpoint=str(assets.checkpoint))
-    with pytest.raises(FileNotFoundError, match="tokenizer.json"):
+    with pytest.raises(InputError, match=r"model_args tokenizer=.*no tokenizer\.json there"):
         LoopedEvalLM(checkpoint=str(assets.checkpoint), tokenizer=str(tmp_path))
+    with pytest.raises(InputError, match=r"model_args checkpoint .*gone\.ckpt does not exist"):
+        LoopedEvalLM(checkpoint=str(tmp_path / "gone.ckpt"), tokenizer=str(assets.root))
     with pytest.raises(ValueError, match="consolidate_checkpoint"):
         LoopedEvalLM(checkpoint=str(tmp_path), tokenizer=str(assets.root))
 

@@ -9,6 +9,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from conftest import tiny_model
 from looped import LoopedConfig, LoopedTransformer
+from looped.errors import InputError
 
 
 def make(**overrides) -> LoopedTransformer:
@@ -121,8 +122,9 @@ def test_flops_formula_matches_flop_counter(activation):
     ],
 )
 def test_bad_config_names_the_field(fields, field):
+    """The message names the key as a recipe sets it, and it is an InputError (one line on the command line)."""
     base = dict(vocab_size=11, max_seq_len=16)
-    with pytest.raises(ValueError, match=f"LoopedConfig.{field}"):
+    with pytest.raises(InputError, match=rf"^model\.init_args\.config\.{field}: "):
         LoopedConfig(**{**base, **fields})
 
 

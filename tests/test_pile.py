@@ -7,6 +7,7 @@ import torch
 from looped import LoopedLM
 from looped.datamodules import PileDataModule
 from looped.datamodules.primitives import ReasoningPrimitives
+from looped.errors import InputError
 from looped.model import LoopedConfig
 from looped.module import IGNORE
 from pile_data import prepared_pile
@@ -58,8 +59,12 @@ def test_primitives_sets_label_only_the_answer(data_dir):
 
 
 def test_missing_or_unprepared_path_names_the_fix(tmp_path):
-    with pytest.raises(FileNotFoundError, match="looped prepare pile"):
+    with pytest.raises(InputError, match="data.path: .*nowhere does not exist.*looped prepare pile"):
         PileDataModule(str(tmp_path / "nowhere"))
+    with pytest.raises(InputError, match="has no manifest.json, so `looped prepare pile` did not write it"):
+        PileDataModule(str(tmp_path))
+    with pytest.raises(InputError, match="data.path is empty"):
+        PileDataModule("")
     (tmp_path / "manifest.json").write_text("{broken")
     with pytest.raises(ValueError, match=r"not a prepare manifest.*looped prepare pile"):
         PileDataModule(str(tmp_path))

@@ -115,4 +115,7 @@ def test_pile_1b_4x6_smoke_run_on_cpu(tiny_pile, run_dir):
     run = run_dir / "runs" / "pile" / "4x6" / "version_0"
     assert (run / "config.yaml").exists() and (run / "checkpoints" / "last.ckpt").exists()
     assert (run / "checkpoints" / "last.ckpt" / ".metadata").exists()  # a sharded (DCP) checkpoint: FSDP2 ran
-    assert "test/loss_pile" in out.stdout and "test/loss_primitives_code_d1" in out.stdout  # every named set
+    # One evaluation table: a row per named set, the pooled row last, a loss for each.
+    rows = [line.split() for line in out.stdout.splitlines() if line.startswith(("  pile", "  primitives", "  all "))]
+    names = ["pile", "primitives_math_d0", "primitives_math_d1", "primitives_code_d0", "primitives_code_d1", "all"]
+    assert [row[0] for row in rows] == names, out.stdout[-3000:]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from looped.errors import MODEL_CONFIG, InputError
 from looped.mixers.base import AttentionMixer, RotaryEmbedding
 from looped.mixers.linear import LinearAttention
 from looped.mixers.softmax import SoftmaxAttention
@@ -25,11 +26,11 @@ MIXERS: dict[str, type[AttentionMixer]] = {
 def build_mixer(name: str, d_model: int, n_heads: int, dropout: float, bias: bool, **options) -> nn.Module:
     """A mixer by name; ``options`` come from ``LoopedConfig.mixer_options[name]``."""
     if name not in MIXERS:
-        raise ValueError(f"attention: unknown mixer {name!r}; choose one of {sorted(MIXERS)}")
+        raise InputError(f"{MODEL_CONFIG}.attention: unknown mixer {name!r}; choose one of {sorted(MIXERS)}")
     try:
         return MIXERS[name](d_model=d_model, n_heads=n_heads, dropout=dropout, bias=bias, **options)
     except TypeError as err:
-        raise ValueError(f"LoopedConfig.mixer_options.{name}: {err}") from err
+        raise InputError(f"{MODEL_CONFIG}.mixer_options.{name}: {err}") from err
 
 
 __all__ = [

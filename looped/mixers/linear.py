@@ -34,6 +34,7 @@ from einops import einsum, rearrange
 from torch import Tensor
 
 from looped.cache import LayerCache
+from looped.errors import MODEL_CONFIG, InputError
 from looped.mixers.base import AttentionMixer
 
 FEATURE_MAPS: dict[str, Callable[[Tensor], Tensor]] = {
@@ -64,14 +65,14 @@ class LinearAttention(AttentionMixer):
     ) -> None:
         super().__init__(d_model, n_heads, dropout, bias)
         if feature_map not in FEATURE_MAPS:
-            raise ValueError(
-                f"LoopedConfig.mixer_options.linear.feature_map: {feature_map!r} is not a positive "
+            raise InputError(
+                f"{MODEL_CONFIG}.mixer_options.linear.feature_map: {feature_map!r} is not a positive "
                 f"feature map; choose one of {sorted(FEATURE_MAPS)}"
             )
         if chunk_size < 1:
-            raise ValueError(f"LoopedConfig.mixer_options.linear.chunk_size: must be >= 1, got {chunk_size}")
+            raise InputError(f"{MODEL_CONFIG}.mixer_options.linear.chunk_size: must be >= 1, got {chunk_size}")
         if eps <= 0:
-            raise ValueError(f"LoopedConfig.mixer_options.linear.eps: must be > 0, got {eps}")
+            raise InputError(f"{MODEL_CONFIG}.mixer_options.linear.eps: must be > 0, got {eps}")
         self.feature_map = feature_map
         self.phi = FEATURE_MAPS[feature_map]
         self.chunk_size = chunk_size

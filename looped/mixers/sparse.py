@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from looped.errors import MODEL_CONFIG, InputError
 from looped.mixers.base import AttentionMixer
 
 PATTERNS = ("local", "strided", "fixed")
@@ -62,7 +63,7 @@ def sparse_mask_mod(pattern: str, window: int, stride: int) -> MaskMod:
             return (kv_idx <= q_idx) & (same_block | summary)
 
     else:
-        raise ValueError(f"LoopedConfig.mixer_options.sparse.pattern: unknown {pattern!r}; choose one of {PATTERNS}")
+        raise InputError(f"{MODEL_CONFIG}.mixer_options.sparse.pattern: unknown {pattern!r}; choose one of {PATTERNS}")
     return mask_mod
 
 
@@ -115,12 +116,12 @@ class SparseAttention(AttentionMixer):
     ) -> None:
         super().__init__(d_model, n_heads, dropout, bias)
         if pattern not in PATTERNS:
-            raise ValueError(
-                f"LoopedConfig.mixer_options.sparse.pattern: unknown {pattern!r}; choose one of {list(PATTERNS)}"
+            raise InputError(
+                f"{MODEL_CONFIG}.mixer_options.sparse.pattern: unknown {pattern!r}; choose one of {list(PATTERNS)}"
             )
         for name, value in (("window", window), ("stride", stride)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"LoopedConfig.mixer_options.sparse.{name}: must be an int >= 1, got {value!r}")
+                raise InputError(f"{MODEL_CONFIG}.mixer_options.sparse.{name}: must be an int >= 1, got {value!r}")
         self.pattern = pattern
         self.window = window
         self.stride = stride

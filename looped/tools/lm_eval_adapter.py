@@ -29,6 +29,8 @@ from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
 from looped.cache import DecodeCache
+from looped.checkpoint import read_checkpoint
+from looped.errors import InputError
 from looped.module import LoopedLM
 from looped.tokenizer import load_tokenizer
 
@@ -52,27 +54,31 @@ class LoopedEvalLM(LM):
         super().__init__()
         path = Path(checkpoint)
         if path.is_dir():
-            raise ValueError(
+            raise InputError(
                 f"model_args checkpoint={path} is a sharded (FSDP2) checkpoint directory; consolidate it first: "
                 f"python -m lightning.fabric.utilities.consolidate_checkpoint {path} --output_file {path}.full.ckpt"
             )
         if tokenizer is None:
-            raise ValueError("model_args tokenizer=... is required: a tokenizer.json or the prepared data directory")
+            raise InputError("model_args tokenizer=... is required: a tokenizer.json or the prepared data directory")
         self._device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        read_checkpoint(path, flag="model_args checkpoint")  # a missing or broken file named, before loading
         module = LoopedLM.load_from_checkpoint(str(path), map_location=self._device)
         self.model = module.model.eval()
         # The tokenizer the data was prepared with (looped.tools.prepare): a tokenizer.json, or bytes.
-        self.tokenizer = load_tokenizer(tokenizer, eos_token=eot_token)
+        try:
+            self.tokenizer = load_tokenizer(tokenizer, eos_token=eot_token)
+        except (FileNotFoundError, ValueError) as error:
+            raise InputError(f"model_args tokenizer={tokenizer}: {error}") from error
         vocab = self.model.config.vocab_size
         if self.tokenizer.vocab_size > vocab:
-            raise ValueError(
+            raise InputError(
                 f"vocabulary mismatch: tokenizer {tokenizer} has {self.tokenizer.vocab_size} ids but the "
                 f"checkpoint's model has vocab_size={vocab}; use the tokenizer the model was trained with"
             )
         self.loops = int(loops) if loops is not None else None
         self.max_length = int(max_length or self.model.config.max_seq_len)
         if self.max_length > self.model.config.max_seq_len:
-            raise ValueError(
+            raise InputError(
                 f"model_args max_length={self.max_length} exceeds the model's "
                 f"max_seq_len={self.model.config.max_seq_len}"
             )
