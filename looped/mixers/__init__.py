@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from looped.mixers.base import AttentionMixer, RotaryEmbedding
+from looped.mixers.base import AttentionMixer, Padding, RotaryEmbedding
 from looped.mixers.linear import LinearAttention
 from looped.mixers.softmax import SoftmaxAttention
 from looped.mixers.sparse import SparseAttention
@@ -36,6 +36,7 @@ __all__ = [
     "MIXERS",
     "AttentionMixer",
     "LinearAttention",
+    "Padding",
     "RotaryEmbedding",
     "SoftmaxAttention",
     "SparseAttention",
