@@ -179,6 +179,7 @@ def test_cache_is_a_looped_cache_with_one_slot_per_layer_application():
         step = hf(ids(2, 1), cache=out.cache, attention_mask=torch.ones(2, 7))
         torch.testing.assert_close(step.logits[:, -1], hf(torch.cat([ids(2, 6), ids(2, 1)], 1)).logits[:, -1])
         assert hf(ids(2, 6)).cache is None  # a plain forward copies no K/V
+        assert torch.equal(hf(ids(2, 6), return_dict=False)[0], hf(ids(2, 6)).logits)  # a tuple when asked
         with pytest.raises(ValueError, match="keep `loops` the same"):
             hf(ids(2, 1), cache=out.cache, num_loops=5)
 
@@ -305,3 +306,23 @@ def test_sharded_checkpoint_exports_the_same_weights_as_one_file(tmp_path):
     b = load_file(export_hf(str(one_file), str(tmp_path / "b")) / "model.safetensors")
     assert a.keys() == b.keys() == {f"model.{k}" for k in run["end"]}
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_num_loops_reproduces_the_per_loop_accuracy_callback():
+    """The README's snippet (exact match of the last position after ``num_loops=n``) is what
+    ``PerLoopAccuracy`` logs, read from one forward's loop states."""
+    from looped.callbacks.per_loop import exact_match_per_loop
+
+    data = PHop(length=10, hops=2, test_size=64, eval_batch_size=32)
+    data.setup("test")
+    ours = tiny_model(vocab_size=data.vocab_size, **{**BIG, "max_seq_len": data.seq_len})
+    hf = from_looped(ours).eval()
+    with torch.no_grad():
+        for batch in data.test_dataloader():
+            want = exact_match_per_loop(ours, batch["input_ids"], batch["labels"], loops=4)
+            got = [
+                hf(batch["input_ids"], num_loops=n).logits[:, -1].argmax(-1) == batch["labels"][:, -1]
+                for n in (1, 2, 3, 4)
+            ]
+            assert torch.equal(torch.stack(got), want)
+            assert 0 < want.sum() < want.numel()  # some right, some wrong: the comparison is not vacuous

@@ -118,9 +118,9 @@ class LoopedForCausalLM(PreTrainedModel, GenerationMixin):
         self.post_init()
 
     def _init_weights(self, module: nn.Module) -> None:
-        # Our initialisation, not transformers' generic one (it depth-scales residual outputs by
-        # layer applications); weights loaded from a file are flagged and left alone. The RoPE
-        # tables are no weights: they follow from the config, computed again off the meta device.
+        # Our initialisation (residual outputs scaled by the number of layer applications), not
+        # transformers' generic one; weights loaded from a file are flagged and left alone. The
+        # RoPE tables are no weights: they follow from the config, computed again off the meta device.
         if isinstance(module, LoopedTransformer):
             module.reset_parameters()
         elif isinstance(module, RotaryEmbedding):
@@ -155,7 +155,7 @@ class LoopedForCausalLM(PreTrainedModel, GenerationMixin):
         past_key_values: Cache | None = None,
         inputs_embeds: Tensor | None = None,
         **kwargs,
-    ) -> CausalLMOutputWithPast:
+    ) -> CausalLMOutputWithPast | tuple:
         """Logits ``[b t v]`` after ``num_loops`` applications of the block (default: the trained L).
 
         ``cache``/``past_key_values`` (a ``LoopedCache``): ``input_ids`` are the positions after the
@@ -184,12 +184,13 @@ class LoopedForCausalLM(PreTrainedModel, GenerationMixin):
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
-        return CausalLMOutputWithPast(
+        output = CausalLMOutputWithPast(
             loss=loss,
             logits=logits,
             cache=cache,
             hidden_states=None if loop_states is None else tuple(loop_states),
         )
+        return output if (self.config.return_dict if return_dict is None else return_dict) else output.to_tuple()
 
 
 def from_looped(model: LoopedTransformer, **config_kwargs) -> LoopedForCausalLM:
