@@ -241,12 +241,14 @@ def test_bad_input_is_one_clear_input_error(tmp_path):
     from tokenizers import Tokenizer, models
 
     Tokenizer(models.WordLevel({"<|endoftext|>": 0, "x": 1}, unk_token="x")).save(str(tmp_path / "small.json"))
+    Tokenizer(models.WordLevel({"x": 0}, unk_token="x")).save(str(tmp_path / "no_eos.json"))
     cases = [
         ((str(foreign), str(tmp_path / "a")), "is not a looped checkpoint"),
         ((str(text), str(tmp_path / "b")), "torch cannot read"),
         ((str(tmp_path / "missing.ckpt"), str(tmp_path / "c")), "does not exist"),
         ((str(tmp_path), str(tmp_path / "d")), "not a sharded checkpoint"),
         ((str(checkpoint), str(tmp_path / "e"), str(tmp_path / "small.json")), "has 2 token ids but the model's vocab"),
+        ((str(checkpoint), str(tmp_path / "f"), str(tmp_path / "no_eos.json")), "--tokenizer: .*no end-of-document"),
         ((str(checkpoint), str(tmp_path)), "already exists; pass --overwrite"),
     ]
     for args, message in cases:

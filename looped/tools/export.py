@@ -184,7 +184,10 @@ def export_hf(checkpoint_path: str, out_dir: str, tokenizer: str | None = None, 
             raise InputError(
                 f"--tokenizer: {tokenizer} does not exist; pass a tokenizer.json or a prepared data directory"
             )
-        hf_tokenizer, size = file_tokenizer(tokenizer, config.max_seq_len)
+        try:
+            hf_tokenizer, size = file_tokenizer(tokenizer, config.max_seq_len)
+        except Exception as err:  # no end-of-text token, not a tokenizer.json: the tokenizers library's words
+            raise InputError(f"--tokenizer: {tokenizer}: {str(err).splitlines()[0]}") from err
         origin = "--tokenizer"
     else:
         hf_tokenizer, size, origin = find_tokenizer(*data, config.max_seq_len)
