@@ -18,7 +18,8 @@ the same parameter names), so its logits are ours to the bit and a Lightning che
   left-padded row gives the logits it gives alone. Positions come from the mask; there is no
   ``position_ids`` argument.
 * ``LoopedCache``, the ``transformers`` ``Cache`` over our ``DecodeCache``: one slot per layer
-  *application* (a ``(k⊗L)`` block owns ``k·L``), which a per-layer ``DynamicCache`` cannot hold.
+  *application* (a ``(k⊗L)`` block owns ``k·L``), which a per-layer ``DynamicCache`` cannot hold
+  (Huginn's published cache likewise keys its entries by recurrence step, not by layer).
   ``generate`` gets one from the prefill (``use_cache``) and decodes one position per step.
   A plain ``forward`` makes no cache unless asked with ``use_cache=True`` (``transformers``
   models default to making one; for a looped model that is ``k·L`` copies of K and V nobody reads).
