@@ -1,23 +1,30 @@
-"""Generation speed: cached incremental decoding vs re-running the full forward for every token.
+"""Generation speed: cached incremental decoding vs re-running the full forward for every token, and
+``transformers``' ``generate`` on the exported model vs ours.
 
-Both decode the same greedy continuation of the same prompts with a ``(k⊗L)``
-model; they are timed alternately, round after round, in one process (medians),
-so machine noise hits both alike:
+All decode the same greedy continuation of the same prompts with a ``(k⊗L)``
+model; they are timed alternately, round after round, in one process (medians; each
+method starts a round in turn), so machine noise hits them alike:
 
 * ``cached``: ``LoopedTransformer.generate`` — one prefill forward fills a
   ``DecodeCache`` (one slot per layer application), then one position per step;
 * ``full``: the forward over the whole growing sequence for every new token,
-  argmax of the last position (what decoding costs without a cache).
+  argmax of the last position (what decoding costs without a cache);
+* ``transformers``: the model exported (``looped.hf``, saved and loaded back with
+  ``AutoModelForCausalLM``) decoding with ``generate(do_sample=False)``: its ``LoopedCache``
+  holds the same ``DecodeCache``, so the difference is ``generate``'s own per-step work
+  (with the ``[hf]`` extra; skipped without it).
 
     python benchmarks/decode.py [--attention linear]
 
-The last line printed is the ratio of tokens/s, cached / full.
+The last two lines are the ratios of tokens/s, cached / full and transformers / ours (cached).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import statistics
+import tempfile
 import time
 
 import torch
@@ -34,6 +41,17 @@ def full(model: LoopedTransformer, prompt: torch.Tensor, new_tokens: int) -> tor
     for _ in range(new_tokens):
         seq = torch.cat([seq, model(seq)[:, -1].argmax(-1, keepdim=True)], dim=1)
     return seq
+
+
+def exported(model: LoopedTransformer, device: str):
+    """The model through ``looped.hf``: saved as a ``transformers`` folder and loaded back with the Auto class."""
+    from transformers import AutoModelForCausalLM
+
+    from looped.hf import from_looped
+
+    with tempfile.TemporaryDirectory() as folder:
+        from_looped(model).save_pretrained(folder)
+        return AutoModelForCausalLM.from_pretrained(folder).eval().to(device)
 
 
 def main() -> None:
@@ -66,12 +84,18 @@ def main() -> None:
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
 
     methods = {"cached (generate)": cached, "full forward per token": full}
+    if importlib.util.find_spec("transformers") is not None:
+        hf = exported(model, args.device)
+        methods["transformers generate"] = lambda _, prompt, n: hf.generate(
+            prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0
+        )
     times: dict[str, list[float]] = {name: [] for name in methods}
     with torch.inference_mode():
-        outputs = {name: fn(model, prompt, 4) for name, fn in methods.items()}  # warm up
-        assert torch.equal(*outputs.values()), "cached and full decoding disagree"
-        for _ in range(args.rounds):
-            for name, fn in methods.items():
+        outputs = [fn(model, prompt, 4) for fn in methods.values()]  # warm up
+        assert all(torch.equal(outputs[0], out) for out in outputs), "the decoders disagree"
+        order = list(methods.items())
+        for r in range(args.rounds):
+            for name, fn in order[r % len(order) :] + order[: r % len(order)]:  # each method leads in turn
                 sync()
                 start = time.perf_counter()
                 fn(model, prompt, args.new_tokens)
@@ -92,6 +116,9 @@ def main() -> None:
     for name, t in times.items():
         print(f"{name:<24} {statistics.median(t):>8.2f} {rate[name]:>10.0f}")
     print(f"cached / full generation tokens/s ratio: {rate['cached (generate)'] / rate['full forward per token']:.2f}")
+    if "transformers generate" in rate:
+        ratio = rate["transformers generate"] / rate["cached (generate)"]
+        print(f"transformers generate / our generate tokens/s ratio: {ratio:.2f}")
 
 
 if __name__ == "__main__":

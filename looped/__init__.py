@@ -2,10 +2,15 @@
 
 ``looped.LoopedConfig`` and ``looped.LoopedTransformer`` need only torch; ``looped.LoopedLM``
 (the LightningModule) loads Lightning when it is first used, so ``import looped.model``
-stays light (inference, export, the model inside other code).
+stays light (inference, export, the model inside other code). With the ``[hf]`` extra,
+``transformers``' ``AutoConfig`` / ``AutoModelForCausalLM`` learn the model type ``looped`` when
+they load (``looped.hf``), so an exported folder loads with ``from_pretrained`` alone.
 """
 
+from looped.hf import register_on_import
 from looped.model import LoopedConfig, LoopedTransformer
+
+register_on_import()  # one find_spec; transformers itself is imported only by whoever uses it
 
 __all__ = ["LoopedConfig", "LoopedLM", "LoopedTransformer"]
 __version__ = "0.1.0"

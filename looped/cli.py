@@ -45,6 +45,7 @@ TOOLS = {
     "prepare": "looped.tools.prepare",  # Pile shards -> litdata token chunks; BPE tokenizer training
     "sweep": "looped.tools.sweep",  # a grid of recipe variants, one run directory per cell
     "lm-eval": "looped.tools.lm_eval_adapter",  # lm-evaluation-harness with the `looped` model (the [eval] extra)
+    "export": "looped.tools.export",  # a trained run as a transformers model folder (the [hf] extra)
 }
 # LightningCLI's subcommands, one line each for `looped --help` (a tool's line is its module docstring's first).
 SUBCOMMANDS = {
@@ -258,7 +259,7 @@ def _looped(argv: list[str]) -> None:
         try:
             tool = importlib.import_module(TOOLS[argv[0]])
         except ModuleNotFoundError as err:
-            extra = " (pip install -e '.[eval]')" if argv[0] == "lm-eval" else ""
+            extra = {"lm-eval": " (pip install -e '.[eval]')", "export": " (pip install -e '.[hf]')"}.get(argv[0], "")
             raise InputError(f"looped {argv[0]}: needs the package {err.name!r}{extra}") from err
         tool.main(argv[1:])
         return

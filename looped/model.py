@@ -8,7 +8,9 @@ One class covers every row of the papers this project reproduces:
 * the unshared model the block regulariser acts on: ``loops=1``.
 
 Generation (``generate``) decodes one token per step from a ``DecodeCache``
-with one slot per layer application (``looped/cache.py``).
+with one slot per layer application (``looped/cache.py``). An ``attention_mask``
+(1 = token, 0 = padding) makes a padded batch, such as left-padded prompts, compute
+each row as it would alone (``looped.mixers.Padding``).
 
 Dimension letters: b batch, t time (sequence position), d model width,
 f feed-forward width, v vocabulary, n loop index.
@@ -28,7 +30,7 @@ from torch import Tensor, nn
 
 from looped.cache import DecodeCache, LayerCache
 from looped.errors import MODEL_CONFIG, InputError
-from looped.mixers import MIXERS, RotaryEmbedding, build_mixer
+from looped.mixers import MIXERS, Padding, RotaryEmbedding, build_mixer
 
 Slots = Iterator[LayerCache | None]  # one decode-cache slot per layer application, in order
 NO_CACHE: Slots = itertools.repeat(None)
@@ -177,8 +179,14 @@ class TransformerLayer(nn.Module):
         self.ffn = FeedForward(config)
         self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: Tensor, rope: RotaryEmbedding | None = None, cache: LayerCache | None = None) -> Tensor:
-        x = x + self.dropout(self.attn(self.attn_norm(x), rope, cache))
+    def forward(
+        self,
+        x: Tensor,
+        rope: RotaryEmbedding | None = None,
+        cache: LayerCache | None = None,
+        padding: Padding | None = None,
+    ) -> Tensor:
+        x = x + self.dropout(self.attn(self.attn_norm(x), rope, cache, padding))
         return x + self.dropout(self.ffn(self.ffn_norm(x)))
 
 
@@ -239,6 +247,7 @@ class LoopedTransformer(nn.Module):
         return_loop_states: bool = False,
         grad_loops: int | None = None,
         cache: DecodeCache | None = None,
+        attention_mask: Tensor | None = None,
     ) -> Tensor | tuple[Tensor, list[Tensor]]:
         """Logits ``[b t v]`` after ``loops`` applications of the block (default: the trained L).
 
@@ -251,6 +260,12 @@ class LoopedTransformer(nn.Module):
         With a ``cache`` (decoding), ``input_ids`` are the positions after the
         ``cache.length`` already seen, and every layer application reads and
         extends its own slot; the logits equal those of the full sequence's forward.
+
+        ``attention_mask`` ``[b cache.length + t]`` (1 = token, 0 = padding, over the cached
+        positions too) runs a padded batch: each token at its position among its row's
+        tokens, padding never attended to, so every row's logits at its tokens are those of
+        the row alone (the logits at padding positions mean nothing). A mask of all ones
+        takes the unpadded path.
         """
         loops = self.config.loops if loops is None else loops
         if loops < 1:
@@ -262,12 +277,17 @@ class LoopedTransformer(nn.Module):
                 f"input has {offset + t} positions but LoopedConfig.max_seq_len={self.config.max_seq_len}; "
                 "raise max_seq_len or shorten the data's sequence length (or the generation)"
             )
+        padding = self.padding(attention_mask, input_ids.shape[0], offset + t)
         slots = NO_CACHE if cache is None else iter(cache.bind(self.applications(loops)))
         x = self.embed(input_ids)
         if self.pos_embed is not None:
-            x = x + self.pos_embed.weight[offset : offset + t]
+            x = x + (
+                self.pos_embed.weight[offset : offset + t]
+                if padding is None
+                else self.pos_embed(padding.new(offset, t))
+            )
         for layer in self.prelude:
-            x = layer(x, self.rope, next(slots))
+            x = layer(x, self.rope, next(slots), padding)
         loop_input = x
         loop_states = []
         first_with_grad = 0 if grad_loops is None else max(0, loops - grad_loops)
@@ -275,21 +295,39 @@ class LoopedTransformer(nn.Module):
             if self.config.input_injection == "add" and n > 0:
                 x = x + loop_input
             with torch.set_grad_enabled(torch.is_grad_enabled() and n >= first_with_grad):
-                x = self.apply_block(x, slots)
+                x = self.apply_block(x, slots, padding)
             if return_loop_states:
                 loop_states.append(x)
-        logits = self.readout(x, slots=slots)
+        logits = self.readout(x, slots=slots, padding=padding)
         if cache is not None:
             cache.length += t
         return (logits, loop_states) if return_loop_states else logits
 
-    def apply_block(self, x: Tensor, slots: Slots = NO_CACHE) -> Tensor:
+    @staticmethod
+    def padding(attention_mask: Tensor | None, batch: int, length: int) -> Padding | None:
+        """The ``Padding`` of a batch from its ``attention_mask`` ``[batch length]``; None when nothing is padded."""
+        if attention_mask is None:
+            return None
+        if tuple(attention_mask.shape) != (batch, length):
+            raise ValueError(
+                f"attention_mask has shape {tuple(attention_mask.shape)} but must be [batch, cached + new positions] "
+                f"= {[batch, length]}: one entry per position the decode cache holds plus the new input_ids"
+            )
+        return None if bool(attention_mask.all()) else Padding(attention_mask)
+
+    def apply_block(self, x: Tensor, slots: Slots = NO_CACHE, padding: Padding | None = None) -> Tensor:
         """One application of the shared block (the unit of activation checkpointing)."""
         for layer in self.block:
-            x = layer(x, self.rope, next(slots))
+            x = layer(x, self.rope, next(slots), padding)
         return x
 
-    def readout(self, hidden: Tensor, positions: Tensor | None = None, slots: Slots = NO_CACHE) -> Tensor:
+    def readout(
+        self,
+        hidden: Tensor,
+        positions: Tensor | None = None,
+        slots: Slots = NO_CACHE,
+        padding: Padding | None = None,
+    ) -> Tensor:
         """Logits from a hidden state: ``coda → norm → head``.
 
         ``positions`` (a boolean mask ``[b t]``) keeps only those positions' logits,
@@ -299,7 +337,7 @@ class LoopedTransformer(nn.Module):
         if positions is not None and len(self.coda) == 0:
             hidden = hidden[positions]
         for layer in self.coda:
-            hidden = layer(hidden, self.rope, next(slots))
+            hidden = layer(hidden, self.rope, next(slots), padding)
         if positions is not None and len(self.coda) > 0:
             hidden = hidden[positions]
         return self.head(self.norm(hidden))
@@ -310,14 +348,20 @@ class LoopedTransformer(nn.Module):
 
     @torch.no_grad()
     def generate(
-        self, prompt: Tensor, max_new_tokens: int, eos_id: int | None = None, loops: int | None = None
+        self,
+        prompt: Tensor,
+        max_new_tokens: int,
+        eos_id: int | None = None,
+        loops: int | None = None,
+        attention_mask: Tensor | None = None,
     ) -> Tensor:
         """Greedy continuation of ``prompt`` ``[b p]``: ``[b p+n]`` with ``n <= max_new_tokens``.
 
         One forward over the prompt fills a ``DecodeCache``; each later token costs
         one position per layer application. With ``eos_id``, a row that has emitted
-        it keeps emitting it, and decoding stops once every row has. Dropout follows
-        the module's mode: call ``eval()`` first for deterministic output.
+        it keeps emitting it, and decoding stops once every row has. Prompts of different
+        lengths go left-padded, with ``attention_mask`` ``[b p]`` (0 at the padding).
+        Dropout follows the module's mode: call ``eval()`` first for deterministic output.
         """
         b, p = prompt.shape
         if max_new_tokens < 0:
@@ -334,7 +378,9 @@ class LoopedTransformer(nn.Module):
             return prompt
         tokens = [prompt]
         cache = DecodeCache(capacity=p + max_new_tokens)
-        logits = self(prompt, loops=loops, cache=cache)[:, -1]
+        if attention_mask is not None and bool(attention_mask.all()):
+            attention_mask = None  # nothing padded: no mask to extend
+        logits = self(prompt, loops=loops, cache=cache, attention_mask=attention_mask)[:, -1]
         done = torch.zeros(b, dtype=torch.bool, device=prompt.device)
         for n in range(max_new_tokens):
             token = logits.argmax(-1)
@@ -344,7 +390,9 @@ class LoopedTransformer(nn.Module):
             tokens.append(token[:, None])
             if n == max_new_tokens - 1 or (eos_id is not None and bool(done.all())):
                 break
-            logits = self(token[:, None], loops=loops, cache=cache)[:, -1]
+            if attention_mask is not None:
+                attention_mask = F.pad(attention_mask, (0, 1), value=1)
+            logits = self(token[:, None], loops=loops, cache=cache, attention_mask=attention_mask)[:, -1]
         return torch.cat(tokens, dim=1)
 
     def flops_per_token(self, seq_len: int, loops: int | None = None) -> int:

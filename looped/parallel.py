@@ -24,7 +24,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from looped.mixers import RotaryEmbedding
 from looped.model import LoopedTransformer
 
 
@@ -117,11 +116,7 @@ def materialize(model: LoopedTransformer, device: torch.device) -> LoopedTransfo
             module.reset_parameters()
     model.reset_parameters()
     if model.rope is not None:
-        c = model.config
-        with torch.device(device):
-            fresh = RotaryEmbedding(c.head_dim, c.max_seq_len, c.rope_base)
-        model.rope.cos.copy_(fresh.cos)
-        model.rope.sin.copy_(fresh.sin)
+        model.rope.reset_buffers()
     return model
 
 

@@ -4,14 +4,16 @@ Layers, lowest first (a module may import its own layer and those below, never o
 
 0. leaves — ``looped.contract``, ``looped.errors``, ``looped.tokenizer``, ``looped.tools.plots``: nothing of looped;
 1. the model — ``looped.model``, ``looped.cache``, ``looped.mixers``: torch only;
-2. training — ``LoopedLM`` and what it uses (loss, schedule, regulariser, optimiser, parallelism, checkpoint checks);
-3. data and callbacks — ``looped.datamodules``, ``looped.callbacks``;
-4. tools and the command line — ``looped.tools``, ``looped.cli``, ``looped.cli_errors``.
+2. the model as a ``transformers`` model — ``looped.hf``: the model plus ``transformers``, no Lightning;
+3. training — ``LoopedLM`` and what it uses (loss, schedule, regulariser, optimiser, parallelism, checkpoint checks);
+4. data and callbacks — ``looped.datamodules``, ``looped.callbacks``;
+5. tools and the command line — ``looped.tools``, ``looped.cli``, ``looped.cli_errors``.
 
 ``looped/__init__.py`` is the facade that re-exports from every layer, so it is left out.
 """
 
 import ast
+import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -24,6 +26,7 @@ from conftest import ROOT
 PACKAGES = {"looped": "looped", "datamodules": "looped.datamodules", "callbacks": "looped.callbacks"}
 LEAVES = {"looped.contract", "looped.errors", "looped.tokenizer", "looped.tools.plots"}
 MODEL = ("looped.model", "looped.cache", "looped.mixers")
+HF = ("looped.hf",)
 TRAINING = (
     "looped.module",
     "looped.generation",
@@ -76,7 +79,7 @@ GRAPH = {name: imports_of(path) for name, path in MODULES.items() if name != "lo
 def layer(module: str) -> int:
     if module in LEAVES:
         return 0
-    for rank, prefixes in enumerate((MODEL, TRAINING, DATA_AND_CALLBACKS, TOOLS), start=1):
+    for rank, prefixes in enumerate((MODEL, HF, TRAINING, DATA_AND_CALLBACKS, TOOLS), start=1):
         if any(module == p or module.startswith(p + ".") for p in prefixes):
             return rank
     raise AssertionError(f"{module} belongs to no layer: add it to one in {__file__}")
@@ -127,11 +130,19 @@ def test_the_checks_see_a_cycle_and_a_wrong_way_import(monkeypatch):
 
 
 def test_the_model_needs_only_torch():
-    """``import looped.model`` loads no Lightning (inference, export and other code embed the model alone)."""
-    code = "import looped.model, sys; bad = [m for m in ('lightning', 'torchmetrics') if m in sys.modules]; print(bad)"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    """``import looped.model`` loads no Lightning (inference, export and other code embed the model alone);
+    ``import looped`` loads no ``transformers`` either (it only hooks its registration); the ``transformers``
+    wrapper ``looped.hf.modeling`` loads no Lightning. One process, imported in that order."""
+    steps = [("looped.model", ("lightning", "torchmetrics", "transformers")), ("looped", ("transformers",))]
+    if importlib.util.find_spec("transformers") is not None:  # the [hf] extra
+        steps.append(("looped.hf.modeling", ("lightning", "torchmetrics")))
+    code = "import importlib, sys\n" + "".join(
+        f"importlib.import_module({module!r}); print({module!r}, [m for m in {banned!r} if m in sys.modules])\n"
+        for module, banned in steps
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "[]"
+    assert out.stdout.splitlines() == [f"{module} []" for module, _ in steps]
 
 
 def test_public_paths_that_recipes_and_saved_configs_name_still_resolve():

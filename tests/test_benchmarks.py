@@ -47,3 +47,27 @@ def test_datagen_prints_consistent_headroom(label):
     assert _number(vs_flops) == pytest.approx(delivered / _number(flop_bound), rel=0.01)
     assert _number(host_vs_flops) == pytest.approx(from_host / _number(flop_bound), rel=0.01)
     assert lines[-1].startswith("smallest headroom:") and label in lines[-1]
+
+
+@pytest.mark.slow
+def test_decode_benchmark_prints_its_ratios_from_its_columns():
+    """``benchmarks/decode.py`` runs against the current code (the three decoders agree, or it stops) and
+    its last line, transformers' ``generate`` on the exported model over ours, follows from its rows."""
+    pytest.importorskip("transformers")
+    args = ["--rounds", "1", "--new-tokens", "6", "--prompt-len", "8", "--d-model", "32", "--vocab", "64"]
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "decode.py"), *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = out.stdout.splitlines()
+    names = ("cached (generate)", "full forward per token", "transformers generate")
+    rows = [line for line in lines if "ratio" not in line]
+    rate = {name: _number(line.split()[-1]) for line in rows for name in names if line.startswith(name)}
+    assert set(rate) == set(names) and all(r > 0 for r in rate.values())
+    assert lines[-1].startswith("transformers generate / our generate tokens/s ratio:")
+    ratio = _number(lines[-1].split(":")[-1])
+    assert ratio == pytest.approx(rate["transformers generate"] / rate["cached (generate)"], abs=0.02)

@@ -11,7 +11,7 @@ from __future__ import annotations
 from torch import nn
 
 from looped.errors import MODEL_CONFIG, InputError
-from looped.mixers.base import AttentionMixer, RotaryEmbedding
+from looped.mixers.base import AttentionMixer, Padding, RotaryEmbedding
 from looped.mixers.linear import LinearAttention
 from looped.mixers.softmax import SoftmaxAttention
 from looped.mixers.sparse import SparseAttention
@@ -37,6 +37,7 @@ __all__ = [
     "MIXERS",
     "AttentionMixer",
     "LinearAttention",
+    "Padding",
     "RotaryEmbedding",
     "SoftmaxAttention",
     "SparseAttention",

@@ -7,7 +7,9 @@ attention plug in as a subclass of ``AttentionMixer`` in its own file, named in
 the registry ``looped.mixers.MIXERS``, without touching the loop in ``model.py``.
 With a ``LayerCache`` (decoding) ``x`` holds only the new positions, from
 ``cache.offset`` on; the mixer attends over everything the cache has seen and
-extends it.
+extends it. With a ``Padding`` (a padded batch: left-padded prompts, say) each
+token sits at its position among its row's tokens and no padding is attended to,
+so a padded row computes what the row alone would.
 
 Dimension letters: b batch, t time (sequence position), d model width,
 h heads, e head width.
@@ -23,6 +25,26 @@ from torch import Tensor, nn
 from looped.cache import DecodeCache, LayerCache
 
 
+class Padding:
+    """Which positions of a padded batch hold tokens, and each token's position among them.
+
+    Made once per forward from an ``attention_mask`` ``[b s]`` (1 = token, 0 = padding) that
+    covers every position a decode cache has seen plus the new ones. A token's position
+    counts the tokens before it in its row, so RoPE, learned positions and position-based
+    masks (sparse patterns) see a left-padded row exactly as they would see it unpadded.
+    Padding positions still flow through the layers (their outputs are never read) but no
+    token attends to them.
+    """
+
+    def __init__(self, attention_mask: Tensor) -> None:
+        self.keys = attention_mask.bool()  # [b s]
+        self.positions = (self.keys.long().cumsum(-1) - 1).clamp(min=0)  # [b s]; padding before any token: 0
+
+    def new(self, offset: int, t: int) -> Tensor:
+        """Positions ``[b t]`` of the ``t`` new tokens after ``offset`` cached ones."""
+        return self.positions[:, offset : offset + t]
+
+
 class RotaryEmbedding(nn.Module):
     """Rotary position embedding (Su et al. 2021), shared by every layer.
 
@@ -32,16 +54,31 @@ class RotaryEmbedding(nn.Module):
 
     def __init__(self, head_dim: int, max_seq_len: int, base: float = 10000.0) -> None:
         super().__init__()
-        inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
-        angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), inv_freq)  # [t e/2]
-        self.register_buffer("cos", angles.cos(), persistent=False)
-        self.register_buffer("sin", angles.sin(), persistent=False)
+        self.head_dim, self.base = head_dim, base
+        self.register_buffer("cos", torch.empty(max_seq_len, head_dim // 2), persistent=False)
+        self.register_buffer("sin", torch.empty(max_seq_len, head_dim // 2), persistent=False)
+        self.reset_buffers()
 
-    def forward(self, x: Tensor, offset: int = 0) -> Tensor:
-        """Rotate ``x`` of shape ``[b h t e]`` whose first position is ``offset``."""
-        t = x.shape[-2]
-        cos = self.cos[offset : offset + t].to(x.dtype)
-        sin = self.sin[offset : offset + t].to(x.dtype)
+    @torch.no_grad()
+    def reset_buffers(self) -> None:
+        """Compute the tables in place, on their device (again after a model was built on the meta device)."""
+        if self.cos.is_meta:
+            return
+        device, e = self.cos.device, self.head_dim
+        inv_freq = 1.0 / (self.base ** (torch.arange(0, e, 2, dtype=torch.float32, device=device) / e))
+        angles = torch.outer(torch.arange(self.cos.shape[0], dtype=torch.float32, device=device), inv_freq)  # [t e/2]
+        self.cos.copy_(angles.cos())
+        self.sin.copy_(angles.sin())
+
+    def forward(self, x: Tensor, offset: int = 0, positions: Tensor | None = None) -> Tensor:
+        """Rotate ``x`` of shape ``[b h t e]`` whose first position is ``offset`` (or at ``positions`` ``[b t]``)."""
+        if positions is None:
+            t = x.shape[-2]
+            cos = self.cos[offset : offset + t].to(x.dtype)
+            sin = self.sin[offset : offset + t].to(x.dtype)
+        else:  # per-row positions (a padded batch): [b 1 t e/2], broadcast over heads
+            cos = self.cos[positions][:, None].to(x.dtype)
+            sin = self.sin[positions][:, None].to(x.dtype)
         x1, x2 = x[..., 0::2], x[..., 1::2]
         # Rotate each (even, odd) pair by its angle; interleave back to e.
         rotated = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
@@ -68,15 +105,24 @@ class AttentionMixer(nn.Module):
         self.v_proj = nn.Linear(d_model, d_model, bias=bias)
         self.o_proj = nn.Linear(d_model, d_model, bias=bias)
 
-    def forward(self, x: Tensor, rope: RotaryEmbedding | None = None, cache: LayerCache | None = None) -> Tensor:
+    def forward(
+        self,
+        x: Tensor,
+        rope: RotaryEmbedding | None = None,
+        cache: LayerCache | None = None,
+        padding: Padding | None = None,
+    ) -> Tensor:
         q, k, v = (
             rearrange(proj(x), "b t (h e) -> b h t e", h=self.n_heads)
             for proj in (self.q_proj, self.k_proj, self.v_proj)
         )
         offset = 0 if cache is None else cache.offset  # absolute position of x's first token
         if rope is not None:
-            q, k = rope(q, offset), rope(k, offset)
-        if cache is None:
+            positions = None if padding is None else padding.new(offset, x.shape[1])
+            q, k = rope(q, offset, positions), rope(k, offset, positions)
+        if padding is not None:
+            out = self.attend_padded(q, k, v, padding, cache)
+        elif cache is None:
             out = self.attend(q, k, v)
         else:
             out = self.attend_cached(q, k, v, cache)
@@ -104,6 +150,24 @@ class AttentionMixer(nn.Module):
         mask = self.visible(q_idx, kv_idx[:, start:])
         p = self.dropout if self.training else 0.0
         return F.scaled_dot_product_attention(q, keys[:, :, start:], values[:, :, start:], attn_mask=mask, dropout_p=p)
+
+    def attend_padded(
+        self, q: Tensor, k: Tensor, v: Tensor, padding: Padding, cache: LayerCache | None = None
+    ) -> Tensor:
+        """A padded batch (with or without a KV cache): ``visible`` at each token's own position, padding masked.
+
+        Every query also sees its own column, so a padding query never has an empty row (its
+        output is never read, but softmax over nothing would be NaN).
+        """
+        offset = 0 if cache is None else cache.offset
+        if cache is not None:
+            k, v = cache.append(k, v)
+        t, s = q.shape[-2], k.shape[-2]
+        q_pos, k_pos = padding.new(offset, t)[:, :, None], padding.positions[:, None, :s]  # [b t 1], [b 1 s]
+        q_idx, kv_idx = DecodeCache.positions(offset, t, q.device)
+        mask = (self.visible(q_pos, k_pos) & padding.keys[:, None, :s]) | (q_idx == kv_idx)
+        p = self.dropout if self.training else 0.0
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], dropout_p=p)
 
     def first_visible_key(self, offset: int) -> int:
         """A lower bound on the keys a query at ``offset`` or later can see (a sliding window's start)."""

@@ -12,6 +12,9 @@ With a positive feature map φ, position ``t`` reads
   per-chunk summaries ``φK_nᵀ V_n``. Cost O(t·c·e + t·e²), no loop over time.
 * decoding, ``step``: the *recurrent form*, an O(1) state ``(S, z)`` per token.
 
+In a padded batch the padding keys get ``φ(k) = 0``: they add nothing to ``S``
+or ``z``, so a padded row reads exactly what it would alone.
+
 RoPE is applied to q and k by ``AttentionMixer`` *before* φ. That is fine:
 the rotated vectors are still just vectors, φ keeps the scores positive, and
 causality and the equality of the two forms do not depend on what q and k are.
@@ -35,7 +38,7 @@ from torch import Tensor
 
 from looped.cache import LayerCache
 from looped.errors import MODEL_CONFIG, InputError
-from looped.mixers.base import AttentionMixer
+from looped.mixers.base import AttentionMixer, Padding
 
 FEATURE_MAPS: dict[str, Callable[[Tensor], Tensor]] = {
     "elu": lambda x: F.elu(x) + 1.0,  # the paper's choice: positive, smooth, gradient everywhere
@@ -78,14 +81,22 @@ class LinearAttention(AttentionMixer):
         self.chunk_size = chunk_size
         self.eps = eps
 
-    def attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    def features(self, k: Tensor, key_mask: Tensor | None) -> Tensor:
+        """``φ(k)`` in the compute dtype, zero at padding keys (``key_mask`` ``[b t]``, False = padding)."""
+        phi_k = self.phi(k.to(compute_dtype(k.dtype)))
+        if key_mask is not None:
+            # [b t] -> [b 1 t 1] against k [b h t e]; [b] -> [b 1 1] against a step's k [b h e]
+            phi_k = phi_k * key_mask.reshape(key_mask.shape[0], 1, *key_mask.shape[1:], 1).to(phi_k.dtype)
+        return phi_k
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None = None) -> Tensor:
         """Chunked parallel form on ``[b h t e]``; returns ``[b h t e]`` in ``v``'s dtype."""
         out_dtype = v.dtype
         dtype = compute_dtype(out_dtype)
         t, c = q.shape[-2], self.chunk_size
         # Autocast would push the einsums back to bf16; the normaliser needs float32.
         with torch.autocast(device_type=q.device.type, enabled=False):
-            q, k, v = self.phi(q.to(dtype)), self.phi(k.to(dtype)), v.to(dtype)
+            q, k, v = self.phi(q.to(dtype)), self.features(k, key_mask), v.to(dtype)
             # Zero-pad time to a multiple of c *after* φ: padded keys are then exactly
             # zero, and padding sits at the end, so no real position ever sees it.
             pad = -t % c
@@ -123,16 +134,19 @@ class LinearAttention(AttentionMixer):
         z = torch.zeros(batch, self.n_heads, e, device=device, dtype=dtype)
         return s, z
 
-    def step(self, q: Tensor, k: Tensor, v: Tensor, state: State) -> tuple[Tensor, State]:
+    def step(
+        self, q: Tensor, k: Tensor, v: Tensor, state: State, key_mask: Tensor | None = None
+    ) -> tuple[Tensor, State]:
         """One decoding step on ``[b h e]`` (q, k already rotated by RoPE at this position).
 
         Returns the output ``[b h e]`` in ``v``'s dtype and the new state; the state is
         not modified in place, so autograd can run through a sequence of steps.
+        ``key_mask`` ``[b]`` (False = padding) keeps a padding position out of the state.
         """
         s, z = state
         dtype = s.dtype
         with torch.autocast(device_type=q.device.type, enabled=False):
-            q, k, vv = self.phi(q.to(dtype)), self.phi(k.to(dtype)), v.to(dtype)
+            q, k, vv = self.phi(q.to(dtype)), self.features(k, key_mask), v.to(dtype)
             s = s + einsum(k, vv, "b h e, b h f -> b h e f")
             z = z + k
             num = einsum(q, s, "b h e, b h e f -> b h f")
@@ -140,26 +154,37 @@ class LinearAttention(AttentionMixer):
             out = num / (den.unsqueeze(-1) + self.eps)
         return out.to(v.dtype), (s, z)
 
-    def attend_cached(self, q: Tensor, k: Tensor, v: Tensor, cache: LayerCache) -> Tensor:
+    def attend_cached(
+        self, q: Tensor, k: Tensor, v: Tensor, cache: LayerCache, key_mask: Tensor | None = None
+    ) -> Tensor:
         """Decoding: the recurrent state ``(S, z)`` is the cache, O(1) per token.
 
         A prefill (empty cache, several positions) runs the chunked form and sums its
         keys into the state; every later position goes through ``step``.
         """
         if cache.state is None and q.shape[-2] > 1:
-            out = self.attend(q, k, v)
+            out = self.attend(q, k, v, key_mask)
             dtype = compute_dtype(v.dtype)
             with torch.autocast(device_type=q.device.type, enabled=False):
-                phi_k = self.phi(k.to(dtype))
+                phi_k = self.features(k, key_mask)
                 cache.state = (einsum(phi_k, v.to(dtype), "b h t e, b h t f -> b h e f"), phi_k.sum(-2))
             return out
         if cache.state is None:
             cache.state = self.init_state(q.shape[0], q.device, v.dtype)
         outs = []
         for i in range(q.shape[-2]):
-            out, cache.state = self.step(q[:, :, i], k[:, :, i], v[:, :, i], cache.state)
+            mask = None if key_mask is None else key_mask[:, i]
+            out, cache.state = self.step(q[:, :, i], k[:, :, i], v[:, :, i], cache.state, mask)
             outs.append(out)
         return torch.stack(outs, dim=-2)
+
+    def attend_padded(
+        self, q: Tensor, k: Tensor, v: Tensor, padding: Padding, cache: LayerCache | None = None
+    ) -> Tensor:
+        """A padded batch: padding keys are zeroed after φ, so they never enter the sums (see module doc)."""
+        offset = 0 if cache is None else cache.offset
+        key_mask = padding.keys[:, offset : offset + q.shape[-2]]
+        return self.attend(q, k, v, key_mask) if cache is None else self.attend_cached(q, k, v, cache, key_mask)
 
     def extra_repr(self) -> str:
         return f"feature_map={self.feature_map!r}, chunk_size={self.chunk_size}, eps={self.eps}"

@@ -22,6 +22,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import lm_eval.models  # noqa: F401  lm-eval's own models (hf, vllm...): its registry skips them once ours is in
 import torch
 import torch.nn.functional as F
 from lm_eval import utils

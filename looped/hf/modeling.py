@@ -1,0 +1,208 @@
+"""``LoopedForCausalLM``: the same ``LoopedTransformer`` as a ``transformers`` causal LM, and ``LoopedCache``.
+
+The model *is* a ``LoopedTransformer`` (``self.model``, the module ``LoopedLM`` trains, under
+the same parameter names), so its logits are ours to the bit and a Lightning checkpoint's
+``state_dict`` loads into it unchanged. What this file adds is the ``transformers`` surface:
+
+* ``forward(input_ids, attention_mask, labels, num_loops, cache, use_cache, output_hidden_states)``
+  returning ``CausalLMOutputWithPast``. ``num_loops`` overrides L for one call (also
+  ``generate(..., num_loops=N)``); ``output_hidden_states`` gives the state after every loop,
+  ``hidden_states[n]`` after loop ``n + 1`` (``model.model.readout(h)`` reads one out).
+* ``labels`` follow ``transformers``: the labels of the *inputs*, shifted inside (position t is
+  scored on ``labels[t + 1]``), -100 ignored, so ``labels=input_ids`` trains a language model.
+  Our data modules store the shifted labels (``labels[t]`` is the target of position t); the
+  loss equals ``LoopedLM.compute_loss`` on ``input_ids`` followed by the last label, with
+  ``[-100, *labels]`` as ``transformers`` labels (``tests/test_hf.py`` checks it).
+* ``attention_mask`` for padded batches: each token sits at its position among its row's
+  tokens (RoPE, learned positions, sparse patterns) and padding is never attended to, so a
+  left-padded row gives the logits it gives alone. Positions come from the mask; there is no
+  ``position_ids`` argument.
+* ``LoopedCache``, the ``transformers`` ``Cache`` over our ``DecodeCache``: one slot per layer
+  *application* (a ``(k⊗L)`` block owns ``k·L``), which a per-layer ``DynamicCache`` cannot hold
+  (Huginn's published cache likewise keys its entries by recurrence step, not by layer).
+  ``generate`` gets one from the prefill (``use_cache``) and decodes one position per step.
+  A plain ``forward`` makes no cache unless asked with ``use_cache=True`` (``transformers``
+  models default to making one; for a looped model that is ``k·L`` copies of K and V nobody reads).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.cache_utils import Cache
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from looped.cache import DecodeCache
+from looped.hf.config import LoopedHFConfig
+from looped.mixers import RotaryEmbedding
+from looped.model import LoopedTransformer
+
+
+class LoopedCache(Cache):
+    """A ``transformers`` ``Cache`` holding a ``DecodeCache``: one slot per layer application.
+
+    ``capacity`` positions are allocated once per slot (the model's ``max_seq_len`` by default), so a
+    step writes one position in place. The loop count is fixed by the first forward that fills it.
+    """
+
+    is_compileable = False
+
+    def __init__(self, capacity: int) -> None:
+        super().__init__(layers=[])  # no per-layer objects: the DecodeCache holds the slots
+        self.decode = DecodeCache(capacity)
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.decode.length
+
+    def get_max_length(self, layer_idx: int | None = None) -> int:
+        return self.decode.capacity
+
+    # generate() asks these of a cache's layers; a looped model's slots are none of them.
+    @property
+    def is_linear(self) -> list[bool]:
+        return [False]
+
+    @property
+    def is_sliding(self) -> list[bool]:
+        return [False]
+
+    @property
+    def is_dummy(self) -> list[bool]:
+        return [False]
+
+    @property
+    def is_croppable(self) -> bool:
+        return False
+
+    @property
+    def is_initialized(self) -> bool:
+        return bool(self.decode.layers)
+
+    def reset(self) -> None:
+        self.decode = DecodeCache(self.decode.capacity)
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove != 0:
+            raise NotImplementedError("LoopedCache cannot drop positions (a linear-attention slot is a running sum)")
+
+    def _select(self, pick) -> None:
+        for slot in self.decode.layers:
+            if slot._keys is not None:
+                slot._keys, slot._values = pick(slot._keys), pick(slot._values)
+            if slot.state is not None:
+                slot.state = tuple(pick(s) for s in slot.state)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Beam search: row ``i`` becomes row ``beam_idx[i]`` in every slot."""
+        self._select(lambda x: x.index_select(0, beam_idx.to(x.device)))
+
+    def batch_select_indices(self, indices: Tensor) -> None:
+        self._select(lambda x: x[indices])
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._select(lambda x: x.repeat_interleave(repeats, dim=0))
+
+
+class LoopedForCausalLM(PreTrainedModel, GenerationMixin):
+    """A ``LoopedTransformer`` as a ``transformers`` causal LM (see the module doc)."""
+
+    config_class = LoopedHFConfig
+    base_model_prefix = "model"
+    main_input_name = "input_ids"
+    _no_split_modules = ["TransformerLayer"]
+    _tied_weights_keys = {"model.head.weight": "model.embed.weight"}  # only with tie_embeddings
+
+    def __init__(self, config: LoopedHFConfig) -> None:
+        super().__init__(config)
+        self.model = LoopedTransformer(config.looped_config())
+        self.post_init()
+
+    def _init_weights(self, module: nn.Module) -> None:
+        # Our initialisation (residual outputs scaled by the number of layer applications), not
+        # transformers' generic one; weights loaded from a file are flagged and left alone. The
+        # RoPE tables are no weights: they follow from the config, computed again off the meta device.
+        if isinstance(module, LoopedTransformer):
+            module.reset_parameters()
+        elif isinstance(module, RotaryEmbedding):
+            module.reset_buffers()
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        return False  # generate() must not hand us a per-layer DynamicCache: forward makes a LoopedCache
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.embed
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.model.embed = value
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.model.head
+
+    def set_output_embeddings(self, value: nn.Linear) -> None:
+        self.model.head = value
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        num_loops: int | None = None,
+        cache: Cache | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: Tensor | None = None,
+        **kwargs,
+    ) -> CausalLMOutputWithPast | tuple:
+        """Logits ``[b t v]`` after ``num_loops`` applications of the block (default: the trained L).
+
+        ``cache``/``past_key_values`` (a ``LoopedCache``): ``input_ids`` are the positions after the
+        cached ones, and ``attention_mask`` covers cached and new positions alike. Other
+        ``transformers`` keyword arguments (``output_attentions``, ...) are accepted and ignored.
+        """
+        if input_ids is None or inputs_embeds is not None:
+            raise ValueError("LoopedForCausalLM takes input_ids (token ids), not inputs_embeds")
+        cache = cache if cache is not None else past_key_values
+        if cache is not None and not isinstance(cache, LoopedCache):
+            raise TypeError(
+                f"LoopedForCausalLM needs a LoopedCache (one slot per layer application), got {type(cache).__name__}; "
+                "pass cache=None and use_cache=True to get one"
+            )
+        if use_cache and cache is None:
+            cache = LoopedCache(self.config.max_seq_len)
+        hidden = self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
+        out = self.model(
+            input_ids,
+            loops=num_loops,
+            return_loop_states=bool(hidden),
+            cache=None if cache is None else cache.decode,
+            attention_mask=attention_mask,
+        )
+        logits, loop_states = out if hidden else (out, None)
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        output = CausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            cache=cache,
+            hidden_states=None if loop_states is None else tuple(loop_states),
+        )
+        return output if (self.config.return_dict if return_dict is None else return_dict) else output.to_tuple()
+
+
+def from_looped(model: LoopedTransformer, **config_kwargs) -> LoopedForCausalLM:
+    """A ``LoopedForCausalLM`` with ``model``'s configuration and a copy of its weights (``eos_token_id=...`` etc.)."""
+    hf = LoopedForCausalLM(LoopedHFConfig.from_looped_config(model.config, **config_kwargs))
+    hf.model.load_state_dict(model.state_dict())
+    return hf.to(next(model.parameters()).device).train(model.training)
+
+
+def to_looped(model: LoopedForCausalLM) -> LoopedTransformer:
+    """A plain ``LoopedTransformer`` (no ``transformers`` needed) with ``model``'s config and a copy of its weights."""
+    looped = LoopedTransformer(model.config.looped_config())
+    looped.load_state_dict(model.model.state_dict())
+    return looped.to(model.device).train(model.training)
