@@ -28,6 +28,7 @@ TOOLS = {
     "prepare": "looped.tools.prepare",  # Pile shards -> litdata token chunks; BPE tokenizer training
     "sweep": "looped.tools.sweep",  # a grid of recipe variants, one run directory per cell
     "lm-eval": "looped.tools.lm_eval_adapter",  # lm-evaluation-harness with the `looped` model (the [eval] extra)
+    "plan": "looped.tools.plan",  # memory per rank, fits or not, and days, before a cluster is booked
 }
 USAGE_RUN = "usage: looped run RECIPE.yaml [--section.key value ...]   (e.g. --trainer.max_steps 200)"
 
