@@ -108,24 +108,21 @@ def _two_steps(module: LoopedLM, mesh, job: Job) -> StepMemory:
     else:
         tracker = MemTracker()
         tracker.track_external(model, optimizer, batch)
-    autocast = torch.autocast("cpu", dtype=AUTOCAST.get(job.precision), enabled=job.precision in AUTOCAST)
     seen: dict[str, int] = {"activations": 0, "grads": 0, "optimizer": 0}
+
+    def observe(phase: str) -> None:
+        if phase == "forward":
+            seen["activations"] = max(seen["activations"], _total(tracker, ACTIVATIONS))
+        elif phase == "backward":
+            tracker.reset_mod_stats()  # per-module stats hold one forward; the peak is kept
+            seen["grads"] = _total(tracker, GRADS)
+        else:
+            seen["optimizer"] = _total(tracker, OPTIMIZER)
+
     with tracker, StandInScalars(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # self.log() without a trainer; fake tensors' data_ptr
         for _ in range(2):
-            for _ in range(min(job.accumulate, 2)):
-                with autocast:
-                    loss = module.training_step(batch, 0)
-                seen["activations"] = max(seen["activations"], _total(tracker, ACTIVATIONS))
-                (loss / job.accumulate).backward()
-                del loss
-                tracker.reset_mod_stats()  # per-module stats hold one forward; the peak is kept
-            seen["grads"] = _total(tracker, GRADS)
-            if job.gradient_clip_val:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), job.gradient_clip_val)
-            optimizer.step()
-            seen["optimizer"] = _total(tracker, OPTIMIZER)
-            optimizer.zero_grad(set_to_none=True)
+            optimizer_step(module, optimizer, batch, job, micro_batches=min(job.accumulate, 2), observe=observe)
         params = _total(tracker, PARAMS)
     (device_peak,) = tracker.get_tracker_snapshot("peak").values()
     at_peak = {str(getattr(k, "value", k)): v for k, v in device_peak.items() if v}
@@ -140,6 +137,34 @@ def _two_steps(module: LoopedLM, mesh, job: Job) -> StepMemory:
         peak=device_peak["Total"] + buckets,
         at_peak=at_peak,
     )
+
+
+def optimizer_step(
+    module: LoopedLM,
+    optimizer: torch.optim.Optimizer,
+    batch: dict[str, torch.Tensor],
+    job: Job,
+    micro_batches: int | None = None,
+    observe: Callable[[str], None] = lambda phase: None,
+) -> None:
+    """One optimiser step as Lightning's loop runs it: per micro-batch ``training_step`` under the precision's
+    autocast and ``backward`` of the loss over ``job.accumulate``; then gradient clipping by norm, ``step``
+    and ``zero_grad(set_to_none=True)``. ``observe`` is called after each forward, each backward and the
+    step ("forward", "backward", "step")."""
+    device = batch["input_ids"].device.type
+    autocast = torch.autocast(device, dtype=AUTOCAST.get(job.precision), enabled=job.precision in AUTOCAST)
+    for _ in range(job.accumulate if micro_batches is None else micro_batches):
+        with autocast:
+            loss = module.training_step(batch, 0)
+        observe("forward")
+        (loss / job.accumulate).backward()
+        del loss
+        observe("backward")
+    if job.gradient_clip_val:
+        torch.nn.utils.clip_grad_norm_(module.model.parameters(), job.gradient_clip_val)
+    optimizer.step()
+    observe("step")
+    optimizer.zero_grad(set_to_none=True)
 
 
 # The trackers' categories (FSDPMemTracker's names, then MemTracker's) summed into the report's rows.
