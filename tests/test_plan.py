@@ -205,7 +205,7 @@ def test_the_1b_recipe_on_64_h100s_prints_a_table_and_json():
     out = subprocess.run([*command, "--json"], capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout)
-    assert result["layout"] == "HSDP: sharded over 8 ranks, 8 replicas"
+    assert result["layout"] == "HSDP: sharded over 8 ranks, replicated 8 times"
     written, checkpointed = result["settings"]
     # Each rank holds an eighth of the fp32 parameters (HSDP shards within a node of 8).
     assert written["memory"]["params"] == pytest.approx(result["parameters"] * 4 / 8, rel=0.01)

@@ -104,7 +104,9 @@ def layout(strategy, nodes: int, gpus: int) -> tuple[str, tuple[int, int] | None
                 "means the number of nodes, resp. GPUs per node); leave both auto (HSDP: sharded within a node) "
                 f"or set data_parallel_size: {world} and tensor_parallel_size: 1 (FSDP over every rank)"
             )
-        kind = f"FSDP2 over {dp} rank{'s' * (dp > 1)}" if tp == 1 else f"HSDP: sharded over {tp} ranks, {dp} replicas"
+        shards, replicas = (dp, 1) if tp == 1 else (tp, dp)  # looped.parallel.data_parallel_mesh
+        kind = f"FSDP2 over {shards} rank{'s' * (shards > 1)}"
+        kind = f"HSDP: sharded over {shards} ranks, replicated {replicas} times" if replicas > 1 else kind
         return kind, (dp, tp)
     ddp = path == "auto" or path.startswith("ddp") or (cls is not None and "DDP" in cls.__name__)
     if not (ddp or path in ("single_device",) or (cls is not None and "SingleDevice" in cls.__name__)):
@@ -293,7 +295,7 @@ def render(result: Plan) -> None:
         ac = "on" if s.activation_checkpointing else "off"
         table.add_column(f"{label}\ncheckpointing {ac}\nbatch {s.batch_size} × {s.accumulate}", justify="right")
     rows = {
-        "sharded parameters": "params",
+        "parameters (this rank's shard)": "params",
         "gradients": "grads",
         "optimiser state": "optimizer",
         "activations (stored by forward)": "activations",
