@@ -280,15 +280,12 @@ def render(result: Plan) -> None:
         f"{result.layer_applications} layer applications per forward\n"
         f"         {result.flops_per_token / 1e9:.3g} GFLOP per token "
         "(training: 3 × forward, as ThroughputMonitor counts)\n"
-        f"  job    {result.nodes} × {result.gpus_per_node} {result.gpu.name} = {world} ranks, {result.layout}, "
-        f"{result.precision}\n"
+        f"  job    {result.nodes} × {result.gpus_per_node} {result.gpu.name} = {world} rank{'s' * (world > 1)}, "
+        f"{result.layout}, {result.precision}\n"
         f"         {first.batch_size} sequences × {result.seq_len:,} tokens per GPU × accumulate {first.accumulate} "
         f"= {result.global_batch:,} sequences per step"
     )
-    table = Table(
-        title=f"memory per rank ({unit}), measured on a training step; {result.gpu.name}: "
-        f"{result.usable_bytes / GIB:.1f} GiB usable ({result.headroom:.0%} kept free)"
-    )
+    table = Table(title=f"memory per rank ({unit}) of one training step, measured")
     table.add_column("")
     for i, s in enumerate(result.settings):
         label = "as written" if i == 0 else "instead"
@@ -305,7 +302,8 @@ def render(result: Plan) -> None:
         table.add_row(name, *(f"{getattr(s.memory, key) / size:,.2f}" for s in result.settings))
     table.add_row("fits", *("[green]yes[/green]" if s.fits else "[red]no[/red]" for s in result.settings))
     console.print(table)
-    console.print(f"  verdict: {advice(result)}")
+    usable = f"{result.usable_bytes / GIB:.1f} of {result.gpu.memory_gib:g} GiB usable, {result.headroom:.0%} kept free"
+    console.print(f"  verdict ({usable}): {advice(result)}")
     days = f", {duration(result.days)} for {result.max_steps:,} steps" if result.days is not None else ""
     console.print(
         f"  time at {result.mfu:.0%} MFU of {peak:,.0f} TFLOP/s: {result.step_seconds:.3g} s per step, "
@@ -314,4 +312,9 @@ def render(result: Plan) -> None:
 
 
 def duration(days: float) -> str:
-    return f"{days:.1f} days" if days >= 1 else f"{days * 24:.1f} hours" if days * 24 >= 1 else f"{days * 1440:.0f} min"
+    hours = days * 24
+    if hours >= 24:
+        return f"{days:.1f} days"
+    return (
+        f"{hours:.1f} hours" if hours >= 1 else f"{hours * 60:.1f} min" if hours * 60 >= 1 else f"{hours * 3600:.1f} s"
+    )
