@@ -46,6 +46,7 @@ TOOLS = {
     "sweep": "looped.tools.sweep",  # a grid of recipe variants, one run directory per cell
     "lm-eval": "looped.tools.lm_eval_adapter",  # lm-evaluation-harness with the `looped` model (the [eval] extra)
     "export": "looped.tools.export",  # a trained run as a transformers model folder (the [hf] extra)
+    "plan": "looped.tools.plan",  # memory per rank, fits or not, and days, before a cluster is booked
 }
 # LightningCLI's subcommands, one line each for `looped --help` (a tool's line is its module docstring's first).
 SUBCOMMANDS = {

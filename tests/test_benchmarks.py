@@ -71,3 +71,22 @@ def test_decode_benchmark_prints_its_ratios_from_its_columns():
     assert lines[-1].startswith("transformers generate / our generate tokens/s ratio:")
     ratio = _number(lines[-1].split(":")[-1])
     assert ratio == pytest.approx(rate["transformers generate"] / rate["cached (generate)"], abs=0.02)
+
+
+def test_gpu_check_dry_run_runs_every_path_on_the_cpu():
+    """benchmarks/gpu_check.py at toy size on the CPU: FlexAttention vs SDPA, the recipe's 1B model eager and
+    compiled under FSDP2, the plan's peak, the loop overhead; its table has every row and ends with the ratio."""
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--dry-run"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=900,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = out.stdout.splitlines()
+    for row in ("max |diff|", "eager: tokens/s", "compiled: tokens/s", "peak memory, looped plan", "loop overhead"):
+        assert any(row in line for line in lines), row
+    diff = next(line for line in lines if "max |diff|" in line).split()[-1]
+    assert float(diff) < 0.05  # bf16 rounding, not a different pattern
+    assert lines[-1].startswith("(4⊗6)/(24⊗1) tokens/s ratio") and float(lines[-1].split()[-1]) > 0
