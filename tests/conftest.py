@@ -58,6 +58,22 @@ def run_dir(tmp_path, monkeypatch):
 
 
 @pytest.fixture(autouse=True)
+def no_leftover_process_group():
+    """A test that trains under a distributed strategy in this process (Lightning's ModelParallelStrategy) leaves
+    the default process group, its TCP store and MASTER_PORT behind; the next test that makes its own group, or a
+    subprocess inheriting MASTER_PORT, would then fail. Each test leaves the process as it found it."""
+    environ = dict(os.environ)
+    yield
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    for name in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK", "LOCAL_WORLD_SIZE"):
+        if name in environ:
+            os.environ[name] = environ[name]
+        else:
+            os.environ.pop(name, None)
+
+
+@pytest.fixture(autouse=True)
 def plain_argv(monkeypatch):
     """LightningCLI(args=...) must not also see pytest's own command line."""
     monkeypatch.setattr(sys, "argv", ["looped"])
