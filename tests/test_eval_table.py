@@ -28,6 +28,12 @@ def test_keys_split_into_sets_and_metrics():
     assert rows["match"] == {"exact_match": 0.1, "loss": 2.0, "exact_match_loop2": 0.2}
 
 
+def test_adaptive_exit_metrics_stay_in_their_own_table():
+    metrics = {"test/exact_match": 1.0, "test/adaptive/kl_0.1/exact_match": 0.9, "test/adaptive/kl_0.1/mean_loops": 2}
+    columns, rows = eval_rows(metrics, "test", [])
+    assert columns == ["exact_match"] and rows == {POOLED: {"exact_match": 1.0}}
+
+
 def test_one_dataloader_without_names_is_one_row():
     columns, rows = eval_rows({"val/exact_match": 1.0, "val/perplexity": 2.5}, "val", [])
     assert columns == ["exact_match", "perplexity"] and list(rows) == [POOLED]

@@ -27,6 +27,8 @@ COLUMNS = {  # metric -> header, in this order; other metrics follow in the orde
     "answer_accuracy": "answer acc %",
 }
 LOOP = re.compile(r"^exact_match_loop(\d+)$")
+OWN_TABLE = ("adaptive/",)
+"""Metrics a callback prints as its own table (``AdaptiveExit``: a row per rule), kept out of this one."""
 
 
 def merge_results(results: Sequence[Mapping[str, float]]) -> dict[str, float]:
@@ -50,6 +52,8 @@ def eval_rows(
     by_length = sorted(eval_names, key=len, reverse=True)
     for key, value in metrics.items():
         name = key[len(prefix) :] if key.startswith(prefix) else key
+        if name.startswith(OWN_TABLE):
+            continue
         row, metric = POOLED, name
         for set_name in by_length:
             base = name[: -len(set_name) - 1]
