@@ -161,6 +161,8 @@ def test_language_model_report_reads_the_named_held_out_set(tmp_path):
         for step, loss in ((10, 5.0), (20, math.log(curve[L - 1]) - 0.1), (30, math.log(curve[L - 1]))):
             writer.add_scalar("val/loss_pile", loss, step)
             writer.add_scalar("val/loss", 9.0, step)  # pooled with the primitives' answers: not the LM's perplexity
+            writer.add_scalar("isoplot/log_perplexity", loss, step)
+            writer.add_scalar("val/loss_primitives_math_d0", 2 * loss, step)  # an answer's loss at the same steps
         writer.add_scalar("test/exact_match_primitives_math_d0", {1: 0.2, 4: 0.3}[k * L] + 0.01 * seed, 30)
         for n, value in enumerate(curve, start=1):
             writer.add_scalar(f"test/perplexity_loop{n}_pile", value, 30)
@@ -168,7 +170,12 @@ def test_language_model_report_reads_the_named_held_out_set(tmp_path):
         writer.close()
     out = tmp_path / "out"
     metric = "test/exact_match_primitives_math_d0"
-    report.main([str(tmp_path / "runs"), "--output", str(out), "--metric", metric, "--loss-set", "pile"])
+    isoplot = ["--isoplot-metric", "val/loss_primitives_math_d0"]
+    report.main([str(tmp_path / "runs"), "--output", str(out), "--metric", metric, "--loss-set", "pile", *isoplot])
+    runs = report.load_runs([str(tmp_path / "runs")])
+    points = report.isoplot_points(runs[0], "val/loss_primitives_math_d0")
+    assert len(points) == 3 and all(y == 2 * x for x, y in points)  # the answer loss against the held-out loss
+    assert "![isoplot](isoplot.png)" in (out / "report.md").read_text()
     text = (out / "report.md").read_text()
     # The lowest val/loss_pile of any seed: exp(log(30) - 0.1) for 1⊗4 (seed 1 reached it).
     assert f"| 1⊗4 | 1x / 4x | {math.exp(math.log(30.0) - 0.1):.1f} | 31.0 |" in text

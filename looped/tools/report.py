@@ -350,8 +350,10 @@ def plot_cosine(run: Run, output: Path) -> Path | None:
 
 
 def isoplot_points(run: Run, metric: str) -> list[tuple[float, float]]:
-    """(validation log-perplexity, metric) at every step both were logged: the recorder's tags, else val/."""
-    for x_tag, y_tag in (("isoplot/log_perplexity", f"isoplot/{metric}"), ("val/loss", metric)):
+    """(validation log-perplexity, metric) at every step both were logged: the recorder's tags (its held-out
+    loss with any metric logged at the same steps, e.g. an answer's loss), else val/loss."""
+    pairs = (("isoplot/log_perplexity", f"isoplot/{metric}"), ("isoplot/log_perplexity", metric), ("val/loss", metric))
+    for x_tag, y_tag in pairs:
         xs, ys = dict(run.scalars.get(x_tag, [])), dict(run.scalars.get(y_tag, []))
         points = [(xs[s], as_percent(metric, ys[s])) for s in xs if s in ys]
         if points:
@@ -376,7 +378,7 @@ def plot_isoplot(runs: list[Run], output: Path, metric: str) -> Path | None:
             a, b = fit_line(xs, ys)
             ax.plot([min(xs), max(xs)], [a * min(xs) + b, a * max(xs) + b], color=dots.get_facecolor()[0])
     ax.set_xlabel("validation log-perplexity")
-    ax.set_ylabel(f"{metric} %")
+    ax.set_ylabel(f"{metric} %" if as_percent(metric, 1.0) == 100.0 else metric)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
