@@ -33,12 +33,14 @@ from looped.tools.plots import pareto_figure
 
 
 class AdaptiveExit(L.Callback):
-    """Score the ``stable`` and ``kl`` exit rules on the test set.
+    """Score the exit rules of ``looped.adaptive`` on the test set (``gate`` when the model has an exit gate).
 
     Args:
         max_eval_loops: most loops a sequence may run (default: twice the trained L).
         patience: values of m for rule ``stable`` (argmax unchanged for m consecutive loops).
         kl_thresholds: values of τ for rule ``kl`` (``KL(p_n ‖ p_{n-1}) < τ`` at every labelled position).
+        entropy_thresholds: values of τ for rule ``entropy`` (``H(p_n) < τ`` nats at every labelled position).
+        gate_quantiles: values of q for rule ``gate`` (the learned cumulative exit probability reaches q).
     """
 
     def __init__(
@@ -46,14 +48,22 @@ class AdaptiveExit(L.Callback):
         max_eval_loops: int | None = None,
         patience: Sequence[int] = (1, 2, 3),
         kl_thresholds: Sequence[float] = (1e-1, 1e-2, 1e-3),
+        entropy_thresholds: Sequence[float] = (1e-1, 1e-2),
+        gate_quantiles: Sequence[float] = (0.5, 0.9),
     ) -> None:
         if any(m < 1 for m in patience):
             raise InputError(f"AdaptiveExit.patience: every m must be >= 1, got {list(patience)}")
-        if any(t <= 0 for t in kl_thresholds):
-            raise InputError(f"AdaptiveExit.kl_thresholds: every threshold must be > 0, got {list(kl_thresholds)}")
+        for name, values in (("kl_thresholds", kl_thresholds), ("entropy_thresholds", entropy_thresholds)):
+            if any(t <= 0 for t in values):
+                raise InputError(f"AdaptiveExit.{name}: every threshold must be > 0, got {list(values)}")
+        if any(not 0 < q <= 1 for q in gate_quantiles):
+            raise InputError(f"AdaptiveExit.gate_quantiles: every q must lie in (0, 1], got {list(gate_quantiles)}")
         self.max_eval_loops = max_eval_loops
         self.patience = tuple(patience)
         self.kl_thresholds = tuple(kl_thresholds)
+        self.entropy_thresholds = tuple(entropy_thresholds)
+        self.gate_quantiles = tuple(gate_quantiles)
+        self._gate = False  # whether the model under test has a learned exit gate (set at test start)
         # Per test dataloader: [right at each fixed loop count..., samples, (right, loops used) per rule...].
         self._counts: dict[int, Tensor] = {}
 
@@ -63,14 +73,21 @@ class AdaptiveExit(L.Callback):
     @property
     def rules(self) -> list[str]:
         """Every rule and parameter, in the order ``adaptive_exits`` returns them."""
-        return [rule_name("stable", m) for m in self.patience] + [rule_name("kl", t) for t in self.kl_thresholds]
+        return (
+            [rule_name("stable", m) for m in self.patience]
+            + [rule_name("kl", t) for t in self.kl_thresholds]
+            + [rule_name("entropy", t) for t in self.entropy_thresholds]
+            + [rule_name("gate", q) for q in self.gate_quantiles if self._gate]
+        )
 
     def on_test_epoch_start(self, trainer, pl_module) -> None:
         self._counts = {}
+        self._gate = getattr(pl_module.model, "exit_gate", None) is not None
 
     def on_test_batch_end(self, trainer, pl_module, outputs: Any, batch, batch_idx, dataloader_idx=0) -> None:
         pred = per_loop_predictions(pl_module.model, batch["input_ids"], batch["labels"], self.loops_to_eval(pl_module))
-        exits = adaptive_exits(pred, self.patience, self.kl_thresholds)
+        gates = self.gate_quantiles if self._gate else ()
+        exits = adaptive_exits(pred, self.patience, self.kl_thresholds, self.entropy_thresholds, gates)
         per_rule = [torch.stack([correct_at_exit(pred, exits[r]).sum(), exits[r].sum()]).float() for r in self.rules]
         samples = torch.tensor([float(pred.batch_size)], device=pred.correct.device)
         row = torch.cat([pred.correct.sum(dim=1).float(), samples, *per_rule])

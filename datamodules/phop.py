@@ -61,6 +61,9 @@ class PHop(SyntheticTask):
             ``all`` also trains on ``v[find_p(v, i)]`` at every position i whose chain exists
             (Sanford et al.'s sequence-to-sequence form: n times the signal per sample).
             Validation and test always score the last position.
+        eval_hops: evaluate on one named set per hop count (``hops1``, ``hops2``, ...) instead of
+            ``hops`` alone: samples whose required depth is known, for asking whether an exit rule
+            spends more loops on deeper problems (``AdaptiveExit`` logs mean loops per set).
         **kwargs: batch sizes, eval set sizes, seed, workers (see ``SyntheticTask``).
     """
 
@@ -70,8 +73,11 @@ class PHop(SyntheticTask):
         length: int = 256,
         hops: int = 16,
         supervise: Literal["last", "all"] = "last",
+        eval_hops: list[int] | None = None,
         **kwargs,
     ) -> None:
+        self.eval_hops = list(eval_hops or [])
+        self.eval_names = [f"hops{h}" for h in self.eval_hops]  # before SyntheticTask draws the sets
         super().__init__(**kwargs)
         self.supervise = supervise
         if not 2 <= alphabet_size <= 26:
@@ -85,21 +91,26 @@ class PHop(SyntheticTask):
                 f"data.hops={hops} is impossible for data.length={length}: a chain can move left at most "
                 f"{length - 1} times. Use data.length > data.hops (the paper: 256 letters for 16 and 32 hops)."
             )
+        if any(h < 1 or h >= length for h in self.eval_hops):
+            raise InputError(f"data.eval_hops: every hop count must lie in 1..{length - 1}, got {self.eval_hops}")
         self.alphabet_size, self.length, self.hops = alphabet_size, length, hops
-        self._check_chain_rate()
+        self._chain_rate = {h: self._check_chain_rate(h, key) for h, key in self._hop_counts()}
 
-    def _check_chain_rate(self) -> None:
+    def _hop_counts(self) -> list[tuple[int, str]]:
+        return [(self.hops, "data.hops"), *((h, "data.eval_hops") for h in self.eval_hops)]
+
+    def _check_chain_rate(self, hops: int, key: str) -> float:
         """Refuse hop counts whose chain almost never exists in a sequence this short."""
         probe = np.random.default_rng(0).integers(0, self.alphabet_size, size=(2048, self.length))
-        rate = float((follow_hops(probe, self.alphabet_size, self.hops) > 0).mean())
+        rate = float((follow_hops(probe, self.alphabet_size, hops) > 0).mean())
         if rate < 0.05:  # >95% of draws wasted, and the survivors mostly end on fixed points
             raise InputError(
-                f"data.hops={self.hops} is impossible in practice for data.length={self.length} "
-                f"(alphabet {self.alphabet_size}): the {self.hops}-hop chain exists in only {rate:.1%} of "
-                f"random sequences. Raise data.length (about {self.alphabet_size * self.hops * 2} works) "
-                "or lower data.hops."
+                f"{key}: {hops} hops are impossible in practice for data.length={self.length} "
+                f"(alphabet {self.alphabet_size}): the {hops}-hop chain exists in only {rate:.1%} of "
+                f"random sequences. Raise data.length (about {self.alphabet_size * hops * 2} works) "
+                "or use fewer hops."
             )
-        self._chain_rate = rate
+        return rate
 
     @property
     def vocab(self) -> list[str]:
@@ -110,14 +121,21 @@ class PHop(SyntheticTask):
         return self.length + 1
 
     def generate(self, rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
+        return self.draw(rng, n, self.hops)
+
+    def generate_eval(self, name: str, rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
+        return self.draw(rng, n, int(name.removeprefix("hops")))
+
+    def draw(self, rng: np.random.Generator, n: int, hops: int) -> tuple[np.ndarray, np.ndarray]:
+        """``n`` sequences whose ``hops``-hop chain exists, with the answer at the end."""
         kept: list[np.ndarray] = []
         answers: list[np.ndarray] = []
         have = 0
         while have < n:
             # Draw with headroom for the rows whose chain breaks.
-            draw = int((n - have) / self._chain_rate * 1.2) + 8
+            draw = int((n - have) / self._chain_rate[hops] * 1.2) + 8
             seqs = rng.integers(0, self.alphabet_size, size=(draw, self.length), dtype=np.int64)
-            pos = follow_hops(seqs, self.alphabet_size, self.hops)
+            pos = follow_hops(seqs, self.alphabet_size, hops)
             ok = pos > 0
             kept.append(seqs[ok])
             answers.append(seqs[ok, pos[ok] - 1])

@@ -2,13 +2,18 @@
 
 A looped model can run any number of loops at inference. Instead of a fixed
 ``L`` for every sequence, each one stops at the first loop where a rule says its
-answer is stable, and the cost is the *mean* loops used. Two rules:
+answer is stable, and the cost is the *mean* loops used. The rules:
 
 * ``stable`` (patience m): the argmax at every labelled position is the same
   for m consecutive loop-to-loop transitions, i.e. loops ``n-m .. n`` agree;
   the sequence exits at loop n (so the earliest exit is loop ``m + 1``).
 * ``kl`` (threshold τ): ``KL(p_n ‖ p_{n-1}) < τ`` at every labelled position
   (the largest KL over the sequence's positions decides); earliest exit: loop 2.
+
+* ``entropy`` (threshold τ): the readout's entropy ``H(p_n) < τ`` at every labelled position
+  (Huginn's entropy exit); earliest exit: loop 1.
+* ``gate`` (quantile q): the learned exit gate's cumulative exit probability reaches q at every
+  labelled position (``looped.halting``; q = 0.5 is PonderNet's median depth).
 
 A sequence that never settles runs to ``max_loops``. Exiting at loop n costs n
 loops: the rule reads loop n's own prediction, which the exit then returns.
@@ -33,6 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from looped.contract import IGNORE
+from looped.halting import exit_distribution
 
 
 @dataclass
@@ -47,6 +53,10 @@ class LoopPredictions:
     """``[n b]`` bool: every labelled position of sample b is right after loop n+1."""
     sample: Tensor
     """``[m]`` the sample each labelled position belongs to."""
+    entropy: Tensor | None = None
+    """``[n m]`` entropy ``H(p_{n+1})`` of the readout after loop n+1 (nats)."""
+    exit_cdf: Tensor | None = None
+    """``[n m]`` the learned gate's cumulative exit probability ``Σ_{j≤n+1} p(j)`` (models with ``exit_gate``)."""
 
     @property
     def max_loops(self) -> int:
@@ -64,12 +74,13 @@ def per_loop_predictions(model, input_ids: Tensor, labels: Tensor, max_loops: in
     mask = labels != IGNORE
     sample = mask.nonzero()[:, 0]
     target = labels[mask]
-    preds, kls = [], []
+    preds, kls, entropies = [], [], []
     previous = None
     for state in states:
         # float32: a KL threshold of 1e-3 is below bf16's resolution of a log-probability.
         logprobs = model.readout(state, positions=mask).float().log_softmax(-1)
         preds.append(logprobs.argmax(-1))
+        entropies.append(-(logprobs.exp() * logprobs).sum(-1))
         if previous is None:
             kls.append(torch.full_like(target, float("inf"), dtype=torch.float32))
         else:
@@ -78,7 +89,18 @@ def per_loop_predictions(model, input_ids: Tensor, labels: Tensor, max_loops: in
         previous = logprobs
     preds = torch.stack(preds)
     correct = per_sample_all(preds == target, sample, len(labels))
-    return LoopPredictions(preds=preds, kl=torch.stack(kls), correct=correct, sample=sample)
+    exit_cdf = None
+    if getattr(model, "exit_gate", None) is not None:
+        halts = torch.stack([model.halt_logits(state[mask]) for state in states])
+        exit_cdf = exit_distribution(halts.float()).cumsum(0)
+    return LoopPredictions(
+        preds=preds,
+        kl=torch.stack(kls),
+        correct=correct,
+        sample=sample,
+        entropy=torch.stack(entropies),
+        exit_cdf=exit_cdf,
+    )
 
 
 def per_sample_all(flags: Tensor, sample: Tensor, batch_size: int) -> Tensor:
@@ -124,6 +146,25 @@ def exit_loops_kl(pred: LoopPredictions, threshold: float) -> Tensor:
     return first_exit(settled, 1)
 
 
+def first_loop(flags: Tensor) -> Tensor:
+    """``[b]`` 1-based first loop where ``flags [n b]`` holds; n (the last loop run) where it never does."""
+    loops = torch.arange(1, flags.shape[0] + 1, device=flags.device)[:, None]
+    return torch.where(flags, loops, flags.shape[0]).min(0).values
+
+
+def exit_loops_entropy(pred: LoopPredictions, threshold: float) -> Tensor:
+    """``[b]`` exit loop under rule ``entropy``: ``H(p_n) < threshold`` at every labelled position (Huginn)."""
+    return first_loop(per_sample_max(pred.entropy, pred.sample, pred.batch_size) < threshold)
+
+
+def exit_loops_gate(pred: LoopPredictions, quantile: float) -> Tensor:
+    """``[b]`` exit loop under rule ``gate``: the learned cumulative exit probability reaches ``quantile``
+    at every labelled position (0.5: PonderNet's median depth)."""
+    if pred.exit_cdf is None:
+        raise ValueError("rule gate needs a model with a learned exit gate (LoopedConfig.exit_gate)")
+    return first_loop(-per_sample_max(-pred.exit_cdf, pred.sample, pred.batch_size) >= quantile)
+
+
 def correct_at_exit(pred: LoopPredictions, exits: Tensor) -> Tensor:
     """``[b]`` bool: sample b's prediction at its exit loop is fully right."""
     return pred.correct.gather(0, (exits - 1)[None]).squeeze(0)
@@ -133,10 +174,18 @@ def rule_name(rule: str, param: float) -> str:
     return f"{rule}_{param:g}"
 
 
-def adaptive_exits(pred: LoopPredictions, patience: Iterable[int], kl_thresholds: Iterable[float]) -> dict[str, Tensor]:
-    """``{"stable_2": exits [b], "kl_0.01": exits [b], ...}`` for every rule and parameter."""
+def adaptive_exits(
+    pred: LoopPredictions,
+    patience: Iterable[int],
+    kl_thresholds: Iterable[float],
+    entropy_thresholds: Iterable[float] = (),
+    gate_quantiles: Iterable[float] = (),
+) -> dict[str, Tensor]:
+    """``{"stable_2": exits [b], "kl_0.01": exits [b], "entropy_0.5": ..., "gate_0.5": ...}`` for every rule."""
     exits = {rule_name("stable", m): exit_loops_stable(pred, m) for m in patience}
     exits.update({rule_name("kl", t): exit_loops_kl(pred, t) for t in kl_thresholds})
+    exits.update({rule_name("entropy", t): exit_loops_entropy(pred, t) for t in entropy_thresholds})
+    exits.update({rule_name("gate", q): exit_loops_gate(pred, q) for q in gate_quantiles})
     return exits
 
 

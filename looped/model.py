@@ -80,6 +80,9 @@ class LoopedConfig:
     """Keyword options for the mixers, by mixer name: ``{linear: {feature_map: elu}, sparse: {window: 64}}``."""
     init_std: float = 0.02
     """Std of the normal initialisation; residual output projections are scaled by 1/sqrt(2·depth)."""
+    exit_gate: bool = False
+    """A learned halting gate: a linear layer giving each token an exit probability after every loop
+    (``halt_logits``), trained by ``LoopedLM``'s ``exit`` objective (``looped.halting``)."""
 
     def __post_init__(self) -> None:
         def need(ok: bool, field: str, msg: str) -> None:
@@ -224,6 +227,7 @@ class LoopedTransformer(nn.Module):
         self.head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.head.weight = self.embed.weight
+        self.exit_gate = nn.Linear(config.d_model, 1) if config.exit_gate else None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -341,6 +345,12 @@ class LoopedTransformer(nn.Module):
         if positions is not None and len(self.coda) > 0:
             hidden = hidden[positions]
         return self.head(self.norm(hidden))
+
+    def halt_logits(self, state: Tensor) -> Tensor:
+        """``[...]`` logit of the exit gate's halting probability λ_n for a loop state ``[... d]`` (``exit_gate``)."""
+        if self.exit_gate is None:
+            raise ValueError("this model has no exit gate; build it with LoopedConfig(exit_gate=True)")
+        return self.exit_gate(self.norm(state)).squeeze(-1)
 
     def applications(self, loops: int | None = None) -> int:
         """Layer applications in one forward pass with ``loops`` loops (decode-cache slots)."""

@@ -31,6 +31,7 @@ from looped.checkpoint import check_same_data
 from looped.contract import IGNORE, DataModuleContract, batch_size, batch_tokens, check_data_module
 from looped.errors import InputError
 from looped.generation import generate_answers, sample_rows
+from looped.halting import ExitObjective, expected_loops
 from looped.loop_schedule import LoopSchedule
 from looped.model import LoopedConfig, LoopedTransformer
 from looped.regularizer import BlockRegularizer
@@ -121,6 +122,8 @@ class LoopedLM(L.LightningModule):
             greedily decoded and the token before the first ``eos_id`` is scored against ``answer``.
         activation_checkpointing: recompute each layer application in backward (``looped.parallel``).
         compile: ``torch.compile`` each layer (``looped.parallel``).
+        exit: train the model's halting gate (``config.exit_gate``) with a learned-exit objective
+            (``looped.halting.ExitObjective``: ouro, pondernet or act) in place of the last loop's loss.
     """
 
     def __init__(
@@ -135,6 +138,7 @@ class LoopedLM(L.LightningModule):
         eos_id: int | None = None,
         activation_checkpointing: bool = False,
         compile: bool = False,
+        exit: ExitObjective | None = None,
     ) -> None:
         super().__init__()
         for name, value, ok, need in (
@@ -151,6 +155,13 @@ class LoopedLM(L.LightningModule):
             regularizer = BlockRegularizer(**regularizer)
         if isinstance(loop_schedule, dict):
             loop_schedule = LoopSchedule(**loop_schedule)
+        if isinstance(exit, dict):
+            exit = ExitObjective(**exit)
+        if exit is not None and not config.exit_gate:
+            raise InputError(
+                "model.init_args.exit trains a halting gate the model does not have; set "
+                "model.init_args.config.exit_gate: true (or remove model.init_args.exit)"
+            )
         self.save_hyperparameters(
             {
                 "config": asdict(config),
@@ -162,8 +173,10 @@ class LoopedLM(L.LightningModule):
                 "eos_id": eos_id,
                 "activation_checkpointing": activation_checkpointing,
                 "compile": compile,
+                "exit": asdict(exit) if exit is not None else None,
             }
         )
+        self.exit = exit
         self.eos_id = eos_id
         self.config = config
         self.optimizer_factory = optimizer
@@ -215,7 +228,9 @@ class LoopedLM(L.LightningModule):
         loops = schedule.sample(self.config.loops, self.global_step)
         self._loops_this_step = loops
         labels = batch["labels"]
-        if schedule.per_loop_loss_weight > 0:
+        if self.exit is not None:
+            loss = self.exit_loss(batch["input_ids"], labels, loops)
+        elif schedule.per_loop_loss_weight > 0:
             logits, states = self.model(
                 batch["input_ids"], loops=loops, return_loop_states=True, grad_loops=schedule.grad_loops
             )
@@ -244,6 +259,21 @@ class LoopedLM(L.LightningModule):
             )
         self.log("train/loss", loss, prog_bar=True)
         return loss
+
+    def exit_loss(self, input_ids: Tensor, labels: Tensor, loops: int) -> Tensor:
+        """The ``exit`` objective (``looped.halting``) from each loop's loss and halting logit at the labels."""
+        _, states = self.model(
+            input_ids, loops=loops, return_loop_states=True, grad_loops=self.loop_schedule.grad_loops
+        )
+        mask = labels != IGNORE
+        target = labels[mask]
+        losses = torch.stack(
+            [F.cross_entropy(self.model.readout(s, positions=mask).float(), target, reduction="none") for s in states]
+        )
+        halts = torch.stack([self.model.halt_logits(s[mask]) for s in states])
+        self.log("train/exit_expected_loops", expected_loops(halts.detach()))
+        self.log("train/last_loop_loss", losses[-1].detach().mean())
+        return self.exit.loss(losses, halts)
 
     def _eval_step(self, batch: dict[str, Tensor], metrics: nn.ModuleDict, stage: str, dataloader_idx: int = 0) -> None:
         labels = batch["labels"]

@@ -95,6 +95,8 @@ def tiny_module(seed: int = 0, warmup_steps: int = 2, decay_steps: int = 10, **f
     arguments too: ``eos_id``, ``regularizer``, ``loop_schedule``...)."""
     from looped import LoopedLM
 
-    module_args = {k: fields.pop(k) for k in ("eos_id", "regularizer", "loop_schedule", "optimizer") if k in fields}
+    module_args = {
+        k: fields.pop(k) for k in ("eos_id", "regularizer", "loop_schedule", "optimizer", "exit") if k in fields
+    }
     torch.manual_seed(seed)
     return LoopedLM(tiny_config(**fields), warmup_steps=warmup_steps, decay_steps=decay_steps, **module_args)

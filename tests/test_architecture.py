@@ -33,6 +33,7 @@ TRAINING = (
     "looped.loop_schedule",
     "looped.regularizer",
     "looped.adaptive",
+    "looped.halting",
     "looped.optim",
     "looped.parallel",
     "looped.checkpoint",

@@ -6,6 +6,7 @@ import torch
 
 from looped.datamodules import PHop
 from looped.datamodules.base import IGNORE, rows_as_keys
+from looped.datamodules.train_set import _TEST
 from streams import stream
 
 
@@ -87,7 +88,12 @@ def test_collisions_with_eval_are_redrawn():
     "kwargs, field",
     [
         ({"length": 8, "hops": 32}, "data.hops=32 is impossible"),
-        ({"alphabet_size": 26, "length": 40, "hops": 30}, "data.hops=30 is impossible in practice"),
+        ({"alphabet_size": 26, "length": 40, "hops": 30}, "data.hops: 30 hops are impossible in practice"),
+        (
+            {"alphabet_size": 26, "length": 40, "hops": 2, "eval_hops": [2, 30]},
+            "data.eval_hops: 30 hops are impossible",
+        ),
+        ({"length": 16, "hops": 2, "eval_hops": [0]}, "data.eval_hops: every hop count must lie in 1..15"),
         ({"alphabet_size": 1}, "data.alphabet_size"),
         ({"hops": 0}, "data.hops"),
     ],
@@ -95,3 +101,14 @@ def test_collisions_with_eval_are_redrawn():
 def test_bad_parameters_name_the_field(kwargs, field):
     with pytest.raises(ValueError, match=field):
         PHop(**kwargs)
+
+
+def test_eval_hops_are_named_sets_of_known_depth():
+    task = PHop(length=24, hops=2, eval_hops=[1, 3, 5], val_size=40, test_size=40)
+    assert task.eval_names == ["hops1", "hops3", "hops5"]
+    task.setup("fit")
+    for name, hops in zip(task.eval_names, (1, 3, 5)):
+        input_ids, labels = task.eval_set(_TEST, name)
+        assert len(input_ids) == 40
+        for ids, label in zip(input_ids, labels):
+            assert task.vocab[label[-1]] == reference_answer(task.decode(ids)[:-1], hops)

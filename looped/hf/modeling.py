@@ -174,6 +174,10 @@ class LoopedForCausalLM(PreTrainedModel, GenerationMixin):
         if use_cache and cache is None:
             cache = LoopedCache(self.config.max_seq_len)
         hidden = self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
+        if attention_mask is not None and bool(attention_mask.all()):
+            # generate() passes a mask of ones when nothing is padded: without it the mixers take their
+            # unmasked causal path, as LoopedTransformer.generate does, instead of building a mask per step.
+            attention_mask = None
         out = self.model(
             input_ids,
             loops=num_loops,
