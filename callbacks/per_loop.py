@@ -1,5 +1,8 @@
 """``PerLoopAccuracy``: what each loop adds, measured from one forward pass per batch.
 
+With ``perplexity=True`` it also logs the perplexity of the labelled tokens after every loop
+(``{stage}/perplexity_loop{n}``), for language models, from the same forward.
+
 At validation and test the callback runs the model once with
 ``loops=max_eval_loops`` and ``return_loop_states=True`` and reads every loop's
 hidden state through the head, so the accuracy of an early exit after loop
@@ -15,10 +18,11 @@ see ``per_loop_figure``). With several named evaluation sets (the data module's
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import lightning as L
 import torch
+import torch.nn.functional as F
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor
 
@@ -26,22 +30,58 @@ from looped.contract import IGNORE
 from looped.tools.plots import per_loop_figure
 
 
-def exact_match_per_loop(model, input_ids: Tensor, labels: Tensor, loops: int) -> Tensor:
-    """Bool ``[loops b]``: sample b is fully right when read out after loop n+1."""
+class LoopReadout(NamedTuple):
+    """What reading every loop's state through the head gives, for one batch."""
+
+    correct: Tensor
+    """``[n b]`` bool: sample b is fully right when read out after loop n+1."""
+    loss: Tensor | None
+    """``[n]`` summed cross-entropy over the labelled positions after loop n+1 (None unless asked for)."""
+    tokens: Tensor
+    """Number of labelled positions: ``exp(loss / tokens)`` is the perplexity after each loop."""
+
+
+# Read out at most this many logits at once: a language model's labelled positions are every token,
+# and [n m v] for 8 loops of 16 × 256 tokens and 4096 words would be half a gigabyte.
+READOUT_ELEMENTS = 1 << 24
+
+
+def read_every_loop(model, input_ids: Tensor, labels: Tensor, loops: int, with_loss: bool = False) -> LoopReadout:
+    """Every loop's prediction (and, ``with_loss``, cross-entropy) at the labelled positions, from one forward."""
     _, states = model(input_ids, loops=loops, return_loop_states=True)
     mask = labels != IGNORE
     sample = mask.nonzero()[:, 0]
     target = labels[mask]
     if len(model.coda) == 0:
-        # All loops through the head at once, ``[n m d]``: the labelled positions are few,
-        # so n small readouts would cost n times the launches (on a busy CPU, n times the
-        # thread-pool wake-ups) for the same arithmetic.
-        preds = model.readout(torch.stack([state[mask] for state in states])).argmax(-1)
+        # Several loops through the head at once, ``[n m d]``: the labelled positions are usually few,
+        # so n small readouts would cost n times the launches (on a busy CPU, n times the thread-pool
+        # wake-ups) for the same arithmetic.
+        per_call = max(1, READOUT_ELEMENTS // max(1, target.numel() * model.config.vocab_size))
+        picked = [state[mask] for state in states]
+        logits = (model.readout(torch.stack(picked[i : i + per_call])) for i in range(0, len(picked), per_call))
     else:  # the coda attends over every position, so each loop needs its own readout
-        preds = torch.stack([model.readout(state, positions=mask).argmax(-1) for state in states])
-    wrong = (preds != target).float()
+        logits = (model.readout(state, positions=mask)[None] for state in states)
+    preds, losses = [], []
+    for chunk in logits:  # [c m v]
+        preds.append(chunk.argmax(-1))
+        if with_loss:
+            flat = chunk.float().flatten(0, 1)
+            per_position = F.cross_entropy(flat, target.repeat(chunk.shape[0]), reduction="none")
+            losses.append(per_position.view(chunk.shape[0], -1).sum(1))
+    wrong = (torch.cat(preds) != target).float()
     errors = torch.zeros(len(states), len(labels), device=labels.device).index_add_(1, sample, wrong)
-    return errors == 0
+    return LoopReadout(errors == 0, torch.cat(losses) if with_loss else None, mask.sum())
+
+
+def exact_match_per_loop(model, input_ids: Tensor, labels: Tensor, loops: int) -> Tensor:
+    """Bool ``[loops b]``: sample b is fully right when read out after loop n+1."""
+    return read_every_loop(model, input_ids, labels, loops).correct
+
+
+def perplexity_per_loop(model, input_ids: Tensor, labels: Tensor, loops: int) -> Tensor:
+    """``[loops]`` perplexity of the labelled tokens read out after loop n+1 (inference-time scaling for LMs)."""
+    readout = read_every_loop(model, input_ids, labels, loops, with_loss=True)
+    return torch.exp(readout.loss / readout.tokens.clamp(min=1))
 
 
 class PerLoopAccuracy(L.Callback):
@@ -50,47 +90,70 @@ class PerLoopAccuracy(L.Callback):
     Args:
         max_eval_loops: deepest loop count to read (default: twice the trained L,
             to show extrapolation beyond the loops seen in training).
+        perplexity: also log ``{stage}/perplexity_loop{n}`` (and per named set): the perplexity of the
+            labelled tokens after every loop, from the same forward. For language models, where a
+            whole sequence is rarely an exact match: does perplexity keep falling past the trained L?
     """
 
-    def __init__(self, max_eval_loops: int | None = None) -> None:
+    def __init__(self, max_eval_loops: int | None = None, perplexity: bool = False) -> None:
         self.max_eval_loops = max_eval_loops
-        # Per evaluation dataloader: exact matches after each loop [n], and samples seen.
+        self.perplexity = perplexity
+        # Per evaluation dataloader: exact matches after each loop [n], samples seen, and (with
+        # ``perplexity``) summed cross-entropy after each loop [n] and labelled tokens.
         self._correct: dict[int, Tensor] = {}
         self._total: dict[int, Tensor] = {}
+        self._loss: dict[int, Tensor] = {}
+        self._tokens: dict[int, Tensor] = {}
 
     def loops_to_eval(self, pl_module: L.LightningModule) -> int:
         return self.max_eval_loops or 2 * pl_module.config.loops
 
     def _reset(self, pl_module: L.LightningModule) -> None:
-        self._correct, self._total = {}, {}
+        self._correct, self._total, self._loss, self._tokens = {}, {}, {}, {}
 
     def _update(self, pl_module: L.LightningModule, batch: dict[str, Tensor], dataloader_idx: int) -> None:
         with torch.no_grad():
-            right = exact_match_per_loop(
-                pl_module.model, batch["input_ids"], batch["labels"], self.loops_to_eval(pl_module)
+            readout = read_every_loop(
+                pl_module.model, batch["input_ids"], batch["labels"], self.loops_to_eval(pl_module), self.perplexity
             )
-        if dataloader_idx not in self._correct:
-            self._correct[dataloader_idx] = torch.zeros(right.shape[0], device=right.device)
-            self._total[dataloader_idx] = torch.zeros((), device=right.device)
-        self._correct[dataloader_idx] += right.sum(dim=1)
-        self._total[dataloader_idx] += right.shape[1]
+        right, i = readout.correct, dataloader_idx
+        if i not in self._correct:
+            self._correct[i] = torch.zeros(right.shape[0], device=right.device)
+            self._total[i] = torch.zeros((), device=right.device)
+            self._loss[i] = torch.zeros(right.shape[0], device=right.device)
+            self._tokens[i] = torch.zeros((), device=right.device)
+        self._correct[i] += right.sum(dim=1)
+        self._total[i] += right.shape[1]
+        if readout.loss is not None:
+            self._loss[i] += readout.loss
+            self._tokens[i] += readout.tokens
 
     def _finish(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> list[float]:
         names = pl_module.eval_names
         # One row per evaluation set, known alike on every rank (not from the batches this rank saw, which
         # could differ and leave ranks waiting on different collectives); one reduce for all of them.
         loops = self.loops_to_eval(pl_module)
-        counts = torch.zeros(max(len(names), 1), loops + 1, device=pl_module.device)
+        # Columns: exact matches [n], samples, summed cross-entropy [n], labelled tokens.
+        counts = torch.zeros(max(len(names), 1), 2 * loops + 2, device=pl_module.device)
         for i, right in self._correct.items():
             counts[i, :loops], counts[i, loops] = right, self._total[i]
+            counts[i, loops + 1 : 2 * loops + 1], counts[i, -1] = self._loss[i], self._tokens[i]
         counts = trainer.strategy.reduce(counts, reduce_op="sum")
         correct, total = counts[:, :loops], counts[:, loops]
+        loss, tokens = counts[:, loops + 1 : 2 * loops + 1], counts[:, -1]
         accuracy = (correct.sum(0) / total.sum().clamp(min=1)).tolist()
         for n, value in enumerate(accuracy, start=1):
             pl_module.log(f"{stage}/exact_match_loop{n}", value, sync_dist=False)
         for i, name in enumerate(names):
             for n, value in enumerate((correct[i] / total[i].clamp(min=1)).tolist(), start=1):
                 pl_module.log(f"{stage}/exact_match_loop{n}_{name}", value, sync_dist=False)
+        if self.perplexity:
+            pooled = torch.exp(loss.sum(0) / tokens.sum().clamp(min=1)).tolist()
+            for n, value in enumerate(pooled, start=1):
+                pl_module.log(f"{stage}/perplexity_loop{n}", value, sync_dist=False)
+            for i, name in enumerate(names):
+                for n, value in enumerate(torch.exp(loss[i] / tokens[i].clamp(min=1)).tolist(), start=1):
+                    pl_module.log(f"{stage}/perplexity_loop{n}_{name}", value, sync_dist=False)
         if trainer.is_global_zero and not trainer.sanity_checking:
             draw = lambda: per_loop_figure(accuracy, trained_loops=pl_module.config.loops)  # noqa: E731
             log_figure(trainer, f"{stage}/exact_match_per_loop", draw)

@@ -42,7 +42,7 @@ from looped.tools.eval_table import print_eval_table
 # ``looped TOOL ...`` subcommands beside LightningCLI's own: the module whose ``main(argv)`` runs each.
 TOOLS = {
     "report": "looped.tools.report",  # tables and figures from finished runs
-    "prepare": "looped.tools.prepare",  # Pile shards -> litdata token chunks; BPE tokenizer training
+    "prepare": "looped.tools.prepare",  # Pile shards or text files -> litdata token chunks; BPE training
     "sweep": "looped.tools.sweep",  # a grid of recipe variants, one run directory per cell
     "lm-eval": "looped.tools.lm_eval_adapter",  # lm-evaluation-harness with the `looped` model (the [eval] extra)
     "export": "looped.tools.export",  # a trained run as a transformers model folder (the [hf] extra)

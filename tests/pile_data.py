@@ -35,14 +35,41 @@ def make_shards(folder: Path, shards: int = 3, per_shard: int = 60) -> list[str]
 
 def prepared_pile(root: Path, shards: int, per_shard: int, val_fraction: float, workers: int) -> Path:
     """Shards made under ``root/shards`` and prepared by ``looped prepare``'s code into ``root/data``."""
-    from looped.tools.prepare import find_sources, prepare_pile
+    from looped.tools.prepare import find_sources, prepare_dataset
 
     make_shards(root / "shards", shards=shards, per_shard=per_shard)
-    prepare_pile(
+    prepare_dataset(
         find_sources(str(root / "shards")),
         str(root / "data"),
         val_fraction=val_fraction,
         workers=workers,
+        chunk_bytes="4kb",
+    )
+    return root / "data"
+
+
+def make_text_folder(folder: Path, n: int = 60) -> list[str]:
+    """``n`` text files (one document each, in nested folders) for ``looped prepare text``; returns their texts."""
+    texts = [text + "\nsecond line, ünïcode\n" for text in documents(7, n)]
+    for i, text in enumerate(texts):
+        path = folder / f"part{i % 3}" / f"doc{i:03d}.txt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text, encoding="utf-8")
+    return texts
+
+
+def prepared_text(root: Path, n: int = 60, tokenizer: str | None = "bytes") -> Path:
+    """A text folder made under ``root/text`` and prepared by ``looped prepare text``'s code into ``root/data``."""
+    from looped.tools.prepare import prepare_text
+
+    make_text_folder(root / "text", n)
+    prepare_text(
+        [str(root / "text")],
+        str(root / "data"),
+        tokenizer_path=tokenizer,
+        vocab_size=300,
+        val_fraction=0.2,
+        workers=1,
         chunk_bytes="4kb",
     )
     return root / "data"

@@ -20,7 +20,7 @@ from conftest import RECIPES, console_script
 from looped.checkpoint import SHARDED_INDEX, SHARDED_META
 from looped.cli import LoopedCLI, lightning_main, main
 from looped.errors import InputError, find_input_error
-from looped.tools.prepare import find_sources, prepare_pile, train_tokenizer
+from looped.tools.prepare import find_sources, prepare_dataset, train_tokenizer
 from pile_data import prepared_pile
 
 QUICKSTART = str(RECIPES / "quickstart.yaml")
@@ -63,7 +63,9 @@ def files(tmp_path_factory) -> dict[str, str]:
         bytes_data = prepared_pile(root / "bytes", shards=2, per_shard=40, val_fraction=0.2, workers=1)
         sources = find_sources(str(root / "bytes" / "shards"))
         train_tokenizer(sources, 300, str(root / "bpe.json"))
-        prepare_pile(sources, str(root / "bpe"), str(root / "bpe.json"), val_fraction=0.2, workers=1, chunk_bytes="4kb")
+        prepare_dataset(
+            sources, str(root / "bpe"), str(root / "bpe.json"), val_fraction=0.2, workers=1, chunk_bytes="4kb"
+        )
         pile = _fast_dev_run_checkpoint(
             ["--config", PILE, *PILE_SMALL, "--data.path", str(bytes_data)], root / "pile.ckpt"
         )

@@ -9,7 +9,7 @@ from looped import LoopedLM
 from looped.callbacks import PerLoopAccuracy
 from looped.cli import evaluate
 from looped.datamodules import NaryAddition
-from looped.tools.eval_table import POOLED, cell, eval_rows, merge_results
+from looped.tools.eval_table import POOLED, cell, eval_rows, merge_results, perplexity_loop_table
 
 
 def test_keys_split_into_sets_and_metrics():
@@ -32,6 +32,19 @@ def test_adaptive_exit_metrics_stay_in_their_own_table():
     metrics = {"test/exact_match": 1.0, "test/adaptive/kl_0.1/exact_match": 0.9, "test/adaptive/kl_0.1/mean_loops": 2}
     columns, rows = eval_rows(metrics, "test", [])
     assert columns == ["exact_match"] and rows == {POOLED: {"exact_match": 1.0}}
+
+
+def test_per_loop_perplexity_is_its_own_table():
+    metrics = {"val/loss": 2.0, "val/loss_pile": 3.0, "val/perplexity": 7.4}
+    for n in (1, 2):
+        metrics |= {f"val/perplexity_loop{n}": 10.0 / n, f"val/perplexity_loop{n}_pile": 20.0 / n}
+    columns, _ = eval_rows(metrics, "val", ["pile", "code"])
+    assert columns == ["loss", "perplexity"]  # the per-loop perplexities stay out of the main table
+    table = perplexity_loop_table(metrics, "val", ["pile", "code"], trained_loops=2)
+    assert [c.header for c in table.columns] == ["set", "loop1", "loop2*"]
+    assert list(table.columns[0].cells) == ["pile", POOLED]  # a set without per-loop numbers has no row
+    assert list(table.columns[2].cells) == ["10.00", "5.00"]
+    assert perplexity_loop_table({"val/loss": 1.0}, "val") is None
 
 
 def test_one_dataloader_without_names_is_one_row():

@@ -10,7 +10,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 import looped
 from looped.callbacks import PerLoopAccuracy
-from looped.callbacks.per_loop import exact_match_per_loop, log_figure
+from looped.callbacks.per_loop import exact_match_per_loop, log_figure, perplexity_per_loop
 from looped.datamodules import PHop
 from looped.tools.plots import per_loop_figure
 
@@ -78,3 +78,24 @@ def test_exact_match_per_loop_matches_separate_forwards(overrides):
             expected = [all(p == y for p, y in zip(row, ys) if y != -100) for row, ys in rows]
             assert per_loop[n - 1].tolist() == expected
     assert 0 < per_loop.sum() < per_loop.numel()  # neither all right nor all wrong
+
+
+@pytest.mark.parametrize("overrides", [{}, {"prelude_layers": 1, "coda_layers": 1}], ids=["batched-readout", "coda"])
+def test_perplexity_per_loop_matches_separate_forwards(overrides, monkeypatch):
+    """Language-model labels (every position): one forward's per-loop perplexity = exp(CE) of a forward per n."""
+    import looped.callbacks.per_loop as per_loop_module
+
+    monkeypatch.setattr(per_loop_module, "READOUT_ELEMENTS", 2 * 16 * 11 * 7)  # readouts of two loops at a time
+    torch.manual_seed(0)
+    shape = dict(vocab_size=7, max_seq_len=12, d_model=32, n_heads=4, d_ff=64, loops=2, init_std=0.3)
+    model = looped.LoopedTransformer(looped.LoopedConfig(**shape, **overrides)).eval()
+    tokens = torch.randint(0, 7, (16, 12), generator=torch.Generator().manual_seed(1))
+    input_ids, labels = tokens[:, :-1], tokens[:, 1:].clone()
+    labels[2, :4] = -100  # a padded start, as a document boundary would leave
+    with torch.no_grad():
+        per_loop = perplexity_per_loop(model, input_ids, labels, loops=5)
+        for n in range(1, 6):
+            logits = model(input_ids, loops=n)
+            expected = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
+            torch.testing.assert_close(per_loop[n - 1], expected.exp(), rtol=1e-5, atol=1e-5)
+    assert len(set(per_loop.tolist())) == 5  # each loop reads its own state

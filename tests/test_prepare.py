@@ -9,7 +9,7 @@ from litdata.streaming.item_loader import TokensLoader
 
 from looped.cli import main as looped_main
 from looped.tokenizer import ByteTokenizer
-from looped.tools.prepare import CorruptShardError, find_sources, prepare_pile, read_documents, train_tokenizer
+from looped.tools.prepare import CorruptShardError, find_sources, prepare_dataset, read_jsonl, train_tokenizer
 from pile_data import documents, make_shards, write_shard
 
 
@@ -32,7 +32,7 @@ def stored_documents(split_dir, tokenizer) -> list[str]:
 def prepared(tmp_path_factory):
     root = tmp_path_factory.mktemp("pile")
     texts = make_shards(root / "shards")
-    manifest = prepare_pile(
+    manifest = prepare_dataset(
         find_sources(str(root / "shards")), str(root / "data"), val_fraction=0.2, workers=2, chunk_bytes="2kb"
     )
     return root, texts, manifest
@@ -48,7 +48,7 @@ def test_every_document_lands_once_with_eos_in_a_deterministic_split(prepared):
     counted = sum(e["documents"] for s in ("train", "val") for e in manifest["splits"][s]["sources"].values())
     assert counted == len(texts)
     # The split is a function of the text alone: one worker, other chunk sizes, same val set.
-    again = prepare_pile(find_sources(str(root / "shards")), str(root / "again"), val_fraction=0.2, workers=1)
+    again = prepare_dataset(find_sources(str(root / "shards")), str(root / "again"), val_fraction=0.2, workers=1)
     assert sorted(stored_documents(root / "again" / "val", tok)) == sorted(val)
     assert again["splits"]["val"]["sources"].keys() == manifest["splits"]["val"]["sources"].keys()
 
@@ -56,13 +56,13 @@ def test_every_document_lands_once_with_eos_in_a_deterministic_split(prepared):
 def test_rerun_resumes_new_shards_only_and_refuses_another_tokenizer(prepared, tmp_path):
     root, texts, _ = prepared
     out = tmp_path / "data"
-    prepare_pile(find_sources(str(root / "shards")), str(out), val_fraction=0.2, workers=1)
+    prepare_dataset(find_sources(str(root / "shards")), str(out), val_fraction=0.2, workers=1)
     before = (out / "train" / "index.json").read_text()
-    prepare_pile(find_sources(str(root / "shards")), str(out), val_fraction=0.2, workers=1)  # nothing to do
+    prepare_dataset(find_sources(str(root / "shards")), str(out), val_fraction=0.2, workers=1)  # nothing to do
     assert (out / "train" / "index.json").read_text() == before
     (root / "extra").mkdir()
     extra = write_shard(root / "extra" / "new.jsonl.zst", documents(99, 30))
-    manifest = prepare_pile([*find_sources(str(root / "shards")), str(extra)], str(out), val_fraction=0.2, workers=1)
+    manifest = prepare_dataset([*find_sources(str(root / "shards")), str(extra)], str(out), val_fraction=0.2, workers=1)
     assert str(extra) in manifest["splits"]["train"]["sources"]
     tok = ByteTokenizer()
     stored = stored_documents(out / "train", tok) + stored_documents(out / "val", tok)
@@ -70,9 +70,9 @@ def test_rerun_resumes_new_shards_only_and_refuses_another_tokenizer(prepared, t
     tokenizer_file = tmp_path / "tok.json"
     train_tokenizer(find_sources(str(root / "shards")), 300, str(tokenizer_file))
     with pytest.raises(ValueError, match="another tokenizer"):
-        prepare_pile(find_sources(str(root / "shards")), str(out), str(tokenizer_file), val_fraction=0.2)
+        prepare_dataset(find_sources(str(root / "shards")), str(out), str(tokenizer_file), val_fraction=0.2)
     with pytest.raises(ValueError, match="val-fraction"):
-        prepare_pile(find_sources(str(root / "shards")), str(out), val_fraction=0.3)
+        prepare_dataset(find_sources(str(root / "shards")), str(out), val_fraction=0.3)
 
 
 def test_bad_json_line_is_named_with_file_and_line(tmp_path):
@@ -82,9 +82,9 @@ def test_bad_json_line_is_named_with_file_and_line(tmp_path):
     shard.write_bytes(zstandard.ZstdCompressor().compress(("\n".join(lines) + "\n").encode()))
     # Through litdata's worker processes: the error still names the file and the line.
     with pytest.raises(CorruptShardError, match=rf"{shard}:3: not a JSON object"):
-        prepare_pile([str(shard)], str(tmp_path / "out"), workers=1)
+        prepare_dataset([str(shard)], str(tmp_path / "out"), workers=1)
     report = {}
-    assert [t for _, t in read_documents(str(shard), True, report)] == ["fine", "also fine"]
+    assert [t for _, t in read_jsonl(str(shard), True, report)] == ["fine", "also fine"]
     assert [m.split(": ")[0] for m in report["bad_lines"]] == [f"{shard}:3", f"{shard}:4"]
 
 
@@ -95,12 +95,12 @@ def test_truncated_shard_is_named_and_skippable(tmp_path, capsys):
     cut = tmp_path / "in" / "cut.jsonl.zst"
     cut.write_bytes(full[: len(full) // 2])
     with pytest.raises(CorruptShardError, match=rf"{cut}: unreadable after line \d+"):
-        list(read_documents(str(cut), False, {}))
+        list(read_jsonl(str(cut), False, {}))
     with pytest.raises(SystemExit, match=rf"looped prepare pile: {cut}: unreadable"):
         looped_main(
             ["prepare", "pile", "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"), "--workers", "1"]
         )
-    manifest = prepare_pile([str(good), str(cut)], str(tmp_path / "skip"), skip_bad=True, workers=1)
+    manifest = prepare_dataset([str(good), str(cut)], str(tmp_path / "skip"), skip_bad=True, workers=1)
     out = capsys.readouterr().out
     assert f"{cut}: unreadable" in out  # reported at the end, once although both splits' passes met it
     assert "skipped 1 bad lines or shards" in out and out.count(f"{cut}: unreadable") == 1
@@ -138,7 +138,7 @@ def test_a_prepared_directory_names_its_own_tokenizer(prepared, tmp_path):
     assert isinstance(load_tokenizer(str(root / "data")), ByteTokenizer)  # prepared without a tokenizer file
     out = tmp_path / "tokenizer.json"
     looped_main(["prepare", "tokenizer", "--input", str(root / "shards"), "--vocab-size", "300", "--output", str(out)])
-    prepare_pile(find_sources(str(root / "shards")), str(tmp_path / "bpe"), str(out), val_fraction=0.2, workers=1)
+    prepare_dataset(find_sources(str(root / "shards")), str(tmp_path / "bpe"), str(out), val_fraction=0.2, workers=1)
     assert load_tokenizer(str(tmp_path / "bpe")).sha256 == load_tokenizer(str(out)).sha256
     with pytest.raises(FileNotFoundError, match="tokenizer.json"):
         load_tokenizer(str(tmp_path / "shards_missing"))

@@ -143,6 +143,47 @@ def test_report_end_to_end(tmp_path, capsys):
     assert not (out / "cosine_base.png").exists()
 
 
+def test_language_model_report_reads_the_named_held_out_set(tmp_path):
+    """``--loss-set pile``: Table 3's ppl is the lowest val/loss_pile; per-loop perplexity is averaged over seeds."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    curves = {  # (k, L, seed) -> perplexity after loops 1..2L on the pile set
+        (1, 4, 0): [90.0, 60.0, 50.0, 40.0, 41.0, 42.0, 44.0, 46.0],
+        (1, 4, 1): [70.0, 50.0, 40.0, 30.0, 31.0, 32.0, 34.0, 36.0],
+        (4, 1, 0): [35.0, 80.0],
+        (1, 1, 0): [60.0, 99.0],
+    }
+    for (k, L, seed), curve in curves.items():
+        version = tmp_path / "runs" / f"lm_{k}x{L}_s{seed}" / "version_0"
+        version.mkdir(parents=True)
+        (version / "config.yaml").write_text(CONFIG.format(k=k, L=L))
+        writer = SummaryWriter(str(version))
+        for step, loss in ((10, 5.0), (20, math.log(curve[L - 1]) - 0.1), (30, math.log(curve[L - 1]))):
+            writer.add_scalar("val/loss_pile", loss, step)
+            writer.add_scalar("val/loss", 9.0, step)  # pooled with the primitives' answers: not the LM's perplexity
+            writer.add_scalar("isoplot/log_perplexity", loss, step)
+            writer.add_scalar("val/loss_primitives_math_d0", 2 * loss, step)  # an answer's loss at the same steps
+        writer.add_scalar("test/exact_match_primitives_math_d0", {1: 0.2, 4: 0.3}[k * L] + 0.01 * seed, 30)
+        for n, value in enumerate(curve, start=1):
+            writer.add_scalar(f"test/perplexity_loop{n}_pile", value, 30)
+            writer.add_scalar(f"test/perplexity_loop{n}", 2 * value, 30)
+        writer.close()
+    out = tmp_path / "out"
+    metric = "test/exact_match_primitives_math_d0"
+    isoplot = ["--isoplot-metric", "val/loss_primitives_math_d0"]
+    report.main([str(tmp_path / "runs"), "--output", str(out), "--metric", metric, "--loss-set", "pile", *isoplot])
+    runs = report.load_runs([str(tmp_path / "runs")])
+    points = report.isoplot_points(runs[0], "val/loss_primitives_math_d0")
+    assert len(points) == 3 and all(y == 2 * x for x, y in points)  # the answer loss against the held-out loss
+    assert "![isoplot](isoplot.png)" in (out / "report.md").read_text()
+    text = (out / "report.md").read_text()
+    # The lowest val/loss_pile of any seed: exp(log(30) - 0.1) for 1⊗4 (seed 1 reached it).
+    assert f"| 1⊗4 | 1x / 4x | {math.exp(math.log(30.0) - 0.1):.1f} | 31.0 |" in text
+    assert "| % Gap (1⊗4) |  |  | 110.0 |" in text  # (31 − 20) / (30 − 20); no gap for ppl
+    assert "| 1⊗4 | 2 | 80.0 | 55.0 | 45.0 | 35.0* | 36.0 | 37.0 | 39.0 | 41.0 |" in text  # mean of the two seeds
+    assert "| 4⊗1 | 1 | 35.0* | 80.0 | — | — | — | — | — | — |" in text  # evaluated to 2L = 2 loops
+
+
 # -- IsoplotRecorder ----------------------------------------------------------------------
 def test_isoplot_recorder_logs_matching_metrics():
     import torch

@@ -29,6 +29,8 @@ COLUMNS = {  # metric -> header, in this order; other metrics follow in the orde
 LOOP = re.compile(r"^exact_match_loop(\d+)$")
 OWN_TABLE = ("adaptive/",)
 """Metrics a callback prints as its own table (``AdaptiveExit``: a row per rule), kept out of this one."""
+PERPLEXITY_LOOP = re.compile(r"^perplexity_loop(\d+)$")
+"""``PerLoopAccuracy(perplexity=True)``'s per-loop perplexities: a second table, a column per loop."""
 
 
 def merge_results(results: Sequence[Mapping[str, float]]) -> dict[str, float]:
@@ -65,12 +67,18 @@ def eval_rows(
     seen = list(dict.fromkeys(metric for values in rows.values() for metric in values))
     loops = sorted((m for m in seen if LOOP.match(m)), key=lambda m: int(LOOP.match(m).group(1)))
     known = [m for m in COLUMNS if m in seen]
-    others = [m for m in seen if m not in COLUMNS and m not in loops]
+    others = [m for m in seen if m not in COLUMNS and m not in loops and not PERPLEXITY_LOOP.match(m)]
     return [*known, *others, *loops], rows
 
 
+def perplexity_loop_columns(rows: Mapping[str, Mapping[str, float]]) -> list[str]:
+    """The ``perplexity_loop{n}`` metrics present, in loop order."""
+    seen = {m for values in rows.values() for m in values if PERPLEXITY_LOOP.match(m)}
+    return sorted(seen, key=lambda m: int(PERPLEXITY_LOOP.match(m).group(1)))
+
+
 def header(metric: str, trained_loops: int | None) -> str:
-    if match := LOOP.match(metric):
+    if match := LOOP.match(metric) or PERPLEXITY_LOOP.match(metric):
         n = int(match.group(1))
         return f"loop{n}" + ("*" if n == trained_loops else "")
     return COLUMNS.get(metric, metric)
@@ -83,7 +91,7 @@ def cell(metric: str, value: float | None) -> str:
         return f"{100 * value:.1f}"
     if metric == "loss":
         return f"{value:.4f}"
-    if metric == "perplexity":
+    if metric == "perplexity" or PERPLEXITY_LOOP.match(metric):
         return f"{value:.2f}" if value < 1000 else f"{value:,.0f}"
     return f"{value:.4g}"
 
@@ -100,7 +108,24 @@ def eval_table(
     caption = None
     if any(LOOP.match(c) for c in columns):
         caption = "loopN: exact match % read out after N loops (* = trained L; beyond it, extrapolation)"
-    table = Table(title=title or stage, caption=caption, box=box.SIMPLE_HEAD, title_justify="left")
+    return _table(rows, columns, trained_loops, title or stage, caption)
+
+
+def perplexity_loop_table(
+    metrics: Mapping[str, float], stage: str, eval_names: Sequence[str] = (), trained_loops: int | None = None
+) -> Table | None:
+    """Perplexity after every loop by evaluation set (``PerLoopAccuracy(perplexity=True)``); None without it."""
+    _, rows = eval_rows(metrics, stage, eval_names)
+    columns = perplexity_loop_columns(rows)
+    if not columns:
+        return None
+    rows = {row: values for row, values in rows.items() if any(c in values for c in columns)}
+    caption = "loopN: perplexity of the labelled tokens read out after N loops (* = trained L)"
+    return _table(rows, columns, trained_loops, f"{stage}: perplexity after every loop", caption)
+
+
+def _table(rows, columns, trained_loops, title, caption) -> Table:
+    table = Table(title=title, caption=caption, box=box.SIMPLE_HEAD, title_justify="left")
     # Columns never narrower than their widest entry: on a narrow terminal the table runs past the edge
     # instead of cutting every number to "0.…".
     cells = {metric: [cell(metric, values.get(metric)) for values in rows.values()] for metric in columns}
@@ -124,8 +149,10 @@ def print_eval_table(
     metrics = merge_results(results)
     if not metrics:
         return
-    table = eval_table(metrics, stage, eval_names, trained_loops, title)
-    console = Console()
-    if not console.is_terminal:  # a log file or a pipe: as wide as the table needs, not rich's default 80
-        console = Console(width=max(80, Console(width=1000).measure(table).maximum))
-    console.print(table)
+    tables = [eval_table(metrics, stage, eval_names, trained_loops, title)]
+    tables += [t for t in [perplexity_loop_table(metrics, stage, eval_names, trained_loops)] if t is not None]
+    for table in tables:
+        console = Console()
+        if not console.is_terminal:  # a log file or a pipe: as wide as the table needs, not rich's default 80
+            console = Console(width=max(80, Console(width=1000).measure(table).maximum))
+        console.print(table)

@@ -248,13 +248,18 @@ def _table3_row(name: str, values: dict[str, float], columns: Sequence[str]) -> 
     return [name, shape.cost if shape else "?", *(_fmt(values.get(c)) for c in columns)]
 
 
-def group_rows(runs: list[Run], cells, columns, groups: Sequence[str]) -> dict[str, dict[str, float]]:
-    """Table 3's rows: validation perplexity, each task group's mean, and 'all' (mean of the groups)."""
+def group_rows(
+    runs: list[Run], cells, columns, groups: Sequence[str], loss_tag: str = "val/loss"
+) -> dict[str, dict[str, float]]:
+    """Table 3's rows: validation perplexity (the lowest ``loss_tag`` any run of the model reached, the
+    best checkpoint's), each task group's mean, and 'all' (mean of the groups)."""
     grouped = task_groups(columns, groups)
     rows: dict[str, dict[str, float]] = {}
     for name, values in cells.items():
         row = {}
-        losses = [r.last("val/loss") for r in runs if r.shape.name == name and r.last("val/loss") is not None]
+        losses = [
+            min(v for _, v in r.scalars[loss_tag]) for r in runs if r.shape.name == name and loss_tag in r.scalars
+        ]
         if losses:
             row["ppl"] = math.exp(min(losses))
         for group, cols in grouped.items():
@@ -294,6 +299,31 @@ def scaling_fits(cells: dict[str, dict[str, float]], columns: Sequence[str]) -> 
     return rows
 
 
+def per_loop_perplexity(runs: list[Run], loss_set: str | None = None) -> str:
+    """Held-out perplexity after every loop (``PerLoopAccuracy(perplexity=True)``'s ``test/perplexity_loop{n}``
+    of the evaluation set ``loss_set``, or pooled), a row per model, the mean over its runs; '' without it."""
+    suffix = f"_{loss_set}" if loss_set else ""
+    pattern = re.compile(rf"^test/perplexity_loop(\d+){re.escape(suffix)}$")
+    by_model: dict[str, list[dict[int, float]]] = {}
+    for run in runs:
+        curve = {int(m.group(1)): run.last(tag) for tag in run.scalars if (m := pattern.match(tag))}
+        if curve:
+            by_model.setdefault(run.shape.name + (f" ({run.variant})" if run.variant else ""), []).append(curve)
+    if not by_model:
+        return ""
+    loops = sorted({n for curves in by_model.values() for curve in curves for n in curve})
+    rows = []
+    for name, curves in by_model.items():
+        trained = parse_shape(name.split(" (")[0])
+        cells = []
+        for n in loops:
+            values = [curve[n] for curve in curves if n in curve]
+            mark = "*" if trained and n == trained.loops else ""
+            cells.append(f"{sum(values) / len(values):.1f}{mark}" if values else "—")
+        rows.append([name, str(len(curves)), *cells])
+    return _markdown(["model", "runs", *(f"loop{n}" for n in loops)], rows)
+
+
 # -- figures -----------------------------------------------------------------------------
 def plot_per_loop(run: Run, output: Path, stage: str = "test") -> Path | None:
     per_loop = {}
@@ -320,8 +350,10 @@ def plot_cosine(run: Run, output: Path) -> Path | None:
 
 
 def isoplot_points(run: Run, metric: str) -> list[tuple[float, float]]:
-    """(validation log-perplexity, metric) at every step both were logged: the recorder's tags, else val/."""
-    for x_tag, y_tag in (("isoplot/log_perplexity", f"isoplot/{metric}"), ("val/loss", metric)):
+    """(validation log-perplexity, metric) at every step both were logged: the recorder's tags (its held-out
+    loss with any metric logged at the same steps, e.g. an answer's loss), else val/loss."""
+    pairs = (("isoplot/log_perplexity", f"isoplot/{metric}"), ("isoplot/log_perplexity", metric), ("val/loss", metric))
+    for x_tag, y_tag in pairs:
         xs, ys = dict(run.scalars.get(x_tag, [])), dict(run.scalars.get(y_tag, []))
         points = [(xs[s], as_percent(metric, ys[s])) for s in xs if s in ys]
         if points:
@@ -346,7 +378,7 @@ def plot_isoplot(runs: list[Run], output: Path, metric: str) -> Path | None:
             a, b = fit_line(xs, ys)
             ax.plot([min(xs), max(xs)], [a * min(xs) + b, a * max(xs) + b], color=dots.get_facecolor()[0])
     ax.set_xlabel("validation log-perplexity")
-    ax.set_ylabel(f"{metric} %")
+    ax.set_ylabel(f"{metric} %" if as_percent(metric, 1.0) == 100.0 else metric)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
@@ -377,6 +409,7 @@ def write_report(
     metrics: Sequence[str] = (),
     groups: Sequence[str] = (),
     isoplot_metric: str = "val/exact_match",
+    loss_set: str | None = None,
 ) -> Path:
     output.mkdir(parents=True, exist_ok=True)
     metrics = list(metrics) or default_metrics(runs)
@@ -389,11 +422,20 @@ def write_report(
     )
     if shared:
         parts.append("\\* several runs share this cell; the best is shown (the paper: best of 3 seeds).")
-    table3 = table3_from_numbers(group_rows(runs, cells, columns, groups))
+    loss_tag = f"val/loss_{loss_set}" if loss_set else "val/loss"
+    table3 = table3_from_numbers(group_rows(runs, cells, columns, groups, loss_tag))
     if table3:
         parts.append(
             "## Looped vs shallow vs deep (Table 3)\n\n"
-            "`% Gap = (Avg(k⊗L) − Avg(k⊗1)) / (Avg(kL⊗1) − Avg(k⊗1)) × 100`; ppl = exp(val/loss).\n\n" + table3
+            f"`% Gap = (Avg(k⊗L) − Avg(k⊗1)) / (Avg(kL⊗1) − Avg(k⊗1)) × 100`; ppl = exp(lowest {loss_tag}).\n\n"
+            + table3
+        )
+    perplexities = per_loop_perplexity(everything, loss_set)
+    if perplexities:
+        parts.append(
+            "## Perplexity after every loop\n\n"
+            f"Test perplexity{f' of `{loss_set}`' if loss_set else ''} read out after n loops, mean over runs "
+            "(* = the trained L).\n\n" + perplexities
         )
     variants = [r for r in everything if r.variant]
     if variants:
@@ -436,12 +478,16 @@ def main(argv: list[str] | None = None) -> None:
         help="task group for Table 3, NAME=GLOB over metric columns (repeatable)",
     )
     parser.add_argument("--isoplot-metric", default="val/exact_match", help="y axis of isoplot.png")
+    parser.add_argument(
+        "--loss-set",
+        help="evaluation set whose loss is the held-out perplexity (e.g. pile; default: the pooled val/loss)",
+    )
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     runs = load_runs(args.runs)
     if not runs:
         raise SystemExit(f"looped report: no TensorBoard runs under {' '.join(args.runs)}")
     try:
-        print(write_report(runs, args.output, args.metric, args.group, args.isoplot_metric))
+        print(write_report(runs, args.output, args.metric, args.group, args.isoplot_metric, args.loss_set))
     except ValueError as err:  # a malformed --group
         raise SystemExit(f"looped report: {err}") from err
 
