@@ -162,6 +162,11 @@ class LoopedLM(L.LightningModule):
                 "model.init_args.exit trains a halting gate the model does not have; set "
                 "model.init_args.config.exit_gate: true (or remove model.init_args.exit)"
             )
+        if exit is not None and loop_schedule is not None and loop_schedule.per_loop_loss_weight > 0:
+            raise InputError(
+                "model.init_args.loop_schedule.per_loop_loss_weight: the exit objective already weights every "
+                "loop's loss; set it to 0 (or remove model.init_args.exit)"
+            )
         self.save_hyperparameters(
             {
                 "config": asdict(config),

@@ -90,6 +90,8 @@ def test_exit_without_a_gate_is_refused_by_its_recipe_key():
         tiny_module(exit={"objective": "ouro"})
     with pytest.raises(InputError, match=r"model.init_args.exit.objective: 'halt'"):
         ExitObjective("halt")
+    with pytest.raises(InputError, match=r"loop_schedule.per_loop_loss_weight: the exit objective already"):
+        tiny_module(exit_gate=True, exit={"objective": "ouro"}, loop_schedule={"per_loop_loss_weight": 0.5})
 
 
 # -- exit rules at inference ------------------------------------------------------------------

@@ -84,6 +84,13 @@ def test_rerun_resumes_new_files_only_with_its_own_trained_tokenizer(tmp_path, c
     out = tmp_path / "data"
     prepare_text([str(tmp_path / "text")], str(out), vocab_size=300, val_fraction=0.2, workers=1)
     assert "trained a BPE tokenizer of 300 tokens" in capsys.readouterr().out
+    bad = tmp_path / "other" / "latin1.txt"
+    bad.parent.mkdir()
+    bad.write_bytes("caf\xe9\n".encode("latin-1"))
+    with pytest.raises(CorruptShardError):  # a failed run leaves no trained tokenizer file behind
+        prepare_text([str(bad)], str(tmp_path / "failed"), vocab_size=300, workers=1)
+    assert not (tmp_path / "failed" / "tokenizer.trained.json").exists()
+    capsys.readouterr()
     bpe = load_tokenizer(str(out))
     assert bpe.vocab_size == 300 and not (out / "tokenizer.trained.json").exists()
     index = (out / "train" / "index.json").read_text()

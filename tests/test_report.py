@@ -182,6 +182,10 @@ def test_language_model_report_reads_the_named_held_out_set(tmp_path):
     assert "| % Gap (1⊗4) |  |  | 110.0 |" in text  # (31 − 20) / (30 − 20); no gap for ppl
     assert "| 1⊗4 | 2 | 80.0 | 55.0 | 45.0 | 35.0* | 36.0 | 37.0 | 39.0 | 41.0 |" in text  # mean of the two seeds
     assert "| 4⊗1 | 1 | 35.0* | 80.0 | — | — | — | — | — | — |" in text  # evaluated to 2L = 2 loops
+    with pytest.raises(
+        SystemExit, match=r"--loss-set piel: no run logged val/loss_piel; the evaluation sets logged are pile"
+    ):
+        report.main([str(tmp_path / "runs"), "--output", str(out), "--loss-set", "piel"])
 
 
 # -- IsoplotRecorder ----------------------------------------------------------------------

@@ -246,6 +246,7 @@ def prepare_text(
     """
     sources = find_text_files(inputs, pattern)
     out = Path(output)
+    trained = None  # a freshly trained tokenizer file; prepare_dataset keeps its own copy as DIR/tokenizer.json
     if tokenizer_path == "bytes":
         tokenizer_path = None
     elif tokenizer_path is None and (out / MANIFEST).exists():
@@ -253,16 +254,16 @@ def prepare_text(
         tokenizer_path = str(out / TOKENIZER_FILE) if previous["kind"] == "file" else None
     elif tokenizer_path is None:
         out.mkdir(parents=True, exist_ok=True)
-        tokenizer_path = str(out / "tokenizer.trained.json")
-        train_tokenizer(sources, vocab_size, tokenizer_path, reader=read_text_file, val_fraction=val_fraction)
+        trained = tokenizer_path = str(out / "tokenizer.trained.json")
+        train_tokenizer(sources, vocab_size, trained, reader=read_text_file, val_fraction=val_fraction)
         print(f"trained a BPE tokenizer of {vocab_size} tokens on the training files of {len(sources)}")
-    trained = tokenizer_path == str(out / "tokenizer.trained.json")
-    manifest = prepare_dataset(
-        sources, output, tokenizer_path, val_fraction, workers, skip_bad, chunk_bytes, reader=read_text_file
-    )
-    if trained:  # prepare_dataset keeps its copy as DIR/tokenizer.json
-        Path(tokenizer_path).unlink()
-    return manifest
+    try:
+        return prepare_dataset(
+            sources, output, tokenizer_path, val_fraction, workers, skip_bad, chunk_bytes, reader=read_text_file
+        )
+    finally:
+        if trained is not None:
+            Path(trained).unlink(missing_ok=True)
 
 
 def main(argv: list[str]) -> None:

@@ -486,6 +486,12 @@ def main(argv: list[str] | None = None) -> None:
     runs = load_runs(args.runs)
     if not runs:
         raise SystemExit(f"looped report: no TensorBoard runs under {' '.join(args.runs)}")
+    if args.loss_set and not any(f"val/loss_{args.loss_set}" in run.scalars for run in runs):
+        sets = sorted({t.removeprefix("val/loss_") for run in runs for t in run.scalars if t.startswith("val/loss_")})
+        raise SystemExit(
+            f"looped report: --loss-set {args.loss_set}: no run logged val/loss_{args.loss_set}; "
+            f"the evaluation sets logged are {', '.join(sets) or 'none (drop --loss-set)'}"
+        )
     try:
         print(write_report(runs, args.output, args.metric, args.group, args.isoplot_metric, args.loss_set))
     except ValueError as err:  # a malformed --group
