@@ -6,6 +6,14 @@ state): a block of k layers looped L times owns ``k·L`` slots, prelude and coda
 layers one each. ``DecodeCache`` holds those slots in the order the forward pass
 applies the layers; each mixer reads and extends its own ``LayerCache``.
 
+A model with ``LoopedConfig.kv_sharing`` (Mixture-of-Recursions' recursive KV sharing) attends,
+in every loop, to the keys and values its block computed in the *first* loop: the block's k slots
+serve all L loops (``SharedKV`` carries loop 1's keys to the later loops), so the cache holds the
+block's keys once instead of L times.
+
+Adaptive decoding (``looped.adaptive_decode``) runs the rows still looping as a sub-batch: a
+``RowSlot`` is the view of a slot that reads and writes only those rows.
+
 Dimension letters: b batch, h heads, t time, e head width.
 """
 
@@ -34,6 +42,20 @@ class LayerCache:
         self._keys: Tensor | None = None
         self._values: Tensor | None = None
 
+    def rows(self, index: Tensor | None) -> LayerCache | RowSlot:
+        """This slot restricted to the batch rows ``index`` (None: every row)."""
+        return self if index is None else RowSlot(self, index)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the key and value buffers (0 for a recurrent mixer's slot)."""
+        return sum(t.numel() * t.element_size() for t in (self._keys, self._values) if t is not None)
+
+    def copy_position(self, source: LayerCache, rows: Tensor, position: int) -> None:
+        """Give ``rows`` at ``position`` the keys and values ``source`` holds there (Huginn's "latest" fill)."""
+        self._keys[rows, :, position] = source._keys[rows, :, position]
+        self._values[rows, :, position] = source._values[rows, :, position]
+
     def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Store keys and values ``[b h t e]`` at positions ``offset..offset+t-1``; return all of them so far.
 
@@ -56,6 +78,51 @@ class LayerCache:
         return self.owner.length
 
 
+class RowSlot:
+    """The rows ``index`` of a filled ``LayerCache``: what a sub-batch of still-looping rows reads and extends.
+
+    Reading gathers those rows' keys (a copy, ``len(index)`` rows), so a row that stopped
+    looping costs nothing in later loops' attention.
+    """
+
+    def __init__(self, slot: LayerCache, index: Tensor) -> None:
+        if slot._keys is None:
+            raise ValueError("a RowSlot views a filled slot: run the prefill forward first")
+        self.slot, self.index = slot, index
+        self.capacity = slot.capacity
+        self.state = None
+
+    @property
+    def offset(self) -> int:
+        return self.slot.offset
+
+    def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        end = self.offset + k.shape[-2]
+        keys, values, rows = self.slot._keys, self.slot._values, self.index
+        keys[rows, :, self.offset : end] = k
+        values[rows, :, self.offset : end] = v
+        return keys[rows, :, :end], values[rows, :, :end]
+
+
+class SharedKV:
+    """The keys and values one block layer computed in loop 1 for this forward's positions.
+
+    Mixture-of-Recursions' recursive KV sharing (Bae et al. 2025): the later loops of that layer
+    attend to these instead of projecting their own, so one cache slot serves every loop.
+    ``rows`` views the same keys for a sub-batch of rows (adaptive decoding).
+    """
+
+    def __init__(self) -> None:
+        self.kv: tuple[Tensor, Tensor] | None = None
+
+    def rows(self, index: Tensor | None) -> SharedKV:
+        if index is None or self.kv is None:
+            return self
+        view = SharedKV()
+        view.kv = (self.kv[0][index], self.kv[1][index])
+        return view
+
+
 class DecodeCache:
     """Per-application decoding state of a ``LoopedTransformer`` (see module doc).
 
@@ -70,6 +137,11 @@ class DecodeCache:
         self.capacity = capacity
         self.length = 0
         self.layers: list[LayerCache] = []
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of every key and value buffer held."""
+        return sum(slot.nbytes for slot in self.layers)
 
     def bind(self, applications: int) -> list[LayerCache]:
         """The slots for a forward pass with ``applications`` layer applications (made on first use)."""

@@ -28,7 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from looped.cache import DecodeCache, LayerCache
+from looped.adaptive_decode import AdaptiveDecoding, generate_adaptive
+from looped.cache import DecodeCache, LayerCache, RowSlot, SharedKV
 from looped.errors import MODEL_CONFIG, InputError
 from looped.mixers import MIXERS, Padding, RotaryEmbedding, build_mixer
 
@@ -83,6 +84,11 @@ class LoopedConfig:
     exit_gate: bool = False
     """A learned halting gate: a linear layer giving each token an exit probability after every loop
     (``halt_logits``), trained by ``LoopedLM``'s ``exit`` objective (``looped.halting``)."""
+    kv_sharing: bool = False
+    """Mixture-of-Recursions' recursive KV sharing: every loop of the block attends to the keys and
+    values its layers computed in loop 1 (later loops project only queries). Decoding then caches the
+    block once, not L times (``looped/cache.py``), and a token that exits early leaves no slot to fill.
+    Changes the model's function: train with it. Needs KV-cache mixers (softmax, sparse)."""
 
     def __post_init__(self) -> None:
         def need(ok: bool, field: str, msg: str) -> None:
@@ -121,6 +127,13 @@ class LoopedConfig:
         for name in ("vocab_size", "max_seq_len"):
             value = getattr(self, name)
             need(value is None or value >= 1, name, f"must be >= 1, got {value}")
+        recurrent = [name for name in self.attention_pattern if not MIXERS[name].kv_cache]
+        need(
+            not (self.kv_sharing and recurrent),
+            "kv_sharing",
+            f"shares keys and values across loops, but {recurrent[:1]} attention keeps a recurrent state "
+            "instead (already constant in size); use softmax or sparse attention, or kv_sharing: false",
+        )
 
     @property
     def attention_pattern(self) -> list[str]:
@@ -186,10 +199,11 @@ class TransformerLayer(nn.Module):
         self,
         x: Tensor,
         rope: RotaryEmbedding | None = None,
-        cache: LayerCache | None = None,
+        cache: LayerCache | RowSlot | None = None,
         padding: Padding | None = None,
+        shared: SharedKV | None = None,
     ) -> Tensor:
-        x = x + self.dropout(self.attn(self.attn_norm(x), rope, cache, padding))
+        x = x + self.dropout(self.attn(self.attn_norm(x), rope, cache, padding, shared))
         return x + self.dropout(self.ffn(self.ffn_norm(x)))
 
 
@@ -282,14 +296,9 @@ class LoopedTransformer(nn.Module):
                 "raise max_seq_len or shorten the data's sequence length (or the generation)"
             )
         padding = self.padding(attention_mask, input_ids.shape[0], offset + t)
-        slots = NO_CACHE if cache is None else iter(cache.bind(self.applications(loops)))
-        x = self.embed(input_ids)
-        if self.pos_embed is not None:
-            x = x + (
-                self.pos_embed.weight[offset : offset + t]
-                if padding is None
-                else self.pos_embed(padding.new(offset, t))
-            )
+        slots = NO_CACHE if cache is None else iter(self.decode_slots(cache, loops))
+        shared = self.shared_kv()
+        x = self.embed_tokens(input_ids, offset, padding)
         for layer in self.prelude:
             x = layer(x, self.rope, next(slots), padding)
         loop_input = x
@@ -299,13 +308,23 @@ class LoopedTransformer(nn.Module):
             if self.config.input_injection == "add" and n > 0:
                 x = x + loop_input
             with torch.set_grad_enabled(torch.is_grad_enabled() and n >= first_with_grad):
-                x = self.apply_block(x, slots, padding)
+                x = self.apply_block(x, slots, padding, shared)
             if return_loop_states:
                 loop_states.append(x)
         logits = self.readout(x, slots=slots, padding=padding)
         if cache is not None:
             cache.length += t
         return (logits, loop_states) if return_loop_states else logits
+
+    def embed_tokens(self, input_ids: Tensor, offset: int = 0, padding: Padding | None = None) -> Tensor:
+        """``[b t d]`` token embeddings (plus learned positions) of ``input_ids`` placed after ``offset`` positions."""
+        x = self.embed(input_ids)
+        if self.pos_embed is None:
+            return x
+        t = input_ids.shape[1]
+        return x + (
+            self.pos_embed.weight[offset : offset + t] if padding is None else self.pos_embed(padding.new(offset, t))
+        )
 
     @staticmethod
     def padding(attention_mask: Tensor | None, batch: int, length: int) -> Padding | None:
@@ -319,11 +338,33 @@ class LoopedTransformer(nn.Module):
             )
         return None if bool(attention_mask.all()) else Padding(attention_mask)
 
-    def apply_block(self, x: Tensor, slots: Slots = NO_CACHE, padding: Padding | None = None) -> Tensor:
-        """One application of the shared block (the unit of activation checkpointing)."""
-        for layer in self.block:
-            x = layer(x, self.rope, next(slots), padding)
+    def apply_block(
+        self,
+        x: Tensor,
+        slots: Slots = NO_CACHE,
+        padding: Padding | None = None,
+        shared: list[SharedKV] | list[None] | None = None,
+    ) -> Tensor:
+        """One application of the shared block; ``shared`` (one per block layer) carries loop 1's keys."""
+        for layer, kv in zip(self.block, shared or [None] * len(self.block), strict=True):
+            x = layer(x, self.rope, next(slots), padding, kv)
         return x
+
+    def shared_kv(self) -> list[SharedKV] | list[None]:
+        """One fresh ``SharedKV`` per block layer for a forward (``kv_sharing``), else Nones."""
+        return [SharedKV() if self.config.kv_sharing else None for _ in self.block]
+
+    def decode_slots(self, cache: DecodeCache, loops: int) -> list[LayerCache]:
+        """The decode-cache slot of every layer application of a forward with ``loops`` loops, in order.
+
+        One per application; with ``kv_sharing`` the block's k slots serve every loop.
+        """
+        c = self.config
+        if not c.kv_sharing:
+            return cache.bind(self.applications(loops))
+        slots = cache.bind(c.unique_layers)
+        p, k = c.prelude_layers, c.block_layers
+        return slots[:p] + slots[p : p + k] * loops + slots[p + k :]
 
     def readout(
         self,
@@ -364,7 +405,9 @@ class LoopedTransformer(nn.Module):
         eos_id: int | None = None,
         loops: int | None = None,
         attention_mask: Tensor | None = None,
-    ) -> Tensor:
+        exit: str | None = None,
+        return_loops: bool = False,
+    ) -> Tensor | AdaptiveDecoding:
         """Greedy continuation of ``prompt`` ``[b p]``: ``[b p+n]`` with ``n <= max_new_tokens``.
 
         One forward over the prompt fills a ``DecodeCache``; each later token costs
@@ -372,6 +415,10 @@ class LoopedTransformer(nn.Module):
         it keeps emitting it, and decoding stops once every row has. Prompts of different
         lengths go left-padded, with ``attention_mask`` ``[b p]`` (0 at the padding).
         Dropout follows the module's mode: call ``eval()`` first for deterministic output.
+
+        ``exit`` (``entropy_0.5``, ``kl_0.01``, ``stable_2``, ``gate_0.5``, ``fixed``) lets every
+        new token stop at its own loop, ``loops`` at most (``looped.adaptive_decode``);
+        ``return_loops=True`` then returns an ``AdaptiveDecoding`` with the loops each token used.
         """
         b, p = prompt.shape
         if max_new_tokens < 0:
@@ -384,6 +431,9 @@ class LoopedTransformer(nn.Module):
                 f"{self.config.max_seq_len}; lower max_new_tokens to at most {self.config.max_seq_len - p} "
                 "or raise max_seq_len"
             )
+        if exit is not None or return_loops:
+            decoding = generate_adaptive(self, prompt, max_new_tokens, exit or "fixed", eos_id, loops, attention_mask)
+            return decoding if return_loops else decoding.tokens
         if max_new_tokens == 0:
             return prompt
         tokens = [prompt]

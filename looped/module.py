@@ -29,7 +29,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassExactMatch
 # batch_size and batch_tokens are named by recipes as looped.module.batch_size / batch_tokens.
 from looped.checkpoint import check_same_data
 from looped.contract import IGNORE, DataModuleContract, batch_size, batch_tokens, check_data_module
-from looped.errors import InputError
+from looped.errors import MODEL_CONFIG, InputError
 from looped.generation import generate_answers, sample_rows
 from looped.halting import ExitObjective, expected_loops
 from looped.loop_schedule import LoopSchedule
@@ -202,6 +202,12 @@ class LoopedLM(L.LightningModule):
         self._samples_logged = False  # decoded samples go to TensorBoard once per evaluation
         self._loops_this_step = config.loops  # what the last training step ran (random with a loop_schedule)
         # Scaling out (looped.parallel): applied in configure_model, where the strategy's mesh is known.
+        if activation_checkpointing and config.kv_sharing:
+            # Recomputing loop 1's layers in backward would read the keys the first forward left in SharedKV.
+            raise InputError(
+                "model.init_args.activation_checkpointing: cannot recompute a block whose later loops read loop 1's "
+                f"keys ({MODEL_CONFIG}.kv_sharing: true); turn one of the two off"
+            )
         self.activation_checkpointing = activation_checkpointing
         self.compile_layers = compile
 

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from looped.cache import DecodeCache, LayerCache
+from looped.cache import DecodeCache, LayerCache, RowSlot, SharedKV
 
 
 class Padding:
@@ -93,8 +93,15 @@ class AttentionMixer(nn.Module):
     parameter group of the paper by name: ``q_proj``, ``k_proj``, ``v_proj``, ``o_proj``.
     Subclasses implement ``attend(q, k, v)`` on ``[b h t e]`` tensors and, for
     decoding, say which keys a query sees (``visible``, for a KV cache) or
-    override ``attend_cached`` (recurrent mixers).
+    override ``attend_cached`` (recurrent mixers, which set ``kv_cache = False``).
+
+    With a ``SharedKV`` (``LoopedConfig.kv_sharing``) the first call projects keys and values
+    and leaves them there; later loops project only queries and attend to those.
     """
+
+    kv_cache = True
+    """Decoding keeps keys and values per position (False: a recurrent state), so they can be
+    shared across loops and copied between slots."""
 
     def __init__(self, d_model: int, n_heads: int, dropout: float = 0.0, bias: bool = False) -> None:
         super().__init__()
@@ -109,17 +116,24 @@ class AttentionMixer(nn.Module):
         self,
         x: Tensor,
         rope: RotaryEmbedding | None = None,
-        cache: LayerCache | None = None,
+        cache: LayerCache | RowSlot | None = None,
         padding: Padding | None = None,
+        shared: SharedKV | None = None,
     ) -> Tensor:
-        q, k, v = (
-            rearrange(proj(x), "b t (h e) -> b h t e", h=self.n_heads)
-            for proj in (self.q_proj, self.k_proj, self.v_proj)
-        )
+        def heads(proj: nn.Linear) -> Tensor:
+            return rearrange(proj(x), "b t (h e) -> b h t e", h=self.n_heads)
+
         offset = 0 if cache is None else cache.offset  # absolute position of x's first token
-        if rope is not None:
-            positions = None if padding is None else padding.new(offset, x.shape[1])
-            q, k = rope(q, offset, positions), rope(k, offset, positions)
+        positions = None if padding is None else padding.new(offset, x.shape[1])
+        q = heads(self.q_proj) if rope is None else rope(heads(self.q_proj), offset, positions)
+        if shared is not None and shared.kv is not None:
+            k, v = shared.kv  # a later loop: loop 1's keys and values, already rotated
+        else:
+            k, v = heads(self.k_proj), heads(self.v_proj)
+            if rope is not None:
+                k = rope(k, offset, positions)
+            if shared is not None:
+                shared.kv = (k, v)
         if padding is not None:
             out = self.attend_padded(q, k, v, padding, cache)
         elif cache is None:

@@ -56,6 +56,8 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 class LinearAttention(AttentionMixer):
     """Causal linear attention with a positive feature map; chunked for training, recurrent for decoding."""
 
+    kv_cache = False  # decoding keeps the recurrent state (S, z), not keys per position
+
     def __init__(
         self,
         d_model: int,
