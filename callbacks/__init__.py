@@ -4,6 +4,7 @@ from looped.callbacks.adaptive_exit import AdaptiveExit
 from looped.callbacks.block_cosine import BlockCosineSimilarity
 from looped.callbacks.interrupt import InterruptCheckpoint
 from looped.callbacks.isoplot import IsoplotRecorder
+from looped.callbacks.loop_dynamics import LoopDynamics
 from looped.callbacks.per_loop import PerLoopAccuracy
 from looped.callbacks.stacking import GradualStacking
 
@@ -13,5 +14,6 @@ __all__ = [
     "GradualStacking",
     "InterruptCheckpoint",
     "IsoplotRecorder",
+    "LoopDynamics",
     "PerLoopAccuracy",
 ]

@@ -1,7 +1,7 @@
 """``AdaptiveExit``: accuracy against mean loops when each test sequence stops once its answer settles.
 
-At test, one forward per batch with ``loops=max_eval_loops`` gives every loop's
-prediction (``looped.adaptive``); every rule and parameter then picks each
+At test, the one forward per batch with ``loops=max_eval_loops`` that ``LoopedLM`` shares with
+every loop reader gives every loop's prediction (``looped.loop_readout``); every rule and parameter then picks each
 sample's exit loop from it. Logged per rule: ``test/adaptive/<rule>_<param>/exact_match``
 and ``.../mean_loops`` over all test sets, and with the data module's ``eval_names``
 also per set (``.../exact_match_<name>``, ``.../mean_loops_<name>``); printed as a
@@ -24,11 +24,11 @@ from looped.adaptive import (
     adaptive_exits,
     correct_at_exit,
     format_adaptive_table,
-    per_loop_predictions,
     rule_name,
 )
 from looped.callbacks.per_loop import log_figure
 from looped.errors import InputError
+from looped.loop_readout import loop_predictions
 from looped.tools.plots import pareto_figure
 
 
@@ -70,6 +70,9 @@ class AdaptiveExit(L.Callback):
     def loops_to_eval(self, pl_module: L.LightningModule) -> int:
         return self.max_eval_loops or 2 * pl_module.config.loops
 
+    def loops_to_read(self, pl_module: L.LightningModule, stage: str) -> int:
+        return self.loops_to_eval(pl_module) if stage == "test" else 0
+
     @property
     def rules(self) -> list[str]:
         """Every rule and parameter, in the order ``adaptive_exits`` returns them."""
@@ -85,7 +88,7 @@ class AdaptiveExit(L.Callback):
         self._gate = getattr(pl_module.model, "exit_gate", None) is not None
 
     def on_test_batch_end(self, trainer, pl_module, outputs: Any, batch, batch_idx, dataloader_idx=0) -> None:
-        pred = per_loop_predictions(pl_module.model, batch["input_ids"], batch["labels"], self.loops_to_eval(pl_module))
+        pred = loop_predictions(pl_module, batch, self.loops_to_eval(pl_module))
         gates = self.gate_quantiles if self._gate else ()
         exits = adaptive_exits(pred, self.patience, self.kl_thresholds, self.entropy_thresholds, gates)
         per_rule = [torch.stack([correct_at_exit(pred, exits[r]).sum(), exits[r].sum()]).float() for r in self.rules]

@@ -3,11 +3,10 @@
 With ``perplexity=True`` it also logs the perplexity of the labelled tokens after every loop
 (``{stage}/perplexity_loop{n}``), for language models, from the same forward.
 
-At validation and test the callback runs the model once with
-``loops=max_eval_loops`` and ``return_loop_states=True`` and reads every loop's
-hidden state through the head, so the accuracy of an early exit after loop
-``n`` (and of running *more* loops than trained, ``n > L``) costs one forward,
-not ``max_eval_loops`` of them. Only labelled positions are read out.
+At validation and test the callback reads every loop's hidden state through the head, from the
+one forward ``LoopedLM``'s evaluation step runs to ``max_eval_loops`` loops for every loop reader
+(``looped.loop_readout``), so the accuracy of an early exit after loop ``n`` (and of running *more*
+loops than trained, ``n > L``) costs no forward of its own. Only labelled positions are read out.
 
 With a ``TensorBoardLogger`` the curve is also drawn (``{stage}/exact_match_per_loop``,
 see ``per_loop_figure``). With several named evaluation sets (the data module's
@@ -18,70 +17,26 @@ see ``per_loop_figure``). With several named evaluation sets (the data module's
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor
 
-from looped.contract import IGNORE
+from looped.loop_readout import loop_predictions, per_loop_predictions
 from looped.tools.plots import per_loop_figure
-
-
-class LoopReadout(NamedTuple):
-    """What reading every loop's state through the head gives, for one batch."""
-
-    correct: Tensor
-    """``[n b]`` bool: sample b is fully right when read out after loop n+1."""
-    loss: Tensor | None
-    """``[n]`` summed cross-entropy over the labelled positions after loop n+1 (None unless asked for)."""
-    tokens: Tensor
-    """Number of labelled positions: ``exp(loss / tokens)`` is the perplexity after each loop."""
-
-
-# Read out at most this many logits at once: a language model's labelled positions are every token,
-# and [n m v] for 8 loops of 16 × 256 tokens and 4096 words would be half a gigabyte.
-READOUT_ELEMENTS = 1 << 24
-
-
-def read_every_loop(model, input_ids: Tensor, labels: Tensor, loops: int, with_loss: bool = False) -> LoopReadout:
-    """Every loop's prediction (and, ``with_loss``, cross-entropy) at the labelled positions, from one forward."""
-    _, states = model(input_ids, loops=loops, return_loop_states=True)
-    mask = labels != IGNORE
-    sample = mask.nonzero()[:, 0]
-    target = labels[mask]
-    if len(model.coda) == 0:
-        # Several loops through the head at once, ``[n m d]``: the labelled positions are usually few,
-        # so n small readouts would cost n times the launches (on a busy CPU, n times the thread-pool
-        # wake-ups) for the same arithmetic.
-        per_call = max(1, READOUT_ELEMENTS // max(1, target.numel() * model.config.vocab_size))
-        picked = [state[mask] for state in states]
-        logits = (model.readout(torch.stack(picked[i : i + per_call])) for i in range(0, len(picked), per_call))
-    else:  # the coda attends over every position, so each loop needs its own readout
-        logits = (model.readout(state, positions=mask)[None] for state in states)
-    preds, losses = [], []
-    for chunk in logits:  # [c m v]
-        preds.append(chunk.argmax(-1))
-        if with_loss:
-            flat = chunk.float().flatten(0, 1)
-            per_position = F.cross_entropy(flat, target.repeat(chunk.shape[0]), reduction="none")
-            losses.append(per_position.view(chunk.shape[0], -1).sum(1))
-    wrong = (torch.cat(preds) != target).float()
-    errors = torch.zeros(len(states), len(labels), device=labels.device).index_add_(1, sample, wrong)
-    return LoopReadout(errors == 0, torch.cat(losses) if with_loss else None, mask.sum())
 
 
 def exact_match_per_loop(model, input_ids: Tensor, labels: Tensor, loops: int) -> Tensor:
     """Bool ``[loops b]``: sample b is fully right when read out after loop n+1."""
-    return read_every_loop(model, input_ids, labels, loops).correct
+    return per_loop_predictions(model, input_ids, labels, loops).correct
 
 
 def perplexity_per_loop(model, input_ids: Tensor, labels: Tensor, loops: int) -> Tensor:
     """``[loops]`` perplexity of the labelled tokens read out after loop n+1 (inference-time scaling for LMs)."""
-    readout = read_every_loop(model, input_ids, labels, loops, with_loss=True)
-    return torch.exp(readout.loss / readout.tokens.clamp(min=1))
+    loss = per_loop_predictions(model, input_ids, labels, loops).loss
+    return torch.exp(loss.sum(1) / max(1, loss.shape[1]))
 
 
 class PerLoopAccuracy(L.Callback):
@@ -111,11 +66,11 @@ class PerLoopAccuracy(L.Callback):
     def _reset(self, pl_module: L.LightningModule) -> None:
         self._correct, self._total, self._loss, self._tokens = {}, {}, {}, {}
 
+    def loops_to_read(self, pl_module: L.LightningModule, stage: str) -> int:
+        return self.loops_to_eval(pl_module)  # at validation and test alike
+
     def _update(self, pl_module: L.LightningModule, batch: dict[str, Tensor], dataloader_idx: int) -> None:
-        with torch.no_grad():
-            readout = read_every_loop(
-                pl_module.model, batch["input_ids"], batch["labels"], self.loops_to_eval(pl_module), self.perplexity
-            )
+        readout = loop_predictions(pl_module, batch, self.loops_to_eval(pl_module))
         right, i = readout.correct, dataloader_idx
         if i not in self._correct:
             self._correct[i] = torch.zeros(right.shape[0], device=right.device)
@@ -124,9 +79,9 @@ class PerLoopAccuracy(L.Callback):
             self._tokens[i] = torch.zeros((), device=right.device)
         self._correct[i] += right.sum(dim=1)
         self._total[i] += right.shape[1]
-        if readout.loss is not None:
-            self._loss[i] += readout.loss
-            self._tokens[i] += readout.tokens
+        if self.perplexity:
+            self._loss[i] += readout.loss.sum(1)
+            self._tokens[i] += readout.loss.shape[1]
 
     def _finish(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> list[float]:
         names = pl_module.eval_names

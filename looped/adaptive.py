@@ -19,9 +19,9 @@ A sequence that never settles runs to ``max_loops``. Exiting at loop n costs n
 loops: the rule reads loop n's own prediction, which the exit then returns.
 
 Everything comes from ONE forward pass with ``return_loop_states=True``
-(``per_loop_predictions``): every loop's readout at the labelled positions, from
-which the exit loop of every sample under every rule is found without running
-the model again (``exit_loops_stable``, ``exit_loops_kl``). Only ``[n m]``
+(``looped.loop_readout.per_loop_predictions``): every loop's readout at the labelled
+positions, from which the exit loop of every sample under every rule is found without
+running the model again (``exit_loops_stable``, ``exit_loops_kl``). Only ``[n m]``
 summaries are kept per loop, never ``[n m v]`` distributions.
 
 Dimension letters: n loop, b sample, m labelled position (over the whole batch), v vocabulary.
@@ -30,90 +30,12 @@ Dimension letters: n loop, b sample, m labelled position (over the whole batch),
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from looped.contract import IGNORE
-from looped.halting import exit_distribution
-
-
-@dataclass
-class LoopPredictions:
-    """What every loop predicts at the labelled positions of one batch."""
-
-    preds: Tensor
-    """``[n m]`` argmax after loop n+1."""
-    kl: Tensor
-    """``[n m]`` ``KL(p_{n+1} ‖ p_n)`` between consecutive loops; row 0 (no previous loop) is +inf."""
-    correct: Tensor
-    """``[n b]`` bool: every labelled position of sample b is right after loop n+1."""
-    sample: Tensor
-    """``[m]`` the sample each labelled position belongs to."""
-    entropy: Tensor | None = None
-    """``[n m]`` entropy ``H(p_{n+1})`` of the readout after loop n+1 (nats)."""
-    exit_cdf: Tensor | None = None
-    """``[n m]`` the learned gate's cumulative exit probability ``Σ_{j≤n+1} p(j)`` (models with ``exit_gate``)."""
-
-    @property
-    def max_loops(self) -> int:
-        return self.preds.shape[0]
-
-    @property
-    def batch_size(self) -> int:
-        return self.correct.shape[1]
-
-
-@torch.no_grad()
-def per_loop_predictions(model, input_ids: Tensor, labels: Tensor, max_loops: int) -> LoopPredictions:
-    """Run ``model`` once for ``max_loops`` loops and read every loop out at the labelled positions."""
-    _, states = model(input_ids, loops=max_loops, return_loop_states=True)
-    mask = labels != IGNORE
-    sample = mask.nonzero()[:, 0]
-    target = labels[mask]
-    preds, kls, entropies = [], [], []
-    previous = None
-    for state in states:
-        # float32: a KL threshold of 1e-3 is below bf16's resolution of a log-probability.
-        logprobs = model.readout(state, positions=mask).float().log_softmax(-1)
-        preds.append(logprobs.argmax(-1))
-        entropies.append(-(logprobs.exp() * logprobs).sum(-1))
-        if previous is None:
-            kls.append(torch.full_like(target, float("inf"), dtype=torch.float32))
-        else:
-            # kl_div(input, target) is KL(target ‖ input): here KL(p_n ‖ p_{n-1}).
-            kls.append(F.kl_div(previous, logprobs, reduction="none", log_target=True).sum(-1))
-        previous = logprobs
-    preds = torch.stack(preds)
-    correct = per_sample_all(preds == target, sample, len(labels))
-    exit_cdf = None
-    if getattr(model, "exit_gate", None) is not None:
-        halts = torch.stack([model.halt_logits(state[mask]) for state in states])
-        exit_cdf = exit_distribution(halts.float()).cumsum(0)
-    return LoopPredictions(
-        preds=preds,
-        kl=torch.stack(kls),
-        correct=correct,
-        sample=sample,
-        entropy=torch.stack(entropies),
-        exit_cdf=exit_cdf,
-    )
-
-
-def per_sample_all(flags: Tensor, sample: Tensor, batch_size: int) -> Tensor:
-    """``[n m]`` bool → ``[n b]``: true where all of sample b's positions are (no positions: true)."""
-    misses = torch.zeros(flags.shape[0], batch_size, device=flags.device)
-    return misses.index_add_(1, sample, (~flags).float()) == 0
-
-
-def per_sample_max(values: Tensor, sample: Tensor, batch_size: int) -> Tensor:
-    """``[n m]`` → ``[n b]``: the largest value over sample b's positions (no positions: -inf)."""
-    out = torch.full((values.shape[0], batch_size), float("-inf"), device=values.device, dtype=values.dtype)
-    index = sample.expand_as(values)
-    return out.scatter_reduce_(1, index, values, reduce="amax", include_self=True)
+from looped.loop_readout import LoopPredictions, per_sample_all, per_sample_max
 
 
 def first_exit(settled: Tensor, patience: int) -> Tensor:

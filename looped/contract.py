@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from torch import Tensor
 
@@ -36,6 +36,17 @@ class DataModuleContract(Protocol):
 
     def decode(self, ids: Sequence[int]) -> str:
         """Readable text of a row of token ids (for the samples logged to TensorBoard)."""
+        ...
+
+
+@runtime_checkable
+class ReadsLoops(Protocol):
+    """A callback that reads every loop's prediction of each evaluation batch (``PerLoopAccuracy``,
+    ``AdaptiveExit``, ``LoopDynamics``). ``LoopedLM`` runs each evaluation batch once, to the deepest
+    loop any of them reads at that stage, and shares the pass (``looped.loop_readout``)."""
+
+    def loops_to_read(self, pl_module: Any, stage: str) -> int:
+        """Loops it reads at ``stage`` (``"val"`` or ``"test"``); 0: none."""
         ...
 
 

@@ -28,10 +28,11 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassExactMatch
 
 # batch_size and batch_tokens are named by recipes as looped.module.batch_size / batch_tokens.
 from looped.checkpoint import check_same_data
-from looped.contract import IGNORE, DataModuleContract, batch_size, batch_tokens, check_data_module
+from looped.contract import IGNORE, DataModuleContract, ReadsLoops, batch_size, batch_tokens, check_data_module
 from looped.errors import MODEL_CONFIG, InputError
 from looped.generation import generate_answers, sample_rows
 from looped.halting import ExitObjective, expected_loops
+from looped.loop_readout import EvalPass
 from looped.loop_schedule import LoopSchedule
 from looped.model import LoopedConfig, LoopedTransformer
 from looped.regularizer import BlockRegularizer
@@ -201,6 +202,7 @@ class LoopedLM(L.LightningModule):
         self._batch_shape: tuple[int, int] | None = None
         self._samples_logged = False  # decoded samples go to TensorBoard once per evaluation
         self._loops_this_step = config.loops  # what the last training step ran (random with a loop_schedule)
+        self.eval_pass: EvalPass | None = None  # this evaluation batch's one forward, for the loop readers
         # Scaling out (looped.parallel): applied in configure_model, where the strategy's mesh is known.
         if activation_checkpointing and config.kv_sharing:
             # Recomputing loop 1's layers in backward would read the keys the first forward left in SharedKV.
@@ -286,9 +288,24 @@ class LoopedLM(L.LightningModule):
         self.log("train/last_loop_loss", losses[-1].detach().mean())
         return self.exit.loss(losses, halts)
 
+    def eval_depth(self, stage: str) -> int | None:
+        """Loops of the shared evaluation pass: the deepest any loop-reading callback reads at ``stage``
+        (``"val"``, ``"test"``), at least the trained L; None when no callback reads loops then."""
+        callbacks = self._trainer.callbacks if self._trainer is not None else []
+        readers = [cb.loops_to_read(self, stage) for cb in callbacks if isinstance(cb, ReadsLoops)]
+        readers = [loops for loops in readers if loops > 0]
+        return max([self.config.loops, *readers]) if readers else None
+
     def _eval_step(self, batch: dict[str, Tensor], metrics: nn.ModuleDict, stage: str, dataloader_idx: int = 0) -> None:
         labels = batch["labels"]
-        logits = self(batch["input_ids"])
+        depth, loops = self.eval_depth(stage), self.config.loops
+        if depth is None:
+            logits = self(batch["input_ids"])
+        else:  # one pass for this step's metrics (read at L) and every loop-reading callback
+            logits, states = self.model(batch["input_ids"], loops=depth, return_loop_states=True)
+            if depth != loops:
+                logits = self.model.readout(states[loops - 1])
+            self.eval_pass = EvalPass(self.model, batch["input_ids"], labels, states)
         loss, tokens = self.compute_loss(logits, labels), (labels != IGNORE).sum()
         # Exact match over the whole sequence: positions with no label count as right.
         preds = logits.argmax(-1)
@@ -381,11 +398,13 @@ class LoopedLM(L.LightningModule):
     def on_test_epoch_start(self) -> None:
         self._samples_logged = False
 
-    def on_validation_epoch_end(self) -> None:
+    def on_validation_epoch_end(self) -> None:  # after the callbacks' (Lightning calls them first)
         self._log_eval_metrics(self.val_metrics, "val")
+        self.eval_pass = None
 
     def on_test_epoch_end(self) -> None:
         self._log_eval_metrics(self.test_metrics, "test")
+        self.eval_pass = None
 
     def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         return self(batch["input_ids"]).argmax(-1)

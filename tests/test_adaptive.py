@@ -11,7 +11,6 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from conftest import tiny_model, tiny_module
 from looped import LoopedTransformer
 from looped.adaptive import (
-    LoopPredictions,
     Point,
     adaptive_exits,
     correct_at_exit,
@@ -19,10 +18,10 @@ from looped.adaptive import (
     exit_loops_stable,
     first_exit,
     pareto,
-    per_loop_predictions,
 )
 from looped.callbacks import AdaptiveExit
 from looped.datamodules import NaryAddition, PHop
+from looped.loop_readout import LoopPredictions, per_loop_predictions
 
 MAX_LOOPS = 7
 PATIENCE = (1, 2, 3)

@@ -33,6 +33,7 @@ TRAINING = (
     "looped.loop_schedule",
     "looped.regularizer",
     "looped.adaptive",
+    "looped.loop_readout",
     "looped.halting",
     "looped.optim",
     "looped.parallel",

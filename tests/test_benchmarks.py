@@ -51,10 +51,12 @@ def test_datagen_prints_consistent_headroom(label):
 
 @pytest.mark.slow
 def test_decode_benchmark_prints_its_ratios_from_its_columns():
-    """``benchmarks/decode.py`` runs against the current code (the three decoders agree, or it stops) and
-    its last line, transformers' ``generate`` on the exported model over ours, follows from its rows."""
+    """``benchmarks/decode.py`` runs against the current code (the exact decoders agree, or it stops) and its
+    ratio lines follow from its rows: transformers' ``generate`` over ours, each exit rule over fixed L
+    (beside L / its mean loops), KV shared over per application (the cache bytes: 1/L, no prelude or coda)."""
     pytest.importorskip("transformers")
     args = ["--rounds", "1", "--new-tokens", "6", "--prompt-len", "8", "--d-model", "32", "--vocab", "64"]
+    args += ["--exit", "stable_1", "fixed"]
     out = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "decode.py"), *args],
         capture_output=True,
@@ -64,13 +66,28 @@ def test_decode_benchmark_prints_its_ratios_from_its_columns():
     )
     assert out.returncode == 0, out.stderr[-3000:]
     lines = out.stdout.splitlines()
-    names = ("cached (generate)", "full forward per token", "transformers generate")
-    rows = [line for line in lines if "ratio" not in line]
-    rate = {name: _number(line.split()[-1]) for line in rows for name in names if line.startswith(name)}
-    assert set(rate) == set(names) and all(r > 0 for r in rate.values())
-    assert lines[-1].startswith("transformers generate / our generate tokens/s ratio:")
-    ratio = _number(lines[-1].split(":")[-1])
-    assert ratio == pytest.approx(rate["transformers generate"] / rate["cached (generate)"], abs=0.02)
+    names = ("cached (generate)", "full forward per token", "transformers generate", "exit stable_1", "exit fixed")
+    names += ("kv shared",)
+    rows = {line.split("  ")[0].strip(): line for line in lines if "ratio" not in line}
+    rate = {name: _number(rows[name][len(name) :].split()[1]) for name in names}
+    loops = {name: _number(rows[name][len(name) :].split()[2]) for name in names}
+    assert all(r > 0 for r in rate.values())
+    assert loops["exit fixed"] == 3 and 1 <= loops["exit stable_1"] <= 3
+
+    def ratio(prefix: str) -> list[float]:
+        line = next(line for line in lines if line.startswith(prefix))
+        return [_number(word.rstrip(",;)")) for word in line.split(":", 1)[1].split() if word[0].isdigit()]
+
+    assert ratio("transformers generate / our")[0] == pytest.approx(
+        rate["transformers generate"] / rate["cached (generate)"], abs=0.02
+    )
+    measured, mean, ideal, share = ratio("exit stable_1 / fixed")
+    assert measured == pytest.approx(rate["exit stable_1"] / rate["cached (generate)"], abs=0.02)
+    assert mean == pytest.approx(loops["exit stable_1"], abs=0.01) and ideal == pytest.approx(3 / mean, abs=0.01)
+    assert share == pytest.approx(measured / ideal, abs=0.02)
+    speed, size = ratio("kv shared / kv per application")
+    assert speed == pytest.approx(rate["kv shared"] / rate["cached (generate)"], abs=0.02)
+    assert size == pytest.approx(1 / 3, abs=0.01)
 
 
 def test_gpu_check_dry_run_runs_every_path_on_the_cpu():

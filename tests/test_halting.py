@@ -8,11 +8,12 @@ import pytest
 import torch
 
 from conftest import tiny_model, tiny_module
-from looped.adaptive import adaptive_exits, exit_loops_entropy, exit_loops_gate, per_loop_predictions
+from looped.adaptive import adaptive_exits, exit_loops_entropy, exit_loops_gate
 from looped.callbacks import AdaptiveExit
 from looped.datamodules import PHop
 from looped.errors import InputError
 from looped.halting import ExitObjective, exit_distribution
+from looped.loop_readout import per_loop_predictions
 
 # -- a slow reference, in Python floats, one token at a time -------------------------------------
 

@@ -27,8 +27,9 @@ COLUMNS = {  # metric -> header, in this order; other metrics follow in the orde
     "answer_accuracy": "answer acc %",
 }
 LOOP = re.compile(r"^exact_match_loop(\d+)$")
-OWN_TABLE = ("adaptive/",)
-"""Metrics a callback prints as its own table (``AdaptiveExit``: a row per rule), kept out of this one."""
+OWN_TABLE = ("adaptive/", "dynamics/")
+"""Metrics a callback shows on its own (``AdaptiveExit``: a table, a row per rule; ``LoopDynamics``: curves), kept
+out of this one."""
 PERPLEXITY_LOOP = re.compile(r"^perplexity_loop(\d+)$")
 """``PerLoopAccuracy(perplexity=True)``'s per-loop perplexities: a second table, a column per loop."""
 

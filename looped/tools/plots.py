@@ -107,3 +107,30 @@ def pareto_figure(fixed: list[float], adaptive: list, trained_loops: int):
     ax.legend(loc="best", fontsize=8)
     fig.tight_layout()
     return fig
+
+
+def dynamics_figure(dynamics: dict[str, list[float]], trained_loops: int):
+    """``LoopDynamics``: one panel per quantity against the loop, the trained L marked in each.
+
+    ``dynamics`` maps a quantity (``residual``, ``top_prob``, ``flip_rate``) to its value after loops
+    1..n (NaN where it is undefined: the residual and the flip rate of loop 1 compare with nothing).
+    """
+    plt = pyplot()
+    titles = {
+        "residual": "fixed-point residual ‖h_n − h_{n−1}‖ / ‖h_{n−1}‖",
+        "top_prob": "logit lens: probability of the argmax",
+        "flip_rate": "answer flips: argmax changed since loop n−1",
+    }
+    names = [name for name in titles if name in dynamics]
+    fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 3.0), squeeze=False)
+    for ax, name in zip(axes[0], names):
+        values = dynamics[name]
+        ax.plot(range(1, len(values) + 1), values, marker="o")
+        ax.axvline(trained_loops, color="grey", linestyle="--", label=f"trained L = {trained_loops}")
+        ax.set_title(titles[name], fontsize=8)
+        ax.set_xlabel("loop")
+        ax.set_xticks(list(range(1, len(values) + 1)))
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(loc="best", fontsize=8)
+    fig.tight_layout()
+    return fig
