@@ -7,6 +7,11 @@ answer is ``v[find_p(v, n)]``. Only sequences whose p-hop chain exists
 (``find_p(v, n) > 0``) are kept, as in the paper.
 
 A sample reads ``v_1 … v_n =`` and the label at ``=`` is the answer letter.
+
+With ``train_hops`` (a list of hop counts) every training sample draws its own p from the list and
+the query token says which: ``v_1 … v_n =p``. A model trained so answers any of those depths, and
+each evaluation set (``eval_hops``: ``hops1``, ``hops2``, …) holds samples of one known depth — what
+asking "does an exit rule spend more loops on deeper problems?" needs.
 """
 
 from __future__ import annotations
@@ -39,14 +44,21 @@ def hop_table(seqs: np.ndarray, alphabet_size: int) -> np.ndarray:
     return table
 
 
-def follow_hops(seqs: np.ndarray, alphabet_size: int, hops: int, every_position: bool = False) -> np.ndarray:
-    """``find_hops(v, n)`` for every row, or ``find_hops(v, i)`` for every i (``[b n]``); 0 where the chain breaks."""
+def follow_hops(
+    seqs: np.ndarray, alphabet_size: int, hops: int | np.ndarray, every_position: bool = False
+) -> np.ndarray:
+    """``find_hops(v, n)`` for every row, or ``find_hops(v, i)`` for every i (``[b n]``); 0 where the chain breaks.
+
+    ``hops`` is one count for every row or one per row (``[b]``).
+    """
     table = hop_table(seqs, alphabet_size)
     b, n = seqs.shape
     rows = np.arange(b)[:, None] if every_position else np.arange(b)
     pos = np.broadcast_to(np.arange(1, n + 1), (b, n)) if every_position else np.full(b, n, dtype=np.int64)
-    for _ in range(hops):
-        pos = table[rows, pos]
+    per_row = np.broadcast_to(np.asarray(hops), (b,))
+    per_row = per_row[:, None] if every_position else per_row
+    for step in range(int(per_row.max(initial=0))):
+        pos = np.where(step < per_row, table[rows, pos], pos)
     return pos
 
 
@@ -64,6 +76,8 @@ class PHop(SyntheticTask):
         eval_hops: evaluate on one named set per hop count (``hops1``, ``hops2``, ...) instead of
             ``hops`` alone: samples whose required depth is known, for asking whether an exit rule
             spends more loops on deeper problems (``AdaptiveExit`` logs mean loops per set).
+        train_hops: train on a mix of hop counts, one drawn uniformly per sample and written in its
+            query token (``=1``, ``=2``, ...; module doc); ``hops`` and ``eval_hops`` must be among them.
         **kwargs: batch sizes, eval set sizes, seed, workers (see ``SyntheticTask``).
     """
 
@@ -74,9 +88,11 @@ class PHop(SyntheticTask):
         hops: int = 16,
         supervise: Literal["last", "all"] = "last",
         eval_hops: list[int] | None = None,
+        train_hops: list[int] | None = None,
         **kwargs,
     ) -> None:
         self.eval_hops = list(eval_hops or [])
+        self.train_hops = sorted(set(train_hops or []))
         self.eval_names = [f"hops{h}" for h in self.eval_hops]  # before SyntheticTask draws the sets
         super().__init__(**kwargs)
         self.supervise = supervise
@@ -93,11 +109,23 @@ class PHop(SyntheticTask):
             )
         if any(h < 1 or h >= length for h in self.eval_hops):
             raise InputError(f"data.eval_hops: every hop count must lie in 1..{length - 1}, got {self.eval_hops}")
+        if self.train_hops and any(h < 1 or h >= length for h in self.train_hops):
+            raise InputError(f"data.train_hops: every hop count must lie in 1..{length - 1}, got {train_hops}")
+        unseen = sorted({hops, *self.eval_hops} - set(self.train_hops)) if self.train_hops else []
+        if unseen:
+            raise InputError(
+                f"data.train_hops: {self.train_hops} does not include the evaluated hop counts {unseen} "
+                "(data.hops, data.eval_hops); add them, or evaluate only depths the model is trained on"
+            )
         self.alphabet_size, self.length, self.hops = alphabet_size, length, hops
         self._chain_rate = {h: self._check_chain_rate(h, key) for h, key in self._hop_counts()}
 
     def _hop_counts(self) -> list[tuple[int, str]]:
-        return [(self.hops, "data.hops"), *((h, "data.eval_hops") for h in self.eval_hops)]
+        return [
+            (self.hops, "data.hops"),
+            *((h, "data.eval_hops") for h in self.eval_hops),
+            *((h, "data.train_hops") for h in self.train_hops),
+        ]
 
     def _check_chain_rate(self, hops: int, key: str) -> float:
         """Refuse hop counts whose chain almost never exists in a sequence this short."""
@@ -114,14 +142,24 @@ class PHop(SyntheticTask):
 
     @property
     def vocab(self) -> list[str]:
-        return list(string.ascii_lowercase[: self.alphabet_size]) + ["="]
+        letters = list(string.ascii_lowercase[: self.alphabet_size])
+        return letters + ([f"={h}" for h in range(1, max(self.train_hops) + 1)] if self.train_hops else ["="])
+
+    def query_token(self, hops: int) -> int:
+        """The token after the letters: ``=``, or ``=p`` saying the hop count (``train_hops``)."""
+        return self.alphabet_size + (hops - 1 if self.train_hops else 0)
 
     @property
     def seq_len(self) -> int:
         return self.length + 1
 
     def generate(self, rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
-        return self.draw(rng, n, self.hops)
+        if not self.train_hops:
+            return self.draw(rng, n, self.hops)
+        counts = rng.multinomial(n, [1 / len(self.train_hops)] * len(self.train_hops))
+        parts = [self.draw(rng, int(c), h) for h, c in zip(self.train_hops, counts) if c]
+        order = rng.permutation(n)  # mixed within a batch, not in runs of one depth
+        return np.concatenate([x for x, _ in parts])[order], np.concatenate([y for _, y in parts])[order]
 
     def generate_eval(self, name: str, rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
         return self.draw(rng, n, int(name.removeprefix("hops")))
@@ -142,12 +180,14 @@ class PHop(SyntheticTask):
             have += int(ok.sum())
         seqs = np.concatenate(kept)[:n]
         answer = np.concatenate(answers)[:n]
-        return answer_at_end(seqs, answer, separator=self.alphabet_size)
+        return answer_at_end(seqs, answer, separator=self.query_token(hops))
 
     def labels_at_every_position(self, input_ids: np.ndarray) -> np.ndarray:
-        """Label position i-1 (the token v_i) with ``v[find_p(v, i)]``, and ``=`` with the final answer."""
+        """Label position i-1 (the token v_i) with ``v[find_p(v, i)]``, and ``=`` with the final answer
+        (p: each sample's own, read from its query token, with ``train_hops``)."""
         seqs = input_ids[:, :-1]
-        pos = follow_hops(seqs, self.alphabet_size, self.hops, every_position=True)
+        hops = input_ids[:, -1] - self.alphabet_size + 1 if self.train_hops else self.hops
+        pos = follow_hops(seqs, self.alphabet_size, hops, every_position=True)
         answer = np.take_along_axis(seqs, np.maximum(pos - 1, 0), axis=1)
         labels = np.full_like(input_ids, IGNORE)
         labels[:, :-1] = np.where(pos > 0, answer, IGNORE)

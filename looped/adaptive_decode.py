@@ -84,42 +84,48 @@ class ExitRule:
 
 
 class OnlineExit:
-    """Decides, loop after loop, which tokens of one decoding step stop: the rule's running state per row."""
+    """Decides, loop after loop, which tokens of one decoding step stop: the rule's running state of the
+    rows still looping, kept aligned with them (``keep`` drops the rows that stopped)."""
 
     def __init__(self, rule: ExitRule, batch: int, device: torch.device) -> None:
         self.rule = rule
-        self.previous: Tensor | None = None  # [b v] log-probabilities of the last loop (kl)
-        self.argmax = torch.full((batch,), -1, dtype=torch.long, device=device)  # stable
+        self.previous: Tensor | None = None  # [a v] log-probabilities of the last loop (kl)
+        self.argmax: Tensor | None = None  # [a] the last loop's argmax (stable)
         self.unchanged = torch.zeros(batch, dtype=torch.long, device=device)  # stable: run length
         self.cdf = torch.zeros(batch, device=device)  # gate: probability of having exited by now
         self.survival = torch.ones(batch, device=device)  # gate: probability of not having exited
 
-    def stop(self, n: int, rows: Tensor, logprobs: Tensor | None, halt_logits: Tensor | None) -> Tensor:
-        """``[a]`` bool: which of ``rows`` (still looping) stop after loop ``n``."""
+    def stop(self, logprobs: Tensor | None, halt_logits: Tensor | None) -> Tensor:
+        """``[a]`` bool: which of the rows still looping stop after this loop."""
         value, kind = self.rule.value, self.rule.kind
         if kind == "fixed":
-            return torch.zeros(len(rows), dtype=torch.bool, device=rows.device)
+            return torch.zeros(len(self.cdf), dtype=torch.bool, device=self.cdf.device)
         if kind == "entropy":
             return -(logprobs.exp() * logprobs).sum(-1) < value
-        if kind == "kl":
-            if self.previous is None:
-                self.previous = logprobs.new_empty(len(self.argmax), logprobs.shape[-1])
-                settled = torch.zeros(len(rows), dtype=torch.bool, device=rows.device)
-            else:  # kl_div(input, target) is KL(target ‖ input): here KL(p_n ‖ p_{n-1})
-                kl = F.kl_div(self.previous[rows], logprobs, reduction="none", log_target=True).sum(-1)
-                settled = kl < value
-            self.previous[rows] = logprobs
+        if kind == "kl":  # kl_div(input, target) is KL(target ‖ input): here KL(p_n ‖ p_{n-1})
+            settled = (
+                torch.zeros(len(logprobs), dtype=torch.bool, device=logprobs.device)
+                if self.previous is None
+                else F.kl_div(self.previous, logprobs, reduction="none", log_target=True).sum(-1) < value
+            )
+            self.previous = logprobs
             return settled
         if kind == "stable":
             argmax = logprobs.argmax(-1)
-            same = argmax == self.argmax[rows]
-            self.unchanged[rows] = torch.where(same, self.unchanged[rows] + 1, 0)
-            self.argmax[rows] = argmax
-            return self.unchanged[rows] >= value
+            if self.argmax is not None:
+                self.unchanged = torch.where(argmax == self.argmax, self.unchanged + 1, 0)
+            self.argmax = argmax
+            return self.unchanged >= value
         halt = torch.sigmoid(halt_logits.float())  # gate: p(n) = λ_n ∏_{j<n} (1 − λ_j), as looped.halting
-        self.cdf[rows] += self.survival[rows] * halt
-        self.survival[rows] *= 1 - halt
-        return self.cdf[rows] >= value
+        self.cdf = self.cdf + self.survival * halt
+        self.survival = self.survival * (1 - halt)
+        return self.cdf >= value
+
+    def keep(self, rows: Tensor) -> None:
+        """Keep the state of ``rows`` (a bool mask over the rows still looping) only."""
+        self.unchanged, self.cdf, self.survival = self.unchanged[rows], self.cdf[rows], self.survival[rows]
+        self.previous = None if self.previous is None else self.previous[rows]
+        self.argmax = None if self.argmax is None else self.argmax[rows]
 
 
 @dataclass
@@ -182,7 +188,7 @@ class AdaptiveDecoder:
             else:
                 logprobs = None if logits is None else logits.float().log_softmax(-1)
                 halts = model.halt_logits(x[:, -1]) if self.rule.kind == "gate" else None
-                stop = decide.stop(n, rows, logprobs, halts)
+                stop = decide.stop(logprobs, halts)
             if not bool(stop.any()):
                 continue
             everyone = subset is None and bool(stop.all())
@@ -195,6 +201,7 @@ class AdaptiveDecoder:
             if bool(stop.all()):
                 break
             rows, x, loop_input = rows[~stop], x[~stop], loop_input[~stop]
+            decide.keep(~stop)
             subset = rows
             padding = None if padding is None else Padding(attention_mask[rows])
         if self.kv_strategy == "latest":

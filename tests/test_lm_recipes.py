@@ -8,13 +8,15 @@ from conftest import RECIPES
 from looped.cli import LoopedCLI
 from pile_data import prepared_text
 
-# row -> (prelude, k, L, coda, regulariser (k, λ) or None)
+# row -> (prelude, k, L, coda, regulariser (k, λ) or None, exit objective or None, kv_sharing)
 ROWS = {
-    "cpu_1x4": (0, 1, 4, 0, None),
-    "cpu_4x1": (0, 4, 1, 0, None),
-    "cpu_1x1": (0, 1, 1, 0, None),
-    "cpu_middle": (1, 1, 2, 1, None),
-    "cpu_regularised": (0, 4, 1, 0, (1, 10.0)),
+    "cpu_1x4": (0, 1, 4, 0, None, None, False),
+    "cpu_4x1": (0, 4, 1, 0, None, None, False),
+    "cpu_1x1": (0, 1, 1, 0, None, None, False),
+    "cpu_middle": (1, 1, 2, 1, None, None, False),
+    "cpu_regularised": (0, 4, 1, 0, (1, 10.0), None, False),
+    "cpu_1x4_exit": (0, 1, 4, 0, None, "ouro", False),
+    "cpu_1x4_kv_shared": (0, 1, 4, 0, None, None, True),
 }
 SMALL = {
     "--trainer.max_steps": "2",
@@ -49,6 +51,9 @@ def test_row_trains_two_steps_and_logs_per_loop_perplexity(row, text_data, run_d
     assert (c.prelude_layers, c.block_layers, c.loops, c.coda_layers) == ROWS[row][:4]
     reg = cli.model.regularizer
     assert (None if reg is None else (reg.block_layers, reg.weight)) == ROWS[row][4]
+    exit = cli.model.exit
+    assert (None if exit is None else exit.objective, c.kv_sharing) == ROWS[row][5:]
+    assert c.exit_gate == (exit is not None)
     assert c.vocab_size == 300 and cli.trainer.global_step == 2
     assert cli.trainer.logger.name == f"lm/{row}"
     metrics = {k: float(v) for k, v in cli.trainer.callback_metrics.items()}

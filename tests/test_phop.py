@@ -7,6 +7,7 @@ import torch
 from looped.datamodules import PHop
 from looped.datamodules.base import IGNORE, rows_as_keys
 from looped.datamodules.train_set import _TEST
+from looped.errors import InputError
 from streams import stream
 
 
@@ -112,3 +113,29 @@ def test_eval_hops_are_named_sets_of_known_depth():
         assert len(input_ids) == 40
         for ids, label in zip(input_ids, labels):
             assert task.vocab[label[-1]] == reference_answer(task.decode(ids)[:-1], hops)
+
+
+@pytest.mark.parametrize("supervise", ["last", "all"])
+def test_mixed_hop_counts_say_their_depth_and_match_the_reference(supervise):
+    """``train_hops``: each sample's p is drawn from the list and written in its query token ``=p``; its
+    labels (the answer, and with ``supervise: all`` every position's) follow that p, as the slow reference."""
+    task = PHop(length=20, hops=2, train_hops=[1, 2, 3], eval_hops=[1, 3], supervise=supervise, batch_size=300)
+    assert task.vocab == ["a", "b", "c", "d", "=1", "=2", "=3"]
+    input_ids, labels = task.train_batch(rank=0, index=0)
+    seen = set()
+    for ids, label in zip(input_ids.tolist(), labels.tolist()):
+        text = "".join(task.vocab[i] for i in ids[:-1])
+        hops = int(task.vocab[ids[-1]].removeprefix("="))
+        seen.add(hops)
+        assert task.vocab[label[-1]] == reference_answer(text, hops)
+        if supervise == "all":  # position i-1 holds the p-hop answer from position i, where its chain exists
+            for i in range(1, len(text) + 1):
+                expected = reference_answer(text[:i], hops)
+                assert (label[i - 1] == IGNORE) if expected is None else (task.vocab[label[i - 1]] == expected)
+    assert seen == {1, 2, 3}
+    task.setup("test")
+    for name, hops in (("hops1", 1), ("hops3", 3)):
+        batch = next(iter(task.test_dataloader()[task.eval_names.index(name)]))
+        assert set(batch["input_ids"][:, -1].tolist()) == {task.query_token(hops)}
+    with pytest.raises(InputError, match=r"data.train_hops: \[1, 2\] does not include the evaluated hop counts \[3\]"):
+        PHop(length=20, hops=2, train_hops=[1, 2], eval_hops=[3])

@@ -111,6 +111,11 @@ def write_fake_runs(root):
         writer.add_scalar("test/loss", losses[-1], 30)
         for n in range(1, 2 * L + 1):
             writer.add_scalar(f"test/exact_match_loop{n}", min(n, L) / L * acc, 30)
+            if L > 1:  # LoopDynamics: a residual shrinking towards a fixed point, flips dying out
+                writer.add_scalar(f"test/dynamics/top_prob_loop{n}", 1 - 0.5 / n, 30)
+                if n > 1:
+                    writer.add_scalar(f"test/dynamics/residual_loop{n}", 1 / n, 30)
+                    writer.add_scalar(f"test/dynamics/flip_rate_loop{n}", 0.5 / n, 30)
         if L == 1 and k > 1:
             for group in ("q", "w1"):
                 for layer in range(k - 2):
@@ -135,12 +140,24 @@ def test_report_end_to_end(tmp_path, capsys):
     alpha_loop, _ = fit_log_depth([1, 2, 4], [40, 60, 80])
     alpha_base, _ = fit_log_depth([1, 4], [40, 90])
     assert f"| {alpha_loop / alpha_base:.2f} |" in text
-    names = ["isoplot.png", "per_loop_loop.png", "per_loop_deep.png", "cosine_deep.png"]
+    names = ["isoplot.png", "per_loop_loop.png", "per_loop_deep.png", "cosine_deep.png", "dynamics_loop.png"]
     for name in names:
         assert f"({name})" in text
         image = imread(out / name)
         assert image.shape[0] > 0 and image.shape[1] > 0
-    assert not (out / "cosine_base.png").exists()
+    assert not (out / "cosine_base.png").exists() and not (out / "dynamics_deep.png").exists()
+
+
+def test_dynamics_figure_draws_each_logged_curve(tmp_path):
+    write_fake_runs(tmp_path / "runs")
+    (run,) = [r for r in report.load_runs([tmp_path / "runs"]) if r.label == "loop"]
+    figure_path = report.plot_dynamics(run, tmp_path)
+    assert figure_path is not None
+    from looped.tools.plots import dynamics_figure
+
+    figure = dynamics_figure({"residual": [math.nan, 0.5, 1 / 3], "top_prob": [0.5, 0.75, 5 / 6]}, trained_loops=2)
+    residual, top_prob = figure.axes
+    assert list(residual.lines[0].get_ydata())[1:] == [0.5, 1 / 3] and list(top_prob.lines[1].get_xdata()) == [2, 2]
 
 
 def test_language_model_report_reads_the_named_held_out_set(tmp_path):
@@ -263,3 +280,30 @@ def test_isoplot_recorder_in_a_real_trainer(tmp_path):
         "isoplot/log_perplexity,isoplot/val/exact_match"
         in (tmp_path / "lightning_logs/version_0/metrics.csv").read_text()
     )
+
+
+def test_known_depth_table_and_figure_from_adaptive_exit_scalars(tmp_path):
+    """AdaptiveExit's per-set scalars of a run tested on hops1..hops3 become a row per rule; a rule whose mean
+    exit loop rises with the depth tracks it, one that stays flat does not."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    version = tmp_path / "runs" / "known" / "version_0"
+    version.mkdir(parents=True)
+    (version / "config.yaml").write_text(CONFIG.format(k=1, L=4))
+    writer = SummaryWriter(str(version))
+    loops = {"gate_0.5": [1.5, 2.5, 3.5], "stable_1": [3.0, 3.0, 3.0]}
+    for rule, by_depth in loops.items():
+        for depth, mean in enumerate(by_depth, start=1):
+            writer.add_scalar(f"test/adaptive/{rule}/mean_loops_hops{depth}", mean, 30)
+            writer.add_scalar(f"test/adaptive/{rule}/exact_match_hops{depth}", 0.9, 30)
+    writer.close()
+    out = tmp_path / "out"
+    report.main([str(tmp_path / "runs"), "--output", str(out)])
+    text = (out / "report.md").read_text()
+    assert "## Halting against known depth: `known`" in text
+    assert "| gate_0.5 | 1.50 (90.0%) | 2.50 (90.0%) | 3.50 (90.0%) | yes |" in text
+    assert "| stable_1 | 3.00 (90.0%) | 3.00 (90.0%) | 3.00 (90.0%) | no |" in text
+    assert "(known_depth_known.png)" in text and (out / "known_depth_known.png").stat().st_size > 0
+    from looped.tools.known_depth import tracks_depth
+
+    assert tracks_depth([1.0, 1.5, 1.48, 2.0]) and not tracks_depth([2.0, 1.0, 3.0])

@@ -31,11 +31,13 @@ from looped.tools.analysis import (
     scaling_ratio,
     task_groups,
 )
-from looped.tools.plots import cosine_heatmap, per_loop_figure, pyplot, save
+from looped.tools.known_depth import known_depth, known_depth_table, plot_known_depth
+from looped.tools.plots import cosine_heatmap, dynamics_figure, per_loop_figure, pyplot, save
 from looped.tools.study import plot_study, study_points, study_table
 
 PER_LOOP = re.compile(r"_loop(\d+)$")
 COSINE = re.compile(r"^block_cosine/(.+)/layer(\d+)$")
+DYNAMICS = re.compile(r"^(?P<stage>val|test)/dynamics/(?P<name>residual|top_prob|flip_rate)_loop(?P<loop>\d+)$")
 # Data-module arguments that change how a task is served, not which task it is.
 NOT_TASK = {"batch_size", "eval_batch_size", "num_workers", "val_size", "test_size", "seed"}
 NO_GAP = {"ppl", "log-ppl"}
@@ -337,6 +339,20 @@ def plot_per_loop(run: Run, output: Path, stage: str = "test") -> Path | None:
     return save(per_loop_figure(accuracy, run.shape.loops), output / f"per_loop_{run.label}.png")
 
 
+def plot_dynamics(run: Run, output: Path, stage: str = "test") -> Path | None:
+    """``LoopDynamics``' curves (residual, logit-lens probability, flip rate per loop) from the logged scalars."""
+    values: dict[str, dict[int, float]] = {}
+    for tag in run.scalars:
+        if match := DYNAMICS.match(tag):
+            if match["stage"] == stage:
+                values.setdefault(match["name"], {})[int(match["loop"])] = run.last(tag)
+    if not values:
+        return None
+    loops = max(max(v) for v in values.values())
+    curves = {name: [v.get(n, float("nan")) for n in range(1, loops + 1)] for name, v in values.items()}
+    return save(dynamics_figure(curves, run.shape.loops), output / f"dynamics_{run.label}.png")
+
+
 def plot_cosine(run: Run, output: Path) -> Path | None:
     values: dict[str, dict[int, float]] = {}
     for tag in run.scalars:
@@ -437,6 +453,16 @@ def write_report(
             f"Test perplexity{f' of `{loss_set}`' if loss_set else ''} read out after n loops, mean over runs "
             "(* = the trained L).\n\n" + perplexities
         )
+    figures = []
+    for run in everything:
+        results = known_depth(run.scalars)
+        if results:
+            parts.append(
+                f"## Halting against known depth: `{run.label}`\n\nMean exit loop (exact match) of each rule on the "
+                "test set of each depth; a rule tracks depth when it spends more loops on deeper problems.\n\n"
+                + known_depth_table(results)
+            )
+            figures.append(plot_known_depth(results, output / f"known_depth_{run.label}.png"))
     variants = [r for r in everything if r.variant]
     if variants:
         parts.append("## Training variants\n\n" + variants_table(variants, metrics))
@@ -449,9 +475,9 @@ def write_report(
     study = study_points(everything)
     if study:
         parts.append("## Width × problem size (`looped sweep` cells; ✓ = solved)\n\n" + study_table(study))
-    figures = [plot_isoplot(everything, output, isoplot_metric), plot_study(study, output / "study_heatmap.png")]
+    figures += [plot_isoplot(everything, output, isoplot_metric), plot_study(study, output / "study_heatmap.png")]
     for run in everything:
-        figures += [plot_per_loop(run, output), plot_cosine(run, output)]
+        figures += [plot_per_loop(run, output), plot_dynamics(run, output), plot_cosine(run, output)]
     figures = [f for f in figures if f is not None]
     if figures:
         parts.append("## Figures\n\n" + "\n".join(f"![{f.stem}]({f.name})" for f in figures))
