@@ -42,6 +42,7 @@ Dimension letters: b batch, a rows still looping, t time, v vocabulary.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -228,6 +229,32 @@ class AdaptiveDecoder:
                     slot.copy_position(source, rows, position)
 
 
+def greedy_loop(
+    first: Tensor,
+    step: Callable[[Tensor, Tensor | None], Tensor],
+    max_new_tokens: int,
+    eos_id: int | None,
+    attention_mask: Tensor | None,
+) -> list[Tensor]:
+    """The ``max_new_tokens`` greedy tokens ``[b 1]`` after the prompt, from its first one ``[b]``:
+    ``step(token [b 1], attention_mask)`` reads a token and returns the next ``[b]``. With ``eos_id``, a
+    row that emitted it keeps emitting it, and decoding stops once every row has; ``attention_mask``
+    (left padding) grows by one column per token."""
+    token, tokens = first, []
+    done = torch.zeros(len(first), dtype=torch.bool, device=first.device)
+    for n in range(max_new_tokens):
+        if eos_id is not None:
+            token = token.masked_fill(done, eos_id)
+            done |= token == eos_id
+        tokens.append(token[:, None])
+        if n == max_new_tokens - 1 or (eos_id is not None and bool(done.all())):
+            break
+        if attention_mask is not None:
+            attention_mask = F.pad(attention_mask, (0, 1), value=1)
+        token = step(token[:, None], attention_mask)
+    return tokens
+
+
 @torch.no_grad()
 def generate_adaptive(
     model,
@@ -245,25 +272,18 @@ def generate_adaptive(
     cache = DecodeCache(capacity=p + max_new_tokens)
     if attention_mask is not None and bool(attention_mask.all()):
         attention_mask = None
-    logits = model(prompt, loops=loops, cache=cache, attention_mask=attention_mask)[:, -1]
+    first = model(prompt, loops=loops, cache=cache, attention_mask=attention_mask)[:, -1].argmax(-1)
     decoder = AdaptiveDecoder(model, rule, loops, cache)
-    tokens, used = [prompt], []
-    token = logits.argmax(-1)
-    exits = torch.full((b,), loops, dtype=torch.long, device=prompt.device)  # the prefill: full depth
-    done = torch.zeros(b, dtype=torch.bool, device=prompt.device)
-    for n in range(max_new_tokens):
-        if eos_id is not None:
-            token = token.masked_fill(done, eos_id)
-            done |= token == eos_id
-        tokens.append(token[:, None])
-        used.append(exits)
-        if n == max_new_tokens - 1 or (eos_id is not None and bool(done.all())):
-            break
-        if attention_mask is not None:
-            attention_mask = F.pad(attention_mask, (0, 1), value=1)
-        token, exits = decoder.step(token[:, None], attention_mask)
+    used = [torch.full((b,), loops, dtype=torch.long, device=prompt.device)]  # the prefill: full depth
+
+    def step(token: Tensor, mask: Tensor | None) -> Tensor:
+        next_token, stopped_at = decoder.step(token, mask)
+        used.append(stopped_at)
+        return next_token
+
+    tokens = greedy_loop(first, step, max_new_tokens, eos_id, attention_mask)
     return AdaptiveDecoding(
-        tokens=torch.cat(tokens, dim=1),
-        loops=torch.stack(used, dim=1) if used else prompt.new_zeros(b, 0),
+        tokens=torch.cat([prompt, *tokens], dim=1),
+        loops=torch.stack(used, dim=1) if tokens else prompt.new_zeros(b, 0),
         kv_strategy=decoder.kv_strategy,
     )

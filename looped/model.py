@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from looped.adaptive_decode import AdaptiveDecoding, generate_adaptive
+from looped.adaptive_decode import AdaptiveDecoding, generate_adaptive, greedy_loop
 from looped.cache import DecodeCache, LayerCache, RowSlot, SharedKV
 from looped.errors import MODEL_CONFIG, InputError
 from looped.mixers import MIXERS, Padding, RotaryEmbedding, build_mixer
@@ -436,23 +436,15 @@ class LoopedTransformer(nn.Module):
             return decoding if return_loops else decoding.tokens
         if max_new_tokens == 0:
             return prompt
-        tokens = [prompt]
         cache = DecodeCache(capacity=p + max_new_tokens)
         if attention_mask is not None and bool(attention_mask.all()):
             attention_mask = None  # nothing padded: no mask to extend
-        logits = self(prompt, loops=loops, cache=cache, attention_mask=attention_mask)[:, -1]
-        done = torch.zeros(b, dtype=torch.bool, device=prompt.device)
-        for n in range(max_new_tokens):
-            token = logits.argmax(-1)
-            if eos_id is not None:
-                token = token.masked_fill(done, eos_id)
-                done |= token == eos_id
-            tokens.append(token[:, None])
-            if n == max_new_tokens - 1 or (eos_id is not None and bool(done.all())):
-                break
-            if attention_mask is not None:
-                attention_mask = F.pad(attention_mask, (0, 1), value=1)
-            logits = self(token[:, None], loops=loops, cache=cache, attention_mask=attention_mask)[:, -1]
+        first = self(prompt, loops=loops, cache=cache, attention_mask=attention_mask)[:, -1].argmax(-1)
+
+        def step(token: Tensor, mask: Tensor | None) -> Tensor:
+            return self(token, loops=loops, cache=cache, attention_mask=mask)[:, -1].argmax(-1)
+
+        tokens = [prompt, *greedy_loop(first, step, max_new_tokens, eos_id, attention_mask)]
         return torch.cat(tokens, dim=1)
 
     def flops_per_token(self, seq_len: int, loops: int | None = None) -> int:
