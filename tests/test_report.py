@@ -307,3 +307,32 @@ def test_known_depth_table_and_figure_from_adaptive_exit_scalars(tmp_path):
     from looped.tools.known_depth import tracks_depth
 
     assert tracks_depth([1.0, 1.5, 1.48, 2.0]) and not tracks_depth([2.0, 1.0, 3.0])
+
+
+def test_adaptive_depth_comparison_finds_each_methods_cheapest_point_at_99_percent(tmp_path):
+    """Per method (run): its fixed-L accuracy, and the fewest mean loops of any operating point (fixed count or
+    exit rule) at >= 99% of it; one figure per task."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    methods = {  # run -> (fixed accuracy after loops 1..4, {rule: (mean loops, accuracy)})
+        "fixed": ([0.2, 0.5, 0.9, 0.95], {"stable_1": (3.5, 0.90)}),
+        "gate": ([0.3, 0.6, 0.94, 0.96], {"gate_0.5": (2.6, 0.955), "kl_0.1": (2.4, 0.90)}),
+    }
+    for name, (fixed, rules) in methods.items():
+        version = tmp_path / "runs" / name / "version_0"
+        version.mkdir(parents=True)
+        (version / "config.yaml").write_text(CONFIG.format(k=1, L=4))
+        writer = SummaryWriter(str(version))
+        for n, accuracy in enumerate(fixed, start=1):
+            writer.add_scalar(f"test/exact_match_loop{n}", accuracy, 30)
+        for rule, (loops, accuracy) in rules.items():
+            writer.add_scalar(f"test/adaptive/{rule}/mean_loops", loops, 30)
+            writer.add_scalar(f"test/adaptive/{rule}/exact_match", accuracy, 30)
+        writer.close()
+    out = tmp_path / "out"
+    report.main([str(tmp_path / "runs"), "--output", str(out)])
+    text = (out / "report.md").read_text()
+    # fixed: 99% of 95% is 94.05%: nothing below 4 loops reaches it. gate: 99% of 96% = 95.04%: gate_0.5 at 2.6.
+    assert "| fixed | 4 | 95.0 | 4.00 (95.0%) | fixed_4 | 1.00 |" in text
+    assert "| gate | 4 | 96.0 | 2.60 (95.5%) | gate_0.5 | 0.65 |" in text
+    assert "(adaptive_all.png)" in text and (out / "adaptive_all.png").stat().st_size > 0

@@ -86,7 +86,7 @@ def pareto_figure(fixed: list[float], adaptive: list, trained_loops: int):
     loops = list(range(1, len(fixed) + 1))
     ax.plot(loops, [100 * a for a in fixed], marker=".", color="grey", label="fixed loops")
     ax.axvline(trained_loops, color="grey", linestyle=":", linewidth=1)
-    for rule, marker in (("stable", "o"), ("kl", "s")):
+    for rule, marker in (("stable", "o"), ("kl", "s"), ("entropy", "^"), ("gate", "D")):
         points = [p for p in adaptive if p.name.startswith(rule + "_")]
         if not points:
             continue

@@ -31,6 +31,7 @@ from looped.tools.analysis import (
     scaling_ratio,
     task_groups,
 )
+from looped.tools.exit_comparison import comparison_table, operating_points, plot_comparison
 from looped.tools.known_depth import known_depth, known_depth_table, plot_known_depth
 from looped.tools.plots import cosine_heatmap, dynamics_figure, per_loop_figure, pyplot, save
 from looped.tools.study import plot_study, study_points, study_table
@@ -454,6 +455,20 @@ def write_report(
             "(* = the trained L).\n\n" + perplexities
         )
     figures = []
+    by_task: dict[str, dict[str, tuple]] = {}
+    for run in everything:
+        points = operating_points(run.scalars)
+        if points:
+            name = run.label + (f" ({run.variant})" if run.variant else "")
+            by_task.setdefault(run.task, {})[name] = (points, run.shape.loops)
+    for task, methods in by_task.items():
+        parts.append(
+            f"## Adaptive depth: accuracy against mean loops{f' ({task})' if task else ''}\n\nEach method's "
+            "cheapest operating point (a fixed loop count or an exit rule of `AdaptiveExit`) reaching 99% of its "
+            "own fixed-L accuracy.\n\n" + comparison_table(methods)
+        )
+        slug = re.sub(r"[^A-Za-z0-9_.-]", "_", task) or "all"
+        figures.append(plot_comparison(methods, output / f"adaptive_{slug}.png", title=task))
     for run in everything:
         results = known_depth(run.scalars)
         if results:
