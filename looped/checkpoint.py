@@ -99,6 +99,35 @@ def _torch_load(path: Path, flag: str) -> Any:
         ) from error
 
 
+def load_weights(module: Any, ckpt_path: str | Path, key: str, may_lack: tuple[str, ...] = ()) -> None:
+    """Copy a checkpoint's weights into ``module`` — not its optimiser, step or data position.
+
+    The checkpoint must hold this module's parameters, with the same shapes; parameters whose names start
+    with one of ``may_lack`` may be missing from it (they keep their fresh initialisation). Anything else
+    raises ``InputError`` naming ``key`` (the recipe key the path came from).
+    """
+    path = Path(ckpt_path)
+    if path.is_dir():
+        raise InputError(
+            f"{key} {path} is a sharded checkpoint folder; give a single-file .ckpt (what a run on one device "
+            "writes) to start from"
+        )
+    state = read_checkpoint(path, key)["state_dict"]
+    own = module.state_dict()
+    problems = {
+        "missing": [k for k in own if k not in state and not k.startswith(may_lack)],
+        "not in this model": [k for k in state if k not in own],
+        "of another shape": [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)],
+    }
+    found = [f"{what}: {', '.join(keys[:3])}{' ...' * (len(keys) > 3)}" for what, keys in problems.items() if keys]
+    if found:
+        raise InputError(
+            f"{key} {path} holds another model ({'; '.join(found)}); start from a checkpoint of a run with this "
+            f"recipe's {MODEL_CONFIG}"
+        )
+    module.load_state_dict(state, strict=False)
+
+
 def saved_config(checkpoint: dict[str, Any]) -> dict[str, Any] | None:
     """The ``LoopedConfig`` (as a dict) a ``LoopedLM`` checkpoint was trained with; None for other modules."""
     config = (checkpoint.get("hyper_parameters") or {}).get("config")

@@ -22,6 +22,14 @@ over the labelled tokens:
   it and the remainder ``R = 1 − Σ_{j<N(t)} λ_j`` at it, and the ponder cost ``τ (N(t) + R)`` is
   added. ACT mixes the *states* with these weights; here, as PonderNet compares it, they weight the
   per-loop *losses*, so all three share one interface (``R`` carries ACT's gradient to the gate).
+* ``ouro_stage2`` — Ouro's second stage (Zhu et al. 2025, §3.4, "focused adaptive gate training"): the
+  language model is frozen (``LoopedLM`` leaves only the gate trainable; start it from a first-stage
+  checkpoint with ``model.init_args.init_weights``) and the gate learns, per token, whether the next
+  loop still helps. With the improvement ``I_n = max(0, L_n − L_{n+1})`` (no gradient) and the ideal
+  continuation probability ``w_n = σ(k (I_n − γ))``, the gate's loss is the binary cross-entropy
+  ``−[w_n log(1 − λ_n) + (1 − w_n) log λ_n]``, averaged over loops n = 1..N−1 (the last loop run has no
+  next one to judge) — stop where one more loop would gain less than about γ nats (k: ``k``, γ:
+  ``gamma``; the paper uses 50 and 0.005).
 
 At inference the gate's exit rule (``looped.adaptive``, rule ``gate``) stops a sequence at the first
 loop where the cumulative exit probability ``Σ_{j≤n} p(j)`` reaches q at every labelled position;
@@ -41,15 +49,16 @@ from torch import Tensor
 
 from looped.errors import InputError
 
-OBJECTIVES = ("ouro", "pondernet", "act")
+OBJECTIVES = ("ouro", "pondernet", "act", "ouro_stage2")
 
 
 @dataclass
 class ExitObjective:
     """How ``LoopedLM`` trains the exit gate (recipe key ``model.init_args.exit``)."""
 
-    objective: Literal["ouro", "pondernet", "act"] = "ouro"
-    """Which objective (module docstring): Ouro's entropy-regularised one, PonderNet's, or ACT's."""
+    objective: Literal["ouro", "pondernet", "act", "ouro_stage2"] = "ouro"
+    """Which objective (module docstring): Ouro's entropy-regularised one, PonderNet's, ACT's, or Ouro's
+    second stage (the gate alone, on the frozen model's per-loop loss improvement)."""
     beta: float = 0.01
     """β: weight of the entropy bonus (ouro) or of the KL to the prior (pondernet)."""
     prior: float = 0.5
@@ -58,12 +67,16 @@ class ExitObjective:
     """τ: weight of ACT's ponder cost N + R (act)."""
     epsilon: float = 0.01
     """ε: ACT halts once the cumulative halting probability reaches 1 − ε (act)."""
+    k: float = 50.0
+    """Slope of the ideal continuation probability σ(k (I − γ)) (ouro_stage2)."""
+    gamma: float = 0.005
+    """γ: the loss improvement, in nats, at which one more loop is worth it half the time (ouro_stage2)."""
 
     def __post_init__(self) -> None:
         key = "model.init_args.exit"
         if self.objective not in OBJECTIVES:
             raise InputError(f"{key}.objective: {self.objective!r} is not one of {', '.join(OBJECTIVES)}")
-        for name in ("beta", "tau"):
+        for name in ("beta", "tau", "k", "gamma"):
             if getattr(self, name) < 0:
                 raise InputError(f"{key}.{name} must be >= 0, got {getattr(self, name)}")
         for name in ("prior", "epsilon"):
@@ -73,6 +86,8 @@ class ExitObjective:
     def loss(self, token_losses: Tensor, halt_logits: Tensor) -> Tensor:
         """The objective from per-loop losses ``[n m]`` and the gate's halting logits ``[n m]``, mean over m."""
         token_losses, halt_logits = token_losses.float(), halt_logits.float()
+        if self.objective == "ouro_stage2":
+            return gate_bce_on_improvement(token_losses, halt_logits, self.k, self.gamma)
         if self.objective == "act":
             weights, ponder = act_weights(halt_logits, self.epsilon)
             return ((weights * token_losses).sum(0) + self.tau * ponder).mean()
@@ -85,6 +100,20 @@ class ExitObjective:
         log_prior = geometric_log_prior(self.prior, p.shape[0], p.device)[:, None]
         kl = (p * (logp - log_prior)).sum(0)
         return (expected + self.beta * kl).mean()
+
+    @property
+    def trains_only_the_gate(self) -> bool:
+        """The objective's second stage freezes the language model (``LoopedLM`` trains the gate alone)."""
+        return self.objective == "ouro_stage2"
+
+
+def gate_bce_on_improvement(token_losses: Tensor, halt_logits: Tensor, k: float, gamma: float) -> Tensor:
+    """Ouro's stage-2 gate loss (module docstring) from per-loop losses and halting logits ``[n m]``."""
+    if token_losses.shape[0] < 2:
+        return halt_logits.sum() * 0.0  # one loop run: nothing to judge, but keep the graph
+    improvement = (token_losses[:-1] - token_losses[1:]).detach().clamp_min(0.0)
+    go_on = torch.sigmoid(k * (improvement - gamma))  # w_n: the next loop is worth running
+    return F.binary_cross_entropy_with_logits(halt_logits[:-1], 1.0 - go_on)
 
 
 def exit_distribution(halt_logits: Tensor) -> Tensor:

@@ -27,7 +27,7 @@ from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassExactMatch
 
 # batch_size and batch_tokens are named by recipes as looped.module.batch_size / batch_tokens.
-from looped.checkpoint import check_same_data
+from looped.checkpoint import check_same_data, load_weights
 from looped.contract import IGNORE, DataModuleContract, ReadsLoops, batch_size, batch_tokens, check_data_module
 from looped.errors import MODEL_CONFIG, InputError
 from looped.generation import generate_answers, sample_rows
@@ -124,7 +124,11 @@ class LoopedLM(L.LightningModule):
         activation_checkpointing: recompute each layer application in backward (``looped.parallel``).
         compile: ``torch.compile`` each layer (``looped.parallel``).
         exit: train the model's halting gate (``config.exit_gate``) with a learned-exit objective
-            (``looped.halting.ExitObjective``: ouro, pondernet or act) in place of the last loop's loss.
+            (``looped.halting.ExitObjective``: ouro, pondernet or act) in place of the last loop's loss;
+            ``ouro_stage2`` trains the gate alone, every other parameter frozen.
+        init_weights: start training from this checkpoint's weights (a ``.ckpt`` file), not from a fresh
+            initialisation — not its optimiser, step or data position (``--ckpt_path`` resumes those). For a
+            second stage, e.g. Ouro's gate training on a first-stage model; the checkpoint may lack the exit gate.
     """
 
     def __init__(
@@ -140,6 +144,7 @@ class LoopedLM(L.LightningModule):
         activation_checkpointing: bool = False,
         compile: bool = False,
         exit: ExitObjective | None = None,
+        init_weights: str | None = None,
     ) -> None:
         super().__init__()
         for name, value, ok, need in (
@@ -180,8 +185,10 @@ class LoopedLM(L.LightningModule):
                 "activation_checkpointing": activation_checkpointing,
                 "compile": compile,
                 "exit": asdict(exit) if exit is not None else None,
+                "init_weights": init_weights,
             }
         )
+        self.init_weights = init_weights
         self.exit = exit
         self.eos_id = eos_id
         self.config = config
@@ -191,6 +198,9 @@ class LoopedLM(L.LightningModule):
         self.min_lr_ratio = min_lr_ratio
         with torch.device("meta") if _TRANSFORMER_ON_META.get() else nullcontext():
             self.model = LoopedTransformer(config)
+        if exit is not None and exit.trains_only_the_gate:
+            for name, parameter in self.model.named_parameters():
+                parameter.requires_grad_(name.startswith("exit_gate."))
         self.regularizer = regularizer
         if regularizer is not None:
             regularizer.check(self.model.block)
@@ -434,6 +444,13 @@ class LoopedLM(L.LightningModule):
 
     # -- checks before compute ----------------------------------------------------
     def setup(self, stage: str) -> None:
+        if stage == "fit" and self.init_weights:  # a resumed run's --ckpt_path restores over these later
+            if any(p.is_meta for p in self.model.parameters()):
+                raise InputError(
+                    "model.init_args.init_weights: a model built on the meta device for FSDP2 cannot load full "
+                    "weights; run the second stage on one device (trainer.strategy: auto)"
+                )
+            load_weights(self, self.init_weights, "model.init_args.init_weights", may_lack=("model.exit_gate.",))
         data: DataModuleContract | None = self.trainer.datamodule if self._trainer is not None else None
         if data is None:
             return  # trained on bare dataloaders: nothing to check

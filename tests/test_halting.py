@@ -164,3 +164,62 @@ def test_training_with_each_objective_then_the_gate_rule_at_test(objective, tmp_
     trainer.test(module, datamodule=data, verbose=False)
     loops = float(trainer.callback_metrics["test/adaptive/gate_0.5/mean_loops"])
     assert 1 <= loops <= 4  # AdaptiveExit's default: up to 2L loops
+
+
+# -- Ouro's second stage: the gate alone, on the frozen model's loss improvement --------------------
+def stage2_reference(k: float, gamma: float, losses: list[float], halts: list[float]) -> float:
+    """Per token: mean over loops n < N of −[w log(1 − λ) + (1 − w) log λ], w = σ(k (max(0, L_n − L_{n+1}) − γ))."""
+    terms = []
+    for n in range(len(losses) - 1):
+        w = sigmoid(k * (max(0.0, losses[n] - losses[n + 1]) - gamma))
+        lam = sigmoid(halts[n])
+        terms.append(-(w * math.log(1 - lam) + (1 - w) * math.log(lam)))
+    return sum(terms) / len(terms)
+
+
+@pytest.mark.parametrize("loops", [2, 5])
+def test_ouro_stage2_equals_the_loop_by_loop_reference(loops):
+    objective = ExitObjective("ouro_stage2", k=20.0, gamma=0.05)
+    g = torch.Generator().manual_seed(loops)
+    losses = torch.rand(loops, 30, generator=g, dtype=torch.float64) * 0.3  # improvements around γ: both targets
+    halts = torch.randn(loops, 30, generator=g, dtype=torch.float64)
+    per_token = [stage2_reference(20.0, 0.05, losses[:, m].tolist(), halts[:, m].tolist()) for m in range(30)]
+    assert math.isclose(objective.loss(losses, halts).item(), sum(per_token) / 30, rel_tol=1e-6)
+    assert objective.loss(losses[:1], halts[:1]).item() == 0.0  # one loop: nothing to judge
+
+
+def test_ouro_stage2_trains_the_gate_alone_from_a_first_stage_checkpoint(tmp_path):
+    """init_weights loads a checkpoint trained without a gate; a real fit step then changes the gate and
+    leaves every other weight as loaded."""
+    data = PHop(length=12, hops=2, batch_size=8, val_size=16, test_size=16)
+    shape = dict(vocab_size=data.vocab_size, max_seq_len=data.seq_len, d_model=32, n_heads=4, d_ff=64, loops=3)
+    first = tiny_module(seed=1, **shape)
+    trainer = L.Trainer(max_steps=1, logger=False, enable_progress_bar=False, limit_val_batches=0,
+                        default_root_dir=tmp_path)  # fmt: skip
+    trainer.fit(first, datamodule=data)
+    ckpt = tmp_path / "first.ckpt"
+    trainer.save_checkpoint(ckpt)
+    second = tiny_module(seed=2, exit_gate=True, exit={"objective": "ouro_stage2"}, **shape)
+    second.init_weights = str(ckpt)
+    gate_before = second.model.exit_gate.weight.detach().clone()
+    trainer = L.Trainer(max_steps=2, logger=False, enable_progress_bar=False, enable_checkpointing=False,
+                        limit_val_batches=0, default_root_dir=tmp_path)  # fmt: skip
+    trainer.fit(second, datamodule=data)
+    loaded = first.model.state_dict()
+    for name, tensor in second.model.state_dict().items():
+        if name.startswith("exit_gate."):
+            continue
+        torch.testing.assert_close(tensor, loaded[name], rtol=0, atol=0, msg=name)
+    assert not torch.equal(second.model.exit_gate.weight, gate_before)
+    assert [n for n, p in second.model.named_parameters() if p.requires_grad] == ["exit_gate.weight", "exit_gate.bias"]
+
+
+def test_init_weights_from_another_model_is_refused_by_its_recipe_key(tmp_path):
+    from looped.checkpoint import load_weights
+
+    small = tiny_module(d_model=48, n_heads=2, d_ff=96)
+    torch.save({"state_dict": small.state_dict()}, tmp_path / "small.ckpt")
+    with pytest.raises(InputError, match=r"init_weights .*small.ckpt holds another model \(of another shape: model\."):
+        load_weights(tiny_module(), tmp_path / "small.ckpt", "model.init_args.init_weights")
+    with pytest.raises(InputError, match=r"model.init_args.init_weights .*missing.ckpt does not exist"):
+        load_weights(tiny_module(), tmp_path / "missing.ckpt", "model.init_args.init_weights")
