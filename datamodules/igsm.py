@@ -45,6 +45,11 @@ operand's value, wherever the operand's equation and everything it reads lie
 to the left. The reads teach the binding of a name to its value one hop at a
 time (as ``supervise="all"`` does in p-hop and the reasoning primitives).
 Evaluation always scores the final answer alone.
+
+``eval_depths`` evaluates on one named set per query depth (``depth2``, ``depth3``, …), each holding
+problems whose queried parameter is that many operations deep — the depth the sample needs, known to
+the generator — so ``AdaptiveExit`` reports the loop each exit rule stops at against it (``looped
+report``'s known-depth table). Training keeps the natural mix of depths.
 """
 
 from __future__ import annotations
@@ -80,6 +85,8 @@ class IGSM(SyntheticTask):
             ``;`` of every equation and every operand read whose value the prefix determines.
         shuffle: list the equations in a random order (the paper); ``False`` keeps their
             topological order (every operand defined before it is read).
+        eval_depths: evaluate on one named set per query depth (``depth2``, ``depth3``, ...) instead
+            of one set of the natural mix; each depth must occur in this setting (checked).
         **kwargs: batch sizes, eval set sizes, seed, workers (see ``SyntheticTask``).
     """
 
@@ -93,8 +100,11 @@ class IGSM(SyntheticTask):
         pad_to: int | None = None,
         supervise: Literal["last", "all"] = "last",
         shuffle: bool = True,
+        eval_depths: list[int] | None = None,
         **kwargs,
     ) -> None:
+        self.eval_depths = sorted(set(eval_depths or []))
+        self.eval_names = [f"depth{d}" for d in self.eval_depths]  # before SyntheticTask draws the sets
         super().__init__(**kwargs)
         if layers < 2:
             raise InputError(f"data.layers must be >= 2 (an edge joins two consecutive layers), got {layers}")
@@ -132,6 +142,23 @@ class IGSM(SyntheticTask):
         self.pad_to = pad_to
         self._entity0, self._digit0 = self.token_ids["A"], self.token_ids["0"]
         self._op0 = self.token_ids[OPERATORS[0]]
+        self._depth_rate = self._check_eval_depths()
+
+    def _check_eval_depths(self) -> dict[int, float]:
+        """How often each of ``eval_depths`` is the query depth (a pilot draw); refuse one that (almost) never is."""
+        if not self.eval_depths:
+            return {}
+        *_, depth = self.draw(np.random.default_rng(0), 4096)
+        rate = {d: float(np.mean(depth == d)) for d in range(1, self.num_operations + 1)}
+        rare = [d for d in self.eval_depths if rate.get(d, 0.0) < 0.001]
+        if rare:
+            seen = ", ".join(f"{d} ({100 * r:.0f}%)" for d, r in rate.items() if r >= 0.001)
+            raise InputError(
+                f"data.eval_depths: no query of this setting is {', '.join(map(str, rare))} operations deep "
+                f"(the query is the deepest parameter); the depths that occur: {seen}. Evaluate those, "
+                "or change data.num_operations / data.num_edges"
+            )
+        return rate
 
     # -- vocabulary and lengths ------------------------------------------------
     @property
@@ -190,6 +217,23 @@ class IGSM(SyntheticTask):
         return layer * n + parent, (layer + 1) * n + child
 
     def generate(self, rng: np.random.Generator, m: int) -> tuple[np.ndarray, np.ndarray]:
+        input_ids, labels, _ = self.draw(rng, m)
+        return input_ids, labels
+
+    def generate_eval(self, name: str, rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """``n`` problems whose query is ``depth<d>``'s d operations deep (drawn, the others dropped)."""
+        depth = int(name.removeprefix("depth"))
+        kept: list[tuple[np.ndarray, np.ndarray]] = []
+        have = 0
+        while have < n:
+            input_ids, labels, query_depth = self.draw(rng, int((n - have) / self._depth_rate[depth] * 1.2) + 8)
+            keep = query_depth == depth
+            kept.append((input_ids[keep], labels[keep]))
+            have += int(keep.sum())
+        return np.concatenate([x for x, _ in kept])[:n], np.concatenate([y for _, y in kept])[:n]
+
+    def draw(self, rng: np.random.Generator, m: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``m`` problems: ``input_ids`` and ``labels`` ``[m t]`` and each query's DAG depth ``[m]``."""
         e, ops, p = self.num_edges, self.num_operations, self.modulus
         rows = np.arange(m)
         parent, child = self._structure(rng, m)
@@ -236,9 +280,10 @@ class IGSM(SyntheticTask):
 
         question = np.stack([np.full(m, self.token_ids["?"]), *name[rows, query].T], axis=1)  # ? u v
         pad = np.full((m, self.seq_len - self.natural_len), self.token_ids[PAD], dtype=np.int64)
-        return answer_at_end(
+        input_ids, labels = answer_at_end(
             np.concatenate([pad, body, question], axis=1), self._digit0 + value[rows, query], self.token_ids["="]
         )
+        return input_ids, labels, depth[rows, query]
 
     # -- dense labels ------------------------------------------------------------
     def labels_at_every_position(self, input_ids: np.ndarray) -> np.ndarray:

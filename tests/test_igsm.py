@@ -7,6 +7,7 @@ import pytest
 
 from looped.datamodules import IGSM
 from looped.datamodules.base import IGNORE, rows_as_keys
+from looped.datamodules.train_set import _TEST
 from streams import stream
 
 OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
@@ -202,3 +203,26 @@ def test_vocab_and_text():
 def test_documented_example():
     """The example in the module docstring and the README evaluates to what they say."""
     assert reference("E#I = 4 ; F#K = E#J * E#I ; E#J = E#I + E#I ; B#F = 3 ; ? F#K =")[:2] == (4, 2)
+
+
+def test_eval_depths_are_named_sets_of_known_query_depth():
+    """``eval_depths``: set ``depth<d>`` holds problems whose query the reference evaluator finds d
+    operations deep, with the reference's answer; training keeps the natural mix of depths."""
+    task = IGSM(num_operations=4, num_edges=6, layers=3, entities_per_layer=2, shuffle=False,
+                eval_depths=[2, 3, 4], val_size=30, test_size=30)  # fmt: skip
+    assert task.eval_names == ["depth2", "depth3", "depth4"]
+    task.setup("fit")
+    for name, want in zip(task.eval_names, (2, 3, 4)):
+        input_ids, labels = task.eval_set(_TEST, name)
+        assert len(input_ids) == 30
+        for ids, label in zip(input_ids, labels):
+            answer, depth, _, _ = reference(task.decode(ids))
+            assert depth == want and task.vocab[label[-1]] == str(answer)
+    train_depths = {reference(task.decode(ids))[1] for ids in task.train_batch(0, 0)[0]}
+    assert train_depths >= {2, 3, 4}
+
+
+def test_eval_depth_that_never_occurs_is_refused_with_the_ones_that_do():
+    # 4 equations, 3 of them derived: the query (the deepest) is always 2 or 3 operations deep.
+    with pytest.raises(ValueError, match=r"data.eval_depths: no query .* is 1 operations deep.*2 \(\d+%\), 3"):
+        IGSM(num_operations=3, num_edges=4, layers=2, entities_per_layer=2, shuffle=False, eval_depths=[1, 3])

@@ -309,6 +309,24 @@ def test_known_depth_table_and_figure_from_adaptive_exit_scalars(tmp_path):
     assert tracks_depth([1.0, 1.5, 1.48, 2.0]) and not tracks_depth([2.0, 1.0, 3.0])
 
 
+def test_known_depth_reads_igsm_query_depth_sets_as_it_reads_hop_sets():
+    """i-GSM's ``depth<d>`` sets and p-hop's ``hops<p>`` sets give the same table; other tags are not read."""
+    from looped.tools.known_depth import known_depth
+
+    def scalars(kind: str) -> dict:
+        return {
+            f"test/adaptive/kl_0.01/mean_loops_{kind}2": [(5, 2.0), (9, 2.25)],  # the last value counts
+            f"test/adaptive/kl_0.01/exact_match_{kind}2": [(9, 0.8)],
+            f"test/adaptive/kl_0.01/mean_loops_{kind}3": [(9, 3.5)],
+            f"test/adaptive/kl_0.01/exact_match_{kind}3": [(9, 0.6)],
+            f"test/adaptive/kl_0.01/mean_loops_{kind}": [(9, 9.0)],
+            "test/adaptive/kl_0.01/mean_loops": [(9, 3.0)],
+        }
+
+    want = {"kl_0.01": {2: (2.25, 0.8), 3: (3.5, 0.6)}}
+    assert known_depth(scalars("depth")) == want == known_depth(scalars("hops"))
+
+
 def test_adaptive_depth_comparison_finds_each_methods_cheapest_point_at_99_percent(tmp_path):
     """Per method (run): its fixed-L accuracy, and the fewest mean loops of any operating point (fixed count or
     exit rule) at >= 99% of it; one figure per task."""

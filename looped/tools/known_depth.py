@@ -1,8 +1,9 @@
 """Halting against known depth: the loop each exit rule stops at, against the depth a sample needs.
 
 A run tested with one evaluation set per required depth (p-hop's ``data.eval_hops``: sets
-``hops1``, ``hops2``, …) and ``AdaptiveExit`` logs, per rule and set,
-``test/adaptive/<rule>/mean_loops_hops<p>`` and ``.../exact_match_hops<p>``. This module reads them
+``hops1``, ``hops2``, …; i-GSM's ``data.eval_depths``: ``depth2``, ``depth3``, … by the query's DAG
+depth) and ``AdaptiveExit`` logs, per rule and set, ``test/adaptive/<rule>/mean_loops_hops<p>`` (or
+``_depth<d>``) and ``.../exact_match_hops<p>``. This module reads them
 back into a table (a row per rule: mean exit loop and accuracy at each depth) and a figure (mean exit
 loop against depth, a line per rule). A rule *tracks depth* when its mean exit loop rises from the
 shallowest to the deepest set and never falls on the way: it spends more loops on the problems that
@@ -16,7 +17,7 @@ from pathlib import Path
 
 from looped.tools.plots import pyplot, save
 
-PATTERN = re.compile(r"^test/adaptive/(?P<rule>[^/]+)/(?P<metric>mean_loops|exact_match)_hops(?P<depth>\d+)$")
+PATTERN = re.compile(r"^test/adaptive/(?P<rule>[^/]+)/(?P<metric>mean_loops|exact_match)_(?:hops|depth)(?P<depth>\d+)$")
 
 
 def known_depth(scalars: dict[str, list[tuple[int, float]]]) -> dict[str, dict[int, tuple[float, float]]]:
@@ -59,7 +60,7 @@ def plot_known_depth(results: dict[str, dict[int, tuple[float, float]]], path: P
     for rule, by_depth in results.items():
         depths = sorted(by_depth)
         ax.plot(depths, [by_depth[d][0] for d in depths], marker="o", label=rule)
-    ax.set_xlabel("depth the sample needs (hops)")
+    ax.set_xlabel("depth the sample needs (hops / query DAG depth)")
     ax.set_ylabel("mean exit loop")
     ax.set_xticks(sorted({d for by_depth in results.values() for d in by_depth}))
     ax.grid(alpha=0.3)

@@ -39,8 +39,8 @@ from looped.tools.study import plot_study, study_points, study_table
 PER_LOOP = re.compile(r"_loop(\d+)$")
 COSINE = re.compile(r"^block_cosine/(.+)/layer(\d+)$")
 DYNAMICS = re.compile(r"^(?P<stage>val|test)/dynamics/(?P<name>residual|top_prob|flip_rate)_loop(?P<loop>\d+)$")
-# Data-module arguments that change how a task is served, not which task it is.
-NOT_TASK = {"batch_size", "eval_batch_size", "num_workers", "val_size", "test_size", "seed"}
+# Data-module arguments that change how a task is served or scored, not which task it is.
+NOT_TASK = {"batch_size", "eval_batch_size", "num_workers", "val_size", "test_size", "seed", "eval_hops", "eval_depths"}
 NO_GAP = {"ppl", "log-ppl"}
 
 
