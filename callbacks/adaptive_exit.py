@@ -41,6 +41,8 @@ class AdaptiveExit(L.Callback):
         kl_thresholds: values of τ for rule ``kl`` (``KL(p_n ‖ p_{n-1}) < τ`` at every labelled position).
         entropy_thresholds: values of τ for rule ``entropy`` (``H(p_n) < τ`` nats at every labelled position).
         gate_quantiles: values of q for rule ``gate`` (the learned cumulative exit probability reaches q).
+        gate_sample: also score rule ``gate_sample``, each sample's exit loop drawn from the gate's exit
+            distribution (PonderNet's sampling; seeded, so a test run is reproducible).
     """
 
     def __init__(
@@ -50,6 +52,7 @@ class AdaptiveExit(L.Callback):
         kl_thresholds: Sequence[float] = (1e-1, 1e-2, 1e-3),
         entropy_thresholds: Sequence[float] = (1e-1, 1e-2),
         gate_quantiles: Sequence[float] = (0.5, 0.9),
+        gate_sample: bool = True,
     ) -> None:
         if any(m < 1 for m in patience):
             raise InputError(f"AdaptiveExit.patience: every m must be >= 1, got {list(patience)}")
@@ -63,6 +66,8 @@ class AdaptiveExit(L.Callback):
         self.kl_thresholds = tuple(kl_thresholds)
         self.entropy_thresholds = tuple(entropy_thresholds)
         self.gate_quantiles = tuple(gate_quantiles)
+        self.gate_sample = gate_sample
+        self._draws: torch.Generator | None = None  # gate_sample's draws, reseeded at every test start
         self._gate = False  # whether the model under test has a learned exit gate (set at test start)
         # Per test dataloader: [right at each fixed loop count..., samples, (right, loops used) per rule...].
         self._counts: dict[int, Tensor] = {}
@@ -81,16 +86,18 @@ class AdaptiveExit(L.Callback):
             + [rule_name("kl", t) for t in self.kl_thresholds]
             + [rule_name("entropy", t) for t in self.entropy_thresholds]
             + [rule_name("gate", q) for q in self.gate_quantiles if self._gate]
+            + (["gate_sample"] if self._gate and self.gate_sample else [])
         )
 
     def on_test_epoch_start(self, trainer, pl_module) -> None:
         self._counts = {}
         self._gate = getattr(pl_module.model, "exit_gate", None) is not None
+        self._draws = torch.Generator().manual_seed(0) if self._gate and self.gate_sample else None
 
     def on_test_batch_end(self, trainer, pl_module, outputs: Any, batch, batch_idx, dataloader_idx=0) -> None:
         pred = loop_predictions(pl_module, batch, self.loops_to_eval(pl_module))
         gates = self.gate_quantiles if self._gate else ()
-        exits = adaptive_exits(pred, self.patience, self.kl_thresholds, self.entropy_thresholds, gates)
+        exits = adaptive_exits(pred, self.patience, self.kl_thresholds, self.entropy_thresholds, gates, self._draws)
         per_rule = [torch.stack([correct_at_exit(pred, exits[r]).sum(), exits[r].sum()]).float() for r in self.rules]
         samples = torch.tensor([float(pred.batch_size)], device=pred.correct.device)
         row = torch.cat([pred.correct.sum(dim=1).float(), samples, *per_rule])

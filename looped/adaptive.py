@@ -14,6 +14,8 @@ answer is stable, and the cost is the *mean* loops used. The rules:
   (Huginn's entropy exit); earliest exit: loop 1.
 * ``gate`` (quantile q): the learned exit gate's cumulative exit probability reaches q at every
   labelled position (``looped.halting``; q = 0.5 is PonderNet's median depth).
+* ``gate_sample``: PonderNet's sampling at inference — the exit loop drawn from the gate's exit
+  distribution, i.e. rule ``gate`` with a fresh q ~ U(0, 1) per sample.
 
 A sequence that never settles runs to ``max_loops``. Exiting at loop n costs n
 loops: the rule reads loop n's own prediction, which the exit then returns.
@@ -87,6 +89,16 @@ def exit_loops_gate(pred: LoopPredictions, quantile: float) -> Tensor:
     return first_loop(-per_sample_max(-pred.exit_cdf, pred.sample, pred.batch_size) >= quantile)
 
 
+def exit_loops_gate_sample(pred: LoopPredictions, generator: torch.Generator | None = None) -> Tensor:
+    """``[b]`` exit loop drawn from the learned exit distribution (PonderNet's sampling): the first loop where
+    the cumulative exit probability reaches a fresh ``u ~ U(0, 1)`` at every labelled position."""
+    if pred.exit_cdf is None:
+        raise ValueError("rule gate_sample needs a model with a learned exit gate (LoopedConfig.exit_gate)")
+    cdf = -per_sample_max(-pred.exit_cdf, pred.sample, pred.batch_size)
+    u = torch.rand(pred.batch_size, generator=generator, dtype=torch.float64).to(cdf.device)
+    return first_loop(cdf >= u.to(cdf.dtype))
+
+
 def correct_at_exit(pred: LoopPredictions, exits: Tensor) -> Tensor:
     """``[b]`` bool: sample b's prediction at its exit loop is fully right."""
     return pred.correct.gather(0, (exits - 1)[None]).squeeze(0)
@@ -102,12 +114,16 @@ def adaptive_exits(
     kl_thresholds: Iterable[float],
     entropy_thresholds: Iterable[float] = (),
     gate_quantiles: Iterable[float] = (),
+    gate_sample: torch.Generator | None = None,
 ) -> dict[str, Tensor]:
-    """``{"stable_2": exits [b], "kl_0.01": exits [b], "entropy_0.5": ..., "gate_0.5": ...}`` for every rule."""
+    """``{"stable_2": exits [b], "kl_0.01": exits [b], "entropy_0.5": ..., "gate_0.5": ...}`` for every rule,
+    and ``"gate_sample"`` drawn with ``gate_sample`` when it is given."""
     exits = {rule_name("stable", m): exit_loops_stable(pred, m) for m in patience}
     exits.update({rule_name("kl", t): exit_loops_kl(pred, t) for t in kl_thresholds})
     exits.update({rule_name("entropy", t): exit_loops_entropy(pred, t) for t in entropy_thresholds})
     exits.update({rule_name("gate", q): exit_loops_gate(pred, q) for q in gate_quantiles})
+    if gate_sample is not None:
+        exits["gate_sample"] = exit_loops_gate_sample(pred, gate_sample)
     return exits
 
 

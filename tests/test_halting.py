@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import tiny_model, tiny_module
-from looped.adaptive import adaptive_exits, exit_loops_entropy, exit_loops_gate
+from looped.adaptive import adaptive_exits, exit_loops_entropy, exit_loops_gate, exit_loops_gate_sample
 from looped.callbacks import AdaptiveExit
 from looped.datamodules import PHop
 from looped.errors import InputError
@@ -132,8 +132,14 @@ def test_entropy_and_gate_rules_match_a_per_sample_reference():
     for q in (0.3, 0.5, 0.9):
         expected = [next((n + 1 for n, c in enumerate(row) if c >= q - 1e-6), max_loops) for row in cdfs]
         assert exit_loops_gate(pred, q).tolist() == expected
-    exits = adaptive_exits(pred, (1,), (0.1,), taus, (0.5,))
-    assert set(exits) == {"stable_1", "kl_0.1", f"entropy_{taus[0]:g}", f"entropy_{taus[1]:g}", "gate_0.5"}
+    # PonderNet's sampling: the first loop whose cumulative exit probability reaches the sample's own u.
+    draws = torch.rand(24, generator=torch.Generator().manual_seed(3), dtype=torch.float64).tolist()
+    expected = [next((n + 1 for n, c in enumerate(row) if c >= u), max_loops) for row, u in zip(cdfs, draws)]
+    assert exit_loops_gate_sample(pred, torch.Generator().manual_seed(3)).tolist() == expected
+    assert len(set(expected)) > 1
+    exits = adaptive_exits(pred, (1,), (0.1,), taus, (0.5,), gate_sample=torch.Generator().manual_seed(3))
+    rules = {"stable_1", "kl_0.1", f"entropy_{taus[0]:g}", f"entropy_{taus[1]:g}", "gate_0.5", "gate_sample"}
+    assert set(exits) == rules
     assert len(set(exits["gate_0.5"].tolist())) > 1  # the gate sends samples to different depths
 
 
@@ -162,8 +168,9 @@ def test_training_with_each_objective_then_the_gate_rule_at_test(objective, tmp_
     trainer.fit(module, datamodule=data)
     assert 1 <= float(trainer.callback_metrics["train/exit_expected_loops"]) <= 2
     trainer.test(module, datamodule=data, verbose=False)
-    loops = float(trainer.callback_metrics["test/adaptive/gate_0.5/mean_loops"])
-    assert 1 <= loops <= 4  # AdaptiveExit's default: up to 2L loops
+    for rule in ("gate_0.5", "gate_sample"):
+        loops = float(trainer.callback_metrics[f"test/adaptive/{rule}/mean_loops"])
+        assert 1 <= loops <= 4  # AdaptiveExit's default: up to 2L loops
 
 
 # -- Ouro's second stage: the gate alone, on the frozen model's loss improvement --------------------
