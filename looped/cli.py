@@ -264,7 +264,16 @@ def _looped(argv: list[str]) -> None:
             raise InputError(f"looped {argv[0]}: needs the package {err.name!r}{extra}") from err
         tool.main(argv[1:])
         return
-    console_cli(argv)
+    console_cli(recipe_as_config(argv))
+
+
+def recipe_as_config(argv: list[str]) -> list[str]:
+    """``looped test RECIPE.yaml ...`` as ``looped test --config RECIPE.yaml ...``: every subcommand takes its
+    recipe first, as ``looped run`` does (LightningCLI alone would refuse the path, or apply overrides such as
+    ``--trainer.logger.init_args.name`` to a config that has no logger yet)."""
+    if len(argv) > 1 and argv[0] in LightningCLI.subcommands() and argv[1].endswith((".yaml", ".yml")):
+        return [argv[0], "--config", *argv[1:]]
+    return argv
 
 
 def _take_argv(argv: list[str] | None) -> list[str]:

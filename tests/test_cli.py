@@ -125,3 +125,14 @@ def test_non_finite_loss_stops_with_a_fix(run_dir):
         cli.model.model.head.weight.fill_(float("nan"))
     with pytest.raises(FloatingPointError, match="Lower the learning rate"):
         cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+
+
+def test_every_subcommand_takes_its_recipe_first_like_run(run_dir):
+    """``looped test RECIPE --trainer.logger.init_args.name X`` reads the recipe before the override, as ``looped
+    test --config RECIPE`` does (LightningCLI alone refused the path, or, with a logger override, reported an
+    abstract Logger)."""
+    from looped.cli import main
+
+    main(["test", str(RECIPES / "quickstart.yaml"), "--trainer.logger.init_args.name", "renamed",
+          "--data.test_size", "16", "--trainer.limit_test_batches", "1"])  # fmt: skip
+    assert (run_dir / "runs" / "renamed" / "version_0" / "config.yaml").exists()
