@@ -93,34 +93,44 @@ RUNS = {
 }
 
 
-def write_fake_runs(root):
+def fake_run(root, name: str, k: int, L: int, scalars: dict) -> None:
+    """A run folder as a ``looped run`` leaves it: the config.yaml of a (k⊗L) model and TensorBoard scalars
+    (a number is logged at step 30; a list holds its (step, value) points)."""
     from torch.utils.tensorboard import SummaryWriter
 
+    version = root / name / "version_0"
+    version.mkdir(parents=True)
+    (version / "config.yaml").write_text(CONFIG.format(k=k, L=L))
+    writer = SummaryWriter(str(version))
+    for tag, points in scalars.items():
+        for step, value in points if isinstance(points, list) else [(30, points)]:
+            writer.add_scalar(tag, value, step)
+    writer.close()
+
+
+def write_fake_runs(root):
     for name, (k, L, acc, losses) in RUNS.items():
-        version = root / name / "version_0"
-        version.mkdir(parents=True)
-        (version / "config.yaml").write_text(CONFIG.format(k=k, L=L))
-        writer = SummaryWriter(str(version))
-        for i, loss in enumerate(losses):
-            step = 10 * (i + 1)
-            writer.add_scalar("val/loss", loss, step)
-            writer.add_scalar("val/exact_match", acc * (i + 1) / 3, step)
-            writer.add_scalar("isoplot/log_perplexity", loss, step)
-            writer.add_scalar("isoplot/val/exact_match", acc * (i + 1) / 3, step)
-        writer.add_scalar("test/exact_match", acc, 30)
-        writer.add_scalar("test/loss", losses[-1], 30)
+        steps = [10 * (i + 1) for i in range(len(losses))]
+        scalars = {
+            "val/loss": list(zip(steps, losses)),
+            "val/exact_match": [(step, acc * (i + 1) / 3) for i, step in enumerate(steps)],
+            "isoplot/log_perplexity": list(zip(steps, losses)),
+            "isoplot/val/exact_match": [(step, acc * (i + 1) / 3) for i, step in enumerate(steps)],
+            "test/exact_match": acc,
+            "test/loss": losses[-1],
+        }
         for n in range(1, 2 * L + 1):
-            writer.add_scalar(f"test/exact_match_loop{n}", min(n, L) / L * acc, 30)
+            scalars[f"test/exact_match_loop{n}"] = min(n, L) / L * acc
             if L > 1:  # LoopDynamics: a residual shrinking towards a fixed point, flips dying out
-                writer.add_scalar(f"test/dynamics/top_prob_loop{n}", 1 - 0.5 / n, 30)
+                scalars[f"test/dynamics/top_prob_loop{n}"] = 1 - 0.5 / n
                 if n > 1:
-                    writer.add_scalar(f"test/dynamics/residual_loop{n}", 1 / n, 30)
-                    writer.add_scalar(f"test/dynamics/flip_rate_loop{n}", 0.5 / n, 30)
+                    scalars[f"test/dynamics/residual_loop{n}"] = 1 / n
+                    scalars[f"test/dynamics/flip_rate_loop{n}"] = 0.5 / n
         if L == 1 and k > 1:
             for group in ("q", "w1"):
                 for layer in range(k - 2):
-                    writer.add_scalar(f"block_cosine/{group}/layer{layer}", 0.5 + 0.1 * layer, 30)
-        writer.close()
+                    scalars[f"block_cosine/{group}/layer{layer}"] = 0.5 + 0.1 * layer
+        fake_run(root, name, k, L, scalars)
 
 
 def test_report_end_to_end(tmp_path, capsys):
@@ -162,7 +172,6 @@ def test_dynamics_figure_draws_each_logged_curve(tmp_path):
 
 def test_language_model_report_reads_the_named_held_out_set(tmp_path):
     """``--loss-set pile``: Table 3's ppl is the lowest val/loss_pile; per-loop perplexity is averaged over seeds."""
-    from torch.utils.tensorboard import SummaryWriter
 
     curves = {  # (k, L, seed) -> perplexity after loops 1..2L on the pile set
         (1, 4, 0): [90.0, 60.0, 50.0, 40.0, 41.0, 42.0, 44.0, 46.0],
@@ -171,20 +180,18 @@ def test_language_model_report_reads_the_named_held_out_set(tmp_path):
         (1, 1, 0): [60.0, 99.0],
     }
     for (k, L, seed), curve in curves.items():
-        version = tmp_path / "runs" / f"lm_{k}x{L}_s{seed}" / "version_0"
-        version.mkdir(parents=True)
-        (version / "config.yaml").write_text(CONFIG.format(k=k, L=L))
-        writer = SummaryWriter(str(version))
-        for step, loss in ((10, 5.0), (20, math.log(curve[L - 1]) - 0.1), (30, math.log(curve[L - 1]))):
-            writer.add_scalar("val/loss_pile", loss, step)
-            writer.add_scalar("val/loss", 9.0, step)  # pooled with the primitives' answers: not the LM's perplexity
-            writer.add_scalar("isoplot/log_perplexity", loss, step)
-            writer.add_scalar("val/loss_primitives_math_d0", 2 * loss, step)  # an answer's loss at the same steps
-        writer.add_scalar("test/exact_match_primitives_math_d0", {1: 0.2, 4: 0.3}[k * L] + 0.01 * seed, 30)
+        points = [(10, 5.0), (20, math.log(curve[L - 1]) - 0.1), (30, math.log(curve[L - 1]))]
+        scalars = {
+            "val/loss_pile": points,
+            "val/loss": [(step, 9.0) for step, _ in points],  # pooled with the primitives' answers: not the LM's
+            "isoplot/log_perplexity": points,
+            "val/loss_primitives_math_d0": [(step, 2 * loss) for step, loss in points],  # an answer's loss
+            "test/exact_match_primitives_math_d0": {1: 0.2, 4: 0.3}[k * L] + 0.01 * seed,
+        }
         for n, value in enumerate(curve, start=1):
-            writer.add_scalar(f"test/perplexity_loop{n}_pile", value, 30)
-            writer.add_scalar(f"test/perplexity_loop{n}", 2 * value, 30)
-        writer.close()
+            scalars[f"test/perplexity_loop{n}_pile"] = value
+            scalars[f"test/perplexity_loop{n}"] = 2 * value
+        fake_run(tmp_path / "runs", f"lm_{k}x{L}_s{seed}", k, L, scalars)
     out = tmp_path / "out"
     metric = "test/exact_match_primitives_math_d0"
     isoplot = ["--isoplot-metric", "val/loss_primitives_math_d0"]
@@ -285,18 +292,14 @@ def test_isoplot_recorder_in_a_real_trainer(tmp_path):
 def test_known_depth_table_and_figure_from_adaptive_exit_scalars(tmp_path):
     """AdaptiveExit's per-set scalars of a run tested on hops1..hops3 become a row per rule; a rule whose mean
     exit loop rises with the depth tracks it, one that stays flat does not."""
-    from torch.utils.tensorboard import SummaryWriter
 
-    version = tmp_path / "runs" / "known" / "version_0"
-    version.mkdir(parents=True)
-    (version / "config.yaml").write_text(CONFIG.format(k=1, L=4))
-    writer = SummaryWriter(str(version))
     loops = {"gate_0.5": [1.5, 2.5, 3.5], "stable_1": [3.0, 3.0, 3.0]}
+    scalars = {}
     for rule, by_depth in loops.items():
         for depth, mean in enumerate(by_depth, start=1):
-            writer.add_scalar(f"test/adaptive/{rule}/mean_loops_hops{depth}", mean, 30)
-            writer.add_scalar(f"test/adaptive/{rule}/exact_match_hops{depth}", 0.9, 30)
-    writer.close()
+            scalars[f"test/adaptive/{rule}/mean_loops_hops{depth}"] = mean
+            scalars[f"test/adaptive/{rule}/exact_match_hops{depth}"] = 0.9
+    fake_run(tmp_path / "runs", "known", 1, 4, scalars)
     out = tmp_path / "out"
     report.main([str(tmp_path / "runs"), "--output", str(out)])
     text = (out / "report.md").read_text()
@@ -330,23 +333,17 @@ def test_known_depth_reads_igsm_query_depth_sets_as_it_reads_hop_sets():
 def test_adaptive_depth_comparison_finds_each_methods_cheapest_point_at_99_percent(tmp_path):
     """Per method (run): its fixed-L accuracy, and the fewest mean loops of any operating point (fixed count or
     exit rule) at >= 99% of it; one figure per task."""
-    from torch.utils.tensorboard import SummaryWriter
 
     methods = {  # run -> (fixed accuracy after loops 1..4, {rule: (mean loops, accuracy)})
         "fixed": ([0.2, 0.5, 0.9, 0.95], {"stable_1": (3.5, 0.90)}),
         "gate": ([0.3, 0.6, 0.94, 0.96], {"gate_0.5": (2.6, 0.955), "kl_0.1": (2.4, 0.90)}),
     }
     for name, (fixed, rules) in methods.items():
-        version = tmp_path / "runs" / name / "version_0"
-        version.mkdir(parents=True)
-        (version / "config.yaml").write_text(CONFIG.format(k=1, L=4))
-        writer = SummaryWriter(str(version))
-        for n, accuracy in enumerate(fixed, start=1):
-            writer.add_scalar(f"test/exact_match_loop{n}", accuracy, 30)
+        scalars = {f"test/exact_match_loop{n}": accuracy for n, accuracy in enumerate(fixed, start=1)}
         for rule, (loops, accuracy) in rules.items():
-            writer.add_scalar(f"test/adaptive/{rule}/mean_loops", loops, 30)
-            writer.add_scalar(f"test/adaptive/{rule}/exact_match", accuracy, 30)
-        writer.close()
+            scalars[f"test/adaptive/{rule}/mean_loops"] = loops
+            scalars[f"test/adaptive/{rule}/exact_match"] = accuracy
+        fake_run(tmp_path / "runs", name, 1, 4, scalars)
     out = tmp_path / "out"
     report.main([str(tmp_path / "runs"), "--output", str(out)])
     text = (out / "report.md").read_text()
