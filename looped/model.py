@@ -266,6 +266,7 @@ class LoopedTransformer(nn.Module):
         grad_loops: int | None = None,
         cache: DecodeCache | None = None,
         attention_mask: Tensor | None = None,
+        readout_after: int | None = None,
     ) -> Tensor | tuple[Tensor, list[Tensor]]:
         """Logits ``[b t v]`` after ``loops`` applications of the block (default: the trained L).
 
@@ -284,10 +285,18 @@ class LoopedTransformer(nn.Module):
         tokens, padding never attended to, so every row's logits at its tokens are those of
         the row alone (the logits at padding positions mean nothing). A mask of all ones
         takes the unpadded path.
+
+        ``readout_after=n`` (with ``return_loop_states``, without a cache) returns the logits of loop n
+        instead of the last: one pass that is read at the trained L and runs deeper for its loop states
+        (``LoopedLM``'s shared evaluation pass) reads out once, not twice.
         """
         loops = self.config.loops if loops is None else loops
         if loops < 1:
             raise ValueError(f"loops must be >= 1, got {loops}")
+        if readout_after is not None and (
+            cache is not None or not return_loop_states or not 1 <= readout_after <= loops
+        ):
+            raise ValueError(f"readout_after={readout_after} needs return_loop_states, no cache and 1..loops={loops}")
         offset = 0 if cache is None else cache.length  # absolute position of input_ids[:, 0]
         t = input_ids.shape[1]
         if offset + t > self.config.max_seq_len:
@@ -311,7 +320,8 @@ class LoopedTransformer(nn.Module):
                 x = self.apply_block(x, slots, padding, shared)
             if return_loop_states:
                 loop_states.append(x)
-        logits = self.readout(x, slots=slots, padding=padding)
+        read = x if readout_after is None else loop_states[readout_after - 1]
+        logits = self.readout(read, slots=slots, padding=padding)
         if cache is not None:
             cache.length += t
         return (logits, loop_states) if return_loop_states else logits

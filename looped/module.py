@@ -312,9 +312,7 @@ class LoopedLM(L.LightningModule):
         if depth is None:
             logits = self(batch["input_ids"])
         else:  # one pass for this step's metrics (read at L) and every loop-reading callback
-            logits, states = self.model(batch["input_ids"], loops=depth, return_loop_states=True)
-            if depth != loops:
-                logits = self.model.readout(states[loops - 1])
+            logits, states = self.model(batch["input_ids"], loops=depth, return_loop_states=True, readout_after=loops)
             self.eval_pass = EvalPass(self.model, batch["input_ids"], labels, states)
         loss, tokens = self.compute_loss(logits, labels), (labels != IGNORE).sum()
         # Exact match over the whole sequence: positions with no label count as right.

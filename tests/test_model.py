@@ -65,6 +65,13 @@ def test_loop_states_match_separate_forwards():
         torch.testing.assert_close(model.readout(state), model(x, loops=n), atol=1e-5, rtol=0)
     assert model(x).shape == (3, 24, 11)
     torch.testing.assert_close(model(x), model(x, loops=3))
+    # One pass read out at loop 3 and run on to 5 for its states: loop 3's logits, every state unchanged.
+    early, deeper = model(x, loops=5, return_loop_states=True, readout_after=3)
+    torch.testing.assert_close(early, model(x, loops=3), atol=1e-5, rtol=0)
+    for state, again in zip(deeper, states, strict=True):
+        torch.testing.assert_close(state, again, atol=0, rtol=0)
+    with pytest.raises(ValueError, match="readout_after=6 needs"):
+        model(x, loops=5, return_loop_states=True, readout_after=6)
 
 
 def test_readout_at_positions_selects_rows():
