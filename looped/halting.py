@@ -22,6 +22,9 @@ over the labelled tokens:
   it and the remainder ``R = 1 − Σ_{j<N(t)} λ_j`` at it, and the ponder cost ``τ (N(t) + R)`` is
   added. ACT mixes the *states* with these weights; here, as PonderNet compares it, they weight the
   per-loop *losses*, so all three share one interface (``R`` carries ACT's gradient to the gate).
+  Its trap, measured on the quickstart (docs/evaluation.md): once λ_1 ≥ 1 − ε a token halts at loop 1
+  with R = 1 whatever λ_1 is, so the gate gets no gradient there and never learns to go deeper; the
+  ponder cost pushes every token towards it.
 * ``ouro_stage2`` — Ouro's second stage (Zhu et al. 2025, §3.4, "focused adaptive gate training"): the
   language model is frozen (``LoopedLM`` leaves only the gate trainable; start it from a first-stage
   checkpoint with ``model.init_args.init_weights``) and the gate learns, per token, whether the next
