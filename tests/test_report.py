@@ -312,6 +312,16 @@ def test_known_depth_table_and_figure_from_adaptive_exit_scalars(tmp_path):
     assert tracks_depth([1.0, 1.5, 1.48, 2.0]) and not tracks_depth([2.0, 1.0, 3.0])
 
 
+def test_training_variant_names_the_schedule_and_the_exit_objective():
+    schedule = {"distribution": "uniform", "min_loops": 2, "max_loops": 8}
+    assert report.training_variant({}) == ""
+    assert report.training_variant({"loop_schedule": schedule, "exit": {"objective": "ouro", "beta": 0.01}}) == (
+        "uniform loops 2..8, ouro exit beta=0.01"
+    )
+    second = {"exit": {"objective": "ouro_stage2"}, "init_weights": "runs/x/last.ckpt"}
+    assert report.training_variant(second) == "ouro_stage2 exit, from a trained checkpoint"
+
+
 def test_known_depth_reads_igsm_query_depth_sets_as_it_reads_hop_sets():
     """i-GSM's ``depth<d>`` sets and p-hop's ``hops<p>`` sets give the same table; other tags are not read."""
     from looped.tools.known_depth import known_depth

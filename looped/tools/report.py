@@ -125,6 +125,13 @@ def training_variant(model_args: dict) -> str:
     regularizer = model_args.get("regularizer") or {}
     if regularizer:
         parts.append(f"regularised k={regularizer.get('block_layers')} λ={regularizer.get('weight')}")
+    exit = model_args.get("exit") or {}
+    if exit:  # the learned exit's objective and the parameter it turns (looped.halting)
+        objective = exit.get("objective", "ouro")
+        knob = {"ouro": "beta", "pondernet": "prior", "act": "tau"}.get(objective)
+        parts.append(f"{objective} exit" + (f" {knob}={exit.get(knob)}" if knob else ""))
+    if model_args.get("init_weights"):
+        parts.append("from a trained checkpoint")
     return ", ".join(parts)
 
 
