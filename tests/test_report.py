@@ -312,6 +312,21 @@ def test_known_depth_table_and_figure_from_adaptive_exit_scalars(tmp_path):
     assert tracks_depth([1.0, 1.5, 1.48, 2.0]) and not tracks_depth([2.0, 1.0, 3.0])
 
 
+def test_tasks_are_named_by_data_class_then_by_the_arguments_that_differ_within_it():
+    """Runs of several data classes: the class names the task, and only a class's own differing arguments are
+    added (a p-hop run has no num_edges; before, every other class's arguments were listed as None)."""
+    runs = [
+        SimpleNamespace(data={"class_path": "looped.datamodules.PHop", "hops": 3, "seed": 0}, task=None),
+        SimpleNamespace(data={"class_path": "looped.datamodules.PHop", "hops": 3, "seed": 1}, task=None),
+        SimpleNamespace(data={"class_path": "looped.datamodules.IGSM", "num_edges": 4, "eval_depths": [2]}, task=None),
+        SimpleNamespace(data={"class_path": "looped.datamodules.IGSM", "num_edges": 6}, task=None),
+    ]
+    report._name_tasks(runs)
+    assert [r.task for r in runs] == ["PHop", "PHop", "IGSM, num_edges=4", "IGSM, num_edges=6"]
+    report._name_tasks(runs[:2])
+    assert [r.task for r in runs[:2]] == ["", ""]  # one task: no name needed
+
+
 def test_training_variant_names_the_schedule_and_the_exit_objective():
     schedule = {"distribution": "uniform", "min_loops": 2, "max_loops": 8}
     assert report.training_variant({}) == ""

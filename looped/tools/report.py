@@ -37,6 +37,7 @@ from looped.tools.plots import cosine_heatmap, dynamics_figure, per_loop_figure,
 from looped.tools.study import plot_study, study_points, study_table
 
 PER_LOOP = re.compile(r"_loop(\d+)$")
+PER_LOOP_ANY_SET = re.compile(r"_loop\d+(_|$)")  # test/exact_match_loop3, and per set: ..._loop3_depth2
 COSINE = re.compile(r"^block_cosine/(.+)/layer(\d+)$")
 DYNAMICS = re.compile(r"^(?P<stage>val|test)/dynamics/(?P<name>residual|top_prob|flip_rate)_loop(?P<loop>\d+)$")
 # Data-module arguments that change how a task is served or scored, not which task it is.
@@ -167,15 +168,17 @@ def load_runs(paths: Sequence[str | Path]) -> list[Run]:
 
 
 def _name_tasks(runs: list[Run]) -> None:
-    """A run's task is the data arguments that differ between the runs (``hops=16``), else ''."""
-    keys = sorted({k for r in runs for k in r.data} - NOT_TASK)
-    varying = [k for k in keys if len({repr(r.data.get(k)) for r in runs}) > 1]
-    for run in runs:
-        parts = []
-        for key in varying:
-            value = run.data.get(key)
-            parts.append(str(value).rsplit(".", 1)[-1] if key == "class_path" else f"{key}={value}")
-        run.task = ", ".join(parts)
+    """A run's task: its data class where the runs use several, then the arguments that differ between the
+    runs of that class (``hops=16``); '' when every run has one task. Another class's arguments never count:
+    a p-hop run has no ``num_edges``, which is not a difference between two p-hop runs."""
+    classes = sorted({str(r.data.get("class_path")) for r in runs})
+    for name in classes:
+        group = [r for r in runs if str(r.data.get("class_path")) == name]
+        keys = sorted({k for r in group for k in r.data} - NOT_TASK - {"class_path"})
+        varying = [k for k in keys if len({repr(r.data.get(k)) for r in group}) > 1]
+        for run in group:
+            parts = [name.rsplit(".", 1)[-1]] if len(classes) > 1 else []
+            run.task = ", ".join(parts + [f"{key}={run.data.get(key)}" for key in varying])
 
 
 # -- numbers -----------------------------------------------------------------------------
@@ -184,8 +187,13 @@ def as_percent(tag: str, value: float) -> float:
 
 
 def default_metrics(runs: list[Run]) -> list[str]:
+    """Every test exact match, overall and per named set; not per loop or per exit rule (their own sections)."""
     tags = {t for r in runs for t in r.scalars}
-    return sorted(t for t in tags if t.startswith("test/") and "exact_match" in t and not PER_LOOP.search(t))
+    return sorted(
+        t
+        for t in tags
+        if t.startswith("test/") and "exact_match" in t and not PER_LOOP_ANY_SET.search(t) and "/adaptive/" not in t
+    )
 
 
 def collect_cells(runs: list[Run], metrics: Sequence[str]) -> tuple[list[str], dict[str, dict[str, float]], set]:
