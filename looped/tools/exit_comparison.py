@@ -93,7 +93,9 @@ def comparison_table(methods: dict[str, tuple[list[Point], int, bool]]) -> str:
 def plot_comparison(methods: dict[str, tuple[list[Point], int]], path: Path, title: str = "") -> Path:
     """Accuracy against mean loops: each method's Pareto front as a line, its other points faint."""
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    # The legend goes under the axes, a line per method (their names are long): the figure grows with it.
+    legend_height = 0.155 * len(methods)  # inches: one line per method
+    fig, ax = plt.subplots(figsize=(5.5, 3.4 + legend_height))
     for name, (points, *_) in methods.items():
         front = pareto(points)
         (line,) = ax.plot([p.mean_loops for p in front], [100 * p.accuracy for p in front], marker="o", label=name)
@@ -104,6 +106,6 @@ def plot_comparison(methods: dict[str, tuple[list[Point], int]], path: Path, tit
     if title:
         ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
-    ax.legend(loc="best", fontsize=7)
-    fig.tight_layout()
+    fig.legend(loc="lower center", fontsize=7, ncol=1, frameon=False)
+    fig.tight_layout(rect=(0, legend_height / fig.get_figheight(), 1, 1))
     return save(fig, path)
