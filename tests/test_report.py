@@ -112,6 +112,13 @@ def fake_run(root, name: str, k: int, L: int, scalars: dict, model_args: str = "
     writer.close()
 
 
+def report_of(tmp_path) -> tuple:
+    """``looped report`` over the fake runs under ``tmp_path/runs``: its output folder and report.md's text."""
+    out = tmp_path / "out"
+    report.main([str(tmp_path / "runs"), "--output", str(out)])
+    return out, (out / "report.md").read_text()
+
+
 def write_fake_runs(root):
     for name, (k, L, acc, losses) in RUNS.items():
         steps = [10 * (i + 1) for i in range(len(losses))]
@@ -141,10 +148,8 @@ def test_report_end_to_end(tmp_path, capsys):
     from matplotlib.image import imread
 
     write_fake_runs(tmp_path / "runs")
-    out = tmp_path / "out"
-    report.main([str(tmp_path / "runs"), "--output", str(out)])
+    out, text = report_of(tmp_path)
     assert capsys.readouterr().out.strip() == str(out / "report.md")
-    text = (out / "report.md").read_text()
     assert "| 4⊗1 | 4x / 4x | 90.0 |" in text
     assert "| 1⊗4 | 1x / 4x | 80.0 |" in text
     assert "| 1⊗2 | 1x / 2x | 60.0 |" in text
@@ -304,9 +309,7 @@ def test_known_depth_table_and_figure_from_adaptive_exit_scalars(tmp_path):
             scalars[f"test/adaptive/{rule}/mean_loops_hops{depth}"] = mean
             scalars[f"test/adaptive/{rule}/exact_match_hops{depth}"] = 0.9
     fake_run(tmp_path / "runs", "known", 1, 4, scalars)
-    out = tmp_path / "out"
-    report.main([str(tmp_path / "runs"), "--output", str(out)])
-    text = (out / "report.md").read_text()
+    out, text = report_of(tmp_path)
     assert "## Halting against known depth: `known`" in text
     assert "| gate_0.5 | 1.50 (90.0%) | 2.50 (90.0%) | 3.50 (90.0%) | yes |" in text
     assert "| stable_1 | 3.00 (90.0%) | 3.00 (90.0%) | 3.00 (90.0%) | no |" in text
@@ -374,9 +377,7 @@ def test_adaptive_depth_comparison_finds_each_methods_cheapest_point_at_99_perce
             scalars[f"test/adaptive/{rule}/mean_loops"] = loops
             scalars[f"test/adaptive/{rule}/exact_match"] = accuracy
         fake_run(tmp_path / "runs", name, 1, 4, scalars, model_args)
-    out = tmp_path / "out"
-    report.main([str(tmp_path / "runs"), "--output", str(out)])
-    text = (out / "report.md").read_text()
+    out, text = report_of(tmp_path)
     # The fixed-L model: 95% at L, so the target is 94.05%. gate reaches it with gate_0.5 at 2.6 loops (and 99% of
     # its own 96% too); weak never does, and needs all 4 loops for 99% of its own 85% (stable_1's 84% falls short).
     assert "≥ 99% of the fixed-L model's 95.0%: fewest mean loops" in text
