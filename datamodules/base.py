@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import zlib
 from abc import abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from functools import cached_property
 
 import lightning as L
@@ -49,6 +49,17 @@ def answer_at_end(sequences: np.ndarray, answer: np.ndarray, separator: int) -> 
     labels = np.full_like(input_ids, IGNORE)
     labels[:, -1] = answer
     return input_ids, labels
+
+
+def draw_kept(n: int, rate: float, draw: Callable[[int], tuple[np.ndarray, ...]]) -> tuple[np.ndarray, ...]:
+    """The first ``n`` rows that ``draw(m)`` keeps of ``m`` fresh samples (it returns the kept rows' arrays),
+    drawing again until there are ``n``, each time with headroom for the share ``rate`` it keeps."""
+    parts: list[tuple[np.ndarray, ...]] = []
+    have = 0
+    while have < n:
+        parts.append(draw(int((n - have) / rate * 1.2) + 8))
+        have += len(parts[-1][0])
+    return tuple(np.concatenate(column)[:n] for column in zip(*parts))
 
 
 def rows_as_keys(input_ids: np.ndarray) -> list[bytes]:

@@ -60,7 +60,7 @@ from typing import Literal
 import numpy as np
 
 from looped.contract import IGNORE
-from looped.datamodules.base import SyntheticTask, answer_at_end
+from looped.datamodules.base import SyntheticTask, answer_at_end, draw_kept
 from looped.errors import InputError
 
 PAD = "<pad>"
@@ -223,14 +223,12 @@ class IGSM(SyntheticTask):
     def generate_eval(self, name: str, rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
         """``n`` problems whose query is ``depth<d>``'s d operations deep (drawn, the others dropped)."""
         depth = int(name.removeprefix("depth"))
-        kept: list[tuple[np.ndarray, np.ndarray]] = []
-        have = 0
-        while have < n:
-            input_ids, labels, query_depth = self.draw(rng, int((n - have) / self._depth_rate[depth] * 1.2) + 8)
-            keep = query_depth == depth
-            kept.append((input_ids[keep], labels[keep]))
-            have += int(keep.sum())
-        return np.concatenate([x for x, _ in kept])[:n], np.concatenate([y for _, y in kept])[:n]
+
+        def of_that_depth(m: int) -> tuple[np.ndarray, np.ndarray]:
+            input_ids, labels, query_depth = self.draw(rng, m)
+            return input_ids[query_depth == depth], labels[query_depth == depth]
+
+        return draw_kept(n, self._depth_rate[depth], of_that_depth)
 
     def draw(self, rng: np.random.Generator, m: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``m`` problems: ``input_ids`` and ``labels`` ``[m t]`` and each query's DAG depth ``[m]``."""

@@ -22,7 +22,7 @@ from typing import Literal
 import numpy as np
 
 from looped.contract import IGNORE
-from looped.datamodules.base import SyntheticTask, answer_at_end
+from looped.datamodules.base import SyntheticTask, answer_at_end, draw_kept
 from looped.errors import InputError
 
 
@@ -166,20 +166,14 @@ class PHop(SyntheticTask):
 
     def draw(self, rng: np.random.Generator, n: int, hops: int) -> tuple[np.ndarray, np.ndarray]:
         """``n`` sequences whose ``hops``-hop chain exists, with the answer at the end."""
-        kept: list[np.ndarray] = []
-        answers: list[np.ndarray] = []
-        have = 0
-        while have < n:
-            # Draw with headroom for the rows whose chain breaks.
-            draw = int((n - have) / self._chain_rate[hops] * 1.2) + 8
-            seqs = rng.integers(0, self.alphabet_size, size=(draw, self.length), dtype=np.int64)
+
+        def chains_that_exist(m: int) -> tuple[np.ndarray, np.ndarray]:
+            seqs = rng.integers(0, self.alphabet_size, size=(m, self.length), dtype=np.int64)
             pos = follow_hops(seqs, self.alphabet_size, hops)
             ok = pos > 0
-            kept.append(seqs[ok])
-            answers.append(seqs[ok, pos[ok] - 1])
-            have += int(ok.sum())
-        seqs = np.concatenate(kept)[:n]
-        answer = np.concatenate(answers)[:n]
+            return seqs[ok], seqs[ok, pos[ok] - 1]
+
+        seqs, answer = draw_kept(n, self._chain_rate[hops], chains_that_exist)
         return answer_at_end(seqs, answer, separator=self.query_token(hops))
 
     def labels_at_every_position(self, input_ids: np.ndarray) -> np.ndarray:
