@@ -81,22 +81,26 @@ def exit_loops_entropy(pred: LoopPredictions, threshold: float) -> Tensor:
     return first_loop(per_sample_max(pred.entropy, pred.sample, pred.batch_size) < threshold)
 
 
+def sample_exit_cdf(pred: LoopPredictions) -> Tensor:
+    """``[n b]`` the learned cumulative exit probability after each loop, the least over each sample's labelled
+    positions (so a threshold on it holds at every one of them)."""
+    if pred.exit_cdf is None:
+        raise ValueError("the gate rules need a model with a learned exit gate (LoopedConfig.exit_gate)")
+    return -per_sample_max(-pred.exit_cdf, pred.sample, pred.batch_size)
+
+
 def exit_loops_gate(pred: LoopPredictions, quantile: float) -> Tensor:
     """``[b]`` exit loop under rule ``gate``: the learned cumulative exit probability reaches ``quantile``
     at every labelled position (0.5: PonderNet's median depth)."""
-    if pred.exit_cdf is None:
-        raise ValueError("rule gate needs a model with a learned exit gate (LoopedConfig.exit_gate)")
-    return first_loop(-per_sample_max(-pred.exit_cdf, pred.sample, pred.batch_size) >= quantile)
+    return first_loop(sample_exit_cdf(pred) >= quantile)
 
 
 def exit_loops_gate_sample(pred: LoopPredictions, generator: torch.Generator | None = None) -> Tensor:
-    """``[b]`` exit loop drawn from the learned exit distribution (PonderNet's sampling): the first loop where
-    the cumulative exit probability reaches a fresh ``u ~ U(0, 1)`` at every labelled position."""
-    if pred.exit_cdf is None:
-        raise ValueError("rule gate_sample needs a model with a learned exit gate (LoopedConfig.exit_gate)")
-    cdf = -per_sample_max(-pred.exit_cdf, pred.sample, pred.batch_size)
-    u = torch.rand(pred.batch_size, generator=generator, dtype=torch.float64).to(cdf.device)
-    return first_loop(cdf >= u.to(cdf.dtype))
+    """``[b]`` exit loop drawn from the learned exit distribution (PonderNet's sampling): rule ``gate`` with a
+    fresh ``u ~ U(0, 1)`` per sample in place of the quantile."""
+    cdf = sample_exit_cdf(pred)
+    u = torch.rand(pred.batch_size, generator=generator, dtype=torch.float64).to(cdf.device, cdf.dtype)
+    return first_loop(cdf >= u)
 
 
 def correct_at_exit(pred: LoopPredictions, exits: Tensor) -> Tensor:

@@ -57,8 +57,8 @@ def cheapest_reaching(points: list[Point], target: float) -> Point | None:
 def comparison_table(methods: dict[str, tuple[list[Point], int, bool]]) -> str:
     """Markdown, a row per method ``{name: (points, trained L, plainly looped)}``: the loops it needs for 99% of
     the fixed-L model's accuracy (the best plainly looped run's at its L), and for 99% of its own at L."""
-    plain = [acc for points, loops, is_plain in methods.values() if is_plain if (acc := accuracy_at(points, loops))]
-    reference = max(plain, default=None)
+    plain = [accuracy_at(points, loops) for points, loops, is_plain in methods.values() if is_plain]
+    reference = max((acc for acc in plain if acc is not None), default=None)
 
     def cell(best: Point | None, trained: int) -> str:
         if best is None:
@@ -90,7 +90,7 @@ def comparison_table(methods: dict[str, tuple[list[Point], int, bool]]) -> str:
     return "\n".join(lines)
 
 
-def plot_comparison(methods: dict[str, tuple[list[Point], int]], path: Path, title: str = "") -> Path:
+def plot_comparison(methods: dict[str, tuple[list[Point], int, bool]], path: Path, title: str = "") -> Path:
     """Accuracy against mean loops: each method's Pareto front as a line, its other points faint."""
     plt = pyplot()
     # The legend goes under the axes, a line per method (their names are long): the figure grows with it.
