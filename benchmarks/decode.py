@@ -15,8 +15,10 @@ method starts a round in turn), so machine noise hits them alike:
   holds the same ``DecodeCache``, so the difference is ``generate``'s own per-step work
   (with the ``[hf]`` extra; skipped without it);
 * ``exit RULE`` (``--exit gate_0.5 entropy_2``): ``generate(exit=RULE)``, every new token stopping at
-  its own loop and stopped rows leaving the batch (``looped/adaptive_decode.py``); its mean loops
-  per token are printed beside its speed, and its ratio to ``cached`` against ``L / mean loops``;
+  its own loop, each row at its own token and loop (depth-wise batching, ``looped/depthwise.py``), and
+  ``exit RULE sync``: the same tokens with a token's rows looping together and stopped rows leaving
+  the batch (``schedule="synchronous"``, ``looped/adaptive_decode.py``); their mean loops per token
+  are printed beside their speed, and their ratio to ``cached`` against ``L / mean loops``;
 * ``kv shared`` / ``kv per application``: the same weights decoding with ``kv_sharing`` on and off
   (Mixture-of-Recursions' recursive KV sharing: one cache slot per block layer), with the bytes
   each cache holds. The flipped one computes a different function; this row measures cost only.
@@ -29,8 +31,13 @@ prepared dataset's held-out split (``data/stdlib``) instead of random tokens.
     python benchmarks/decode.py --checkpoint runs/lm/cpu_1x4_exit/version_0/checkpoints/last.ckpt \
         --prompts data/stdlib --batch 8 --exit gate_0.5 gate_0.7 entropy_2
 
+The prompt is read at full depth whatever the rule (one parallel forward), so the adaptive rows also
+print *decode* tokens/s: the tokens after the first over the time after the prefill (the prefill,
+``prefill``, is timed in the same rounds). That is the rate per-token exit changes, the one compared
+with L / mean loops (the mean counts decoded tokens only).
+
 The last lines are the ratios of tokens/s: cached / full, transformers / ours, each exit rule /
-fixed L, and KV shared / per application.
+fixed L (end to end, and decoding alone), and KV shared / per application.
 """
 
 from __future__ import annotations
@@ -51,6 +58,11 @@ from looped.cache import DecodeCache
 
 def cached(model: LoopedTransformer, prompt: torch.Tensor, new_tokens: int) -> torch.Tensor:
     return model.generate(prompt, new_tokens)
+
+
+def prefill(model: LoopedTransformer, prompt: torch.Tensor, new_tokens: int) -> None:
+    """The prompt's forward into a fresh cache: what every decoding below starts with."""
+    model(prompt, cache=DecodeCache(prompt.shape[1] + new_tokens))
 
 
 def full(model: LoopedTransformer, prompt: torch.Tensor, new_tokens: int) -> torch.Tensor:
@@ -134,6 +146,9 @@ def main() -> None:
     parser.add_argument("--checkpoint", help="a trained model's .ckpt (its config replaces the size flags)")
     parser.add_argument("--prompts", help="a prepared dataset folder: prompts from its held-out split")
     parser.add_argument("--exit", nargs="*", default=[], help="adaptive-depth rules to time (gate_0.5, entropy_2)")
+    parser.add_argument(
+        "--schedules", nargs="*", default=["depthwise", "synchronous"], help="how the adaptive rows share the block"
+    )
     parser.add_argument("--no-hf", action="store_true", help="skip the transformers row")
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -152,10 +167,18 @@ def main() -> None:
     exact = list(methods)  # these must decode the same tokens
     mean_loops: dict[str, float] = {}
     for rule in args.exit:
-        name = f"exit {rule}"
-        methods[name] = lambda model, prompt, n, rule=rule: model.generate(prompt, n, exit=rule)
         with torch.inference_mode():
-            mean_loops[name] = model.generate(prompt, args.new_tokens, exit=rule, return_loops=True).mean_loops
+            decoded = {s: model.generate(prompt, args.new_tokens, exit=rule, schedule=s) for s in args.schedules}
+            loops = model.generate(prompt, args.new_tokens, exit=rule, return_loops=True).loops
+        assert all(torch.equal(d, next(iter(decoded.values()))) for d in decoded.values()), "the schedules disagree"
+        for schedule in args.schedules:
+            name = f"exit {rule}" + (" sync" if schedule == "synchronous" else "")
+            methods[name] = lambda model, prompt, n, rule=rule, s=schedule: model.generate(
+                prompt, n, exit=rule, schedule=s
+            )
+            mean_loops[name] = loops[:, 1:].float().mean().item()  # the decoded tokens (the first is the prefill's)
+    if mean_loops:
+        methods["prefill"] = prefill
     kv_bytes: dict[str, int] = {}  # the cached row's cache and that of the same weights, kv_sharing flipped
     if all(layer.attn.kv_cache for layer in model.block) and config.loops > 1:
         other = flipped_kv_sharing(model)
@@ -198,6 +221,9 @@ def main() -> None:
     rate = {name: tokens / statistics.median(t) for name, t in times.items()}
     print(f"{'method':<24} {'s':>8} {'tokens/s':>10} {'mean loops':>11} {'cache MB':>9}")
     for name, t in times.items():
+        if name == "prefill":
+            print(f"{name:<24} {statistics.median(t):>8.2f}")
+            continue
         loops = f"{mean_loops.get(name, config.loops):>11.2f}"
         size = f"{kv_bytes[name] / 2**20:>9.2f}" if name in kv_bytes else ""
         print(f"{name:<24} {statistics.median(t):>8.2f} {rate[name]:>10.0f} {loops} {size}")
@@ -205,11 +231,19 @@ def main() -> None:
     if "transformers generate" in rate:
         ratio = rate["transformers generate"] / rate["cached (generate)"]
         print(f"transformers generate / our generate tokens/s ratio: {ratio:.2f}")
+    if mean_loops:  # decoding alone: the tokens after the first, over the time after the prefill
+        first = statistics.median(times["prefill"])
+        decode_rate = {
+            name: args.batch * (args.new_tokens - 1) / (statistics.median(times[name]) - first)
+            for name in ["cached (generate)", *mean_loops]
+        }
+        print(f"prefill {first:.3f} s; decode tokens/s: " + ", ".join(f"{n} {r:.0f}" for n, r in decode_rate.items()))
     for name, loops in mean_loops.items():
         ratio, ideal = rate[name] / rate["cached (generate)"], config.loops / loops
+        decode = decode_rate[name] / decode_rate["cached (generate)"]
         print(
-            f"{name} / fixed L={config.loops} tokens/s ratio: {ratio:.2f} at {loops:.2f} mean loops "
-            f"(L / mean loops = {ideal:.2f}; {ratio / ideal:.2f} of it)"
+            f"{name} / fixed L={config.loops} tokens/s ratio: {ratio:.2f} end to end, {decode:.2f} decoding "
+            f"at {loops:.2f} mean loops (L / mean loops = {ideal:.2f}; decoding at {decode / ideal:.2f} of it)"
         )
     if kv_bytes:
         shared, per_application = (

@@ -18,10 +18,13 @@ A rule that reads the prediction runs the readout (coda, norm, head) after every
 still-looping token: with a vocabulary much wider than the model that costs more than a layer, so
 the gate rule is the one that saves the most compute.
 
-**Stopped rows are not computed.** The rows of a batch still looping run as a sub-batch: after
-each loop the rows whose token stopped leave it (their activations are dropped, their cache
-slots read through ``RowSlot`` views of the rows left), so a loop costs what its remaining rows
-cost — not a mask applied after a full batch ran.
+**Stopped rows are not computed.** Two schedules, the same tokens. ``depthwise`` (the default,
+``looped.depthwise``): a row whose token stopped starts its next one at once, every application of
+the block runs the whole batch, each row at its own loop, so decoding costs about the mean loop
+count. ``synchronous`` (``AdaptiveDecoder`` here): the rows still looping on a token run as a
+sub-batch; after each loop the rows whose token stopped leave it (their activations are dropped,
+their cache slots read through ``RowSlot`` views of the rows left), so a loop costs what its
+remaining rows cost, and a token as many loops as its deepest row.
 
 **What a skipped layer application leaves in the cache.** A later token, at its loop n, attends
 to every earlier position's keys of loop n — which a token that stopped at loop e < n never
@@ -51,6 +54,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from looped.cache import DecodeCache
+from looped.depthwise import DepthwiseDecoder
 from looped.mixers import Padding
 
 RULES = ("fixed", "entropy", "kl", "stable", "gate")
@@ -85,48 +89,50 @@ class ExitRule:
 
 
 class OnlineExit:
-    """Decides, loop after loop, which tokens of one decoding step stop: the rule's running state of the
-    rows still looping, kept aligned with them (``keep`` drops the rows that stopped)."""
+    """Decides, loop after loop, which rows' tokens stop: the rule's running state per row, reset when a row
+    starts a new token (``restart``, depth-wise decoding) or dropped with rows that left (``keep``)."""
 
     def __init__(self, rule: ExitRule, batch: int, device: torch.device) -> None:
         self.rule = rule
-        self.previous: Tensor | None = None  # [a v] log-probabilities of the last loop (kl)
-        self.argmax: Tensor | None = None  # [a] the last loop's argmax (stable)
+        self.seen = torch.zeros(batch, dtype=torch.long, device=device)  # loops decided on for this token
+        self.previous: Tensor | None = None  # [b v] log-probabilities of the last loop (kl)
+        self.argmax = torch.zeros(batch, dtype=torch.long, device=device)  # the last loop's argmax (stable)
         self.unchanged = torch.zeros(batch, dtype=torch.long, device=device)  # stable: run length
         self.cdf = torch.zeros(batch, device=device)  # gate: probability of having exited by now
         self.survival = torch.ones(batch, device=device)  # gate: probability of not having exited
 
     def stop(self, logprobs: Tensor | None, halt_logits: Tensor | None) -> Tensor:
-        """``[a]`` bool: which of the rows still looping stop after this loop."""
-        value, kind = self.rule.value, self.rule.kind
+        """``[b]`` bool: which rows stop after this loop."""
+        value, kind, first = self.rule.value, self.rule.kind, self.seen == 0
+        self.seen = self.seen + 1
         if kind == "fixed":
-            return torch.zeros(len(self.cdf), dtype=torch.bool, device=self.cdf.device)
+            return torch.zeros_like(first)
         if kind == "entropy":
             return -(logprobs.exp() * logprobs).sum(-1) < value
         if kind == "kl":  # kl_div(input, target) is KL(target ‖ input): here KL(p_n ‖ p_{n-1})
-            settled = (
-                torch.zeros(len(logprobs), dtype=torch.bool, device=logprobs.device)
-                if self.previous is None
-                else F.kl_div(self.previous, logprobs, reduction="none", log_target=True).sum(-1) < value
-            )
+            previous = logprobs if self.previous is None else self.previous
+            settled = ~first & (F.kl_div(previous, logprobs, reduction="none", log_target=True).sum(-1) < value)
             self.previous = logprobs
             return settled
         if kind == "stable":
             argmax = logprobs.argmax(-1)
-            if self.argmax is not None:
-                self.unchanged = torch.where(argmax == self.argmax, self.unchanged + 1, 0)
+            self.unchanged = torch.where(~first & (argmax == self.argmax), self.unchanged + 1, 0)
             self.argmax = argmax
             return self.unchanged >= value
         halt = torch.sigmoid(halt_logits.float())  # gate: p(n) = λ_n ∏_{j<n} (1 − λ_j), as looped.halting
-        self.cdf = self.cdf + self.survival * halt
-        self.survival = self.survival * (1 - halt)
+        self.cdf = torch.where(first, 0, self.cdf) + torch.where(first, 1, self.survival) * halt
+        self.survival = torch.where(first, 1, self.survival) * (1 - halt)
         return self.cdf >= value
 
     def keep(self, rows: Tensor) -> None:
-        """Keep the state of ``rows`` (a bool mask over the rows still looping) only."""
-        self.unchanged, self.cdf, self.survival = self.unchanged[rows], self.cdf[rows], self.survival[rows]
+        """Keep the state of ``rows`` (a bool mask over the rows) only."""
+        self.seen, self.argmax, self.unchanged = self.seen[rows], self.argmax[rows], self.unchanged[rows]
+        self.cdf, self.survival = self.cdf[rows], self.survival[rows]
         self.previous = None if self.previous is None else self.previous[rows]
-        self.argmax = None if self.argmax is None else self.argmax[rows]
+
+    def restart(self, rows: Tensor) -> None:
+        """``rows`` (a bool mask) start a new token: their next loop is its first."""
+        self.seen = self.seen.masked_fill(rows, 0)
 
 
 @dataclass
@@ -255,6 +261,9 @@ def greedy_loop(
     return tokens
 
 
+SCHEDULES = ("depthwise", "synchronous")
+
+
 @torch.no_grad()
 def generate_adaptive(
     model,
@@ -264,16 +273,31 @@ def generate_adaptive(
     eos_id: int | None = None,
     loops: int | None = None,
     attention_mask: Tensor | None = None,
+    schedule: str = "depthwise",
 ) -> AdaptiveDecoding:
-    """Greedy decoding in which every new token stops at its own loop (``LoopedTransformer.generate``'s ``exit``)."""
+    """Greedy decoding in which every new token stops at its own loop (``LoopedTransformer.generate``'s ``exit``).
+
+    ``schedule``: ``depthwise`` (``looped.depthwise``: each row at its own token and loop, every block
+    application a full batch; decoding costs the mean loop count) or ``synchronous`` (``AdaptiveDecoder``: the
+    rows of a token loop together, stopped ones leave; a step costs its deepest row). Both decode the same tokens.
+    A model with a recurrent mixer (which may only decode ``fixed``) decodes synchronously.
+    """
     rule = ExitRule.parse(exit) if isinstance(exit, str) else exit
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule {schedule!r}: write one of {', '.join(SCHEDULES)}")
     loops = model.config.loops if loops is None else loops
     b, p = prompt.shape
     cache = DecodeCache(capacity=p + max_new_tokens)
     if attention_mask is not None and bool(attention_mask.all()):
         attention_mask = None
     first = model(prompt, loops=loops, cache=cache, attention_mask=attention_mask)[:, -1].argmax(-1)
-    decoder = AdaptiveDecoder(model, rule, loops, cache)
+    decoder = AdaptiveDecoder(model, rule, loops, cache)  # checks the model can decode with this rule
+    if max_new_tokens == 0:
+        return AdaptiveDecoding(prompt, prompt.new_zeros(b, 0), decoder.kv_strategy)
+    if schedule == "depthwise" and all(layer.attn.kv_cache for layer in model.modules() if hasattr(layer, "attn")):
+        depthwise = DepthwiseDecoder(model, OnlineExit(rule, b, prompt.device), loops, cache, attention_mask)
+        tokens, used = depthwise.decode(first, max_new_tokens, eos_id)
+        return AdaptiveDecoding(torch.cat([prompt, tokens], dim=1), used, decoder.kv_strategy)
     used = [torch.full((b,), loops, dtype=torch.long, device=prompt.device)]  # the prefill: full depth
 
     def step(token: Tensor, mask: Tensor | None) -> Tensor:
@@ -283,7 +307,5 @@ def generate_adaptive(
 
     tokens = greedy_loop(first, step, max_new_tokens, eos_id, attention_mask)
     return AdaptiveDecoding(
-        tokens=torch.cat([prompt, *tokens], dim=1),
-        loops=torch.stack(used, dim=1) if tokens else prompt.new_zeros(b, 0),
-        kv_strategy=decoder.kv_strategy,
+        tokens=torch.cat([prompt, *tokens], dim=1), loops=torch.stack(used, dim=1), kv_strategy=decoder.kv_strategy
     )

@@ -12,7 +12,8 @@ serve all L loops (``SharedKV`` carries loop 1's keys to the later loops), so th
 block's keys once instead of L times.
 
 Adaptive decoding (``looped.adaptive_decode``) runs the rows still looping as a sub-batch: a
-``RowSlot`` is the view of a slot that reads and writes only those rows.
+``RowSlot`` is the view of a slot that reads and writes only those rows. Depth-wise decoding
+(``looped.depthwise``) runs every row at its own token and loop: its slots are ``RaggedSlot`` views.
 
 Dimension letters: b batch, h heads, t time, e head width.
 """
@@ -102,6 +103,27 @@ class RowSlot:
         keys[rows, :, self.offset : end] = k
         values[rows, :, self.offset : end] = v
         return keys[rows, :, :end], values[rows, :, :end]
+
+
+class RaggedSlot:
+    """A slot in a decoding step whose rows each read a token at their own position (``looped.depthwise``).
+
+    The mixer rotates each row's query and key to ``positions`` and lets ``append`` decide what the row
+    weighs: it stores each row's new keys and returns the keys the rows may attend to, with their positions
+    (the mixer applies its own ``visible`` to those) and which of them each row is allowed.
+    """
+
+    positions: Tensor
+    """``[a]`` the position of each row's token (its RoPE angle and its causal horizon)."""
+
+    def angles(self, rope, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """The rows' RoPE cos and sin (``RotaryEmbedding.angles`` of ``positions``)."""
+        return rope.angles(self.positions[:, None], dtype)
+
+    def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Store keys and values ``[a h 1 e]``; return keys, values ``[a h s e]``, their positions ``[a s]`` and
+        ``[a s]`` bool: which each row may attend to (causality included: a mixer's own ``visible`` narrows it)."""
+        raise NotImplementedError  # pragma: no cover - interface
 
 
 class SharedKV:

@@ -326,15 +326,18 @@ class LoopedTransformer(nn.Module):
             cache.length += t
         return (logits, loop_states) if return_loop_states else logits
 
-    def embed_tokens(self, input_ids: Tensor, offset: int = 0, padding: Padding | None = None) -> Tensor:
-        """``[b t d]`` token embeddings (plus learned positions) of ``input_ids`` placed after ``offset`` positions."""
+    def embed_tokens(
+        self, input_ids: Tensor, offset: int = 0, padding: Padding | None = None, positions: Tensor | None = None
+    ) -> Tensor:
+        """``[b t d]`` token embeddings (plus learned positions) of ``input_ids`` placed after ``offset`` positions
+        (or at ``positions`` ``[b t]``)."""
         x = self.embed(input_ids)
         if self.pos_embed is None:
             return x
         t = input_ids.shape[1]
-        return x + (
-            self.pos_embed.weight[offset : offset + t] if padding is None else self.pos_embed(padding.new(offset, t))
-        )
+        if positions is None and padding is not None:
+            positions = padding.new(offset, t)
+        return x + (self.pos_embed.weight[offset : offset + t] if positions is None else self.pos_embed(positions))
 
     @staticmethod
     def padding(attention_mask: Tensor | None, batch: int, length: int) -> Padding | None:
@@ -417,6 +420,7 @@ class LoopedTransformer(nn.Module):
         attention_mask: Tensor | None = None,
         exit: str | None = None,
         return_loops: bool = False,
+        schedule: str = "depthwise",
     ) -> Tensor | AdaptiveDecoding:
         """Greedy continuation of ``prompt`` ``[b p]``: ``[b p+n]`` with ``n <= max_new_tokens``.
 
@@ -429,6 +433,9 @@ class LoopedTransformer(nn.Module):
         ``exit`` (``entropy_0.5``, ``kl_0.01``, ``stable_2``, ``gate_0.5``, ``fixed``) lets every
         new token stop at its own loop, ``loops`` at most (``looped.adaptive_decode``);
         ``return_loops=True`` then returns an ``AdaptiveDecoding`` with the loops each token used.
+        ``schedule`` says how a batch's rows share the block: ``depthwise`` (each row at its own token and
+        loop, ``looped.depthwise``: the fast one) or ``synchronous`` (a token's rows loop together); the
+        tokens are the same.
         """
         b, p = prompt.shape
         if max_new_tokens < 0:
@@ -442,7 +449,9 @@ class LoopedTransformer(nn.Module):
                 "or raise max_seq_len"
             )
         if exit is not None or return_loops:
-            decoding = generate_adaptive(self, prompt, max_new_tokens, exit or "fixed", eos_id, loops, attention_mask)
+            decoding = generate_adaptive(
+                self, prompt, max_new_tokens, exit or "fixed", eos_id, loops, attention_mask, schedule
+            )
             return decoding if return_loops else decoding.tokens
         if max_new_tokens == 0:
             return prompt

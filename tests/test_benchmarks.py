@@ -52,8 +52,9 @@ def test_datagen_prints_consistent_headroom(label):
 @pytest.mark.slow
 def test_decode_benchmark_prints_its_ratios_from_its_columns():
     """``benchmarks/decode.py`` runs against the current code (the exact decoders agree, or it stops) and its
-    ratio lines follow from its rows: transformers' ``generate`` over ours, each exit rule over fixed L
-    (beside L / its mean loops), KV shared over per application (the cache bytes: 1/L, no prelude or coda)."""
+    ratio lines follow from its rows: transformers' ``generate`` over ours, each exit rule over fixed L in both
+    schedules, end to end and decoding alone (beside L / its mean loops), KV shared over per application (the
+    cache bytes: 1/L, no prelude or coda)."""
     pytest.importorskip("transformers")
     args = ["--rounds", "1", "--new-tokens", "6", "--prompt-len", "8", "--d-model", "32", "--vocab", "64"]
     args += ["--exit", "stable_1", "fixed"]
@@ -67,7 +68,7 @@ def test_decode_benchmark_prints_its_ratios_from_its_columns():
     assert out.returncode == 0, out.stderr[-3000:]
     lines = out.stdout.splitlines()
     names = ("cached (generate)", "full forward per token", "transformers generate", "exit stable_1", "exit fixed")
-    names += ("kv shared",)
+    names += ("kv shared", "exit stable_1 sync")
     rows = {line.split("  ")[0].strip(): line for line in lines if "ratio" not in line}
     rate = {name: _number(rows[name][len(name) :].split()[1]) for name in names}
     loops = {name: _number(rows[name][len(name) :].split()[2]) for name in names}
@@ -81,10 +82,14 @@ def test_decode_benchmark_prints_its_ratios_from_its_columns():
     assert ratio("transformers generate / our")[0] == pytest.approx(
         rate["transformers generate"] / rate["cached (generate)"], abs=0.02
     )
-    measured, mean, ideal, share = ratio("exit stable_1 / fixed")
-    assert measured == pytest.approx(rate["exit stable_1"] / rate["cached (generate)"], abs=0.02)
-    assert mean == pytest.approx(loops["exit stable_1"], abs=0.01) and ideal == pytest.approx(3 / mean, abs=0.01)
-    assert share == pytest.approx(measured / ideal, abs=0.02)
+    decoding_line = next(line for line in lines if "decode tokens/s: " in line).split("tokens/s: ")[1]
+    decode_rate = {name: _number(rate) for name, rate in (part.rsplit(" ", 1) for part in decoding_line.split(", "))}
+    for name in ("exit stable_1", "exit stable_1 sync"):
+        measured, decoding, mean, ideal, share = ratio(f"{name} / fixed")
+        assert measured == pytest.approx(rate[name] / rate["cached (generate)"], abs=0.02)
+        assert decoding == pytest.approx(decode_rate[name] / decode_rate["cached (generate)"], abs=0.02)
+        assert mean == pytest.approx(loops[name], abs=0.01) and ideal == pytest.approx(3 / mean, abs=0.01)
+        assert share == pytest.approx(decoding / ideal, abs=0.02)
     speed, size = ratio("kv shared / kv per application")
     assert speed == pytest.approx(rate["kv shared"] / rate["cached (generate)"], abs=0.02)
     assert size == pytest.approx(1 / 3, abs=0.01)

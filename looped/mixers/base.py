@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from looped.cache import DecodeCache, LayerCache, RowSlot, SharedKV
+from looped.cache import DecodeCache, LayerCache, RaggedSlot, RowSlot, SharedKV
 
 
 class Padding:
@@ -76,9 +76,17 @@ class RotaryEmbedding(nn.Module):
             t = x.shape[-2]
             cos = self.cos[offset : offset + t].to(x.dtype)
             sin = self.sin[offset : offset + t].to(x.dtype)
-        else:  # per-row positions (a padded batch): [b 1 t e/2], broadcast over heads
-            cos = self.cos[positions][:, None].to(x.dtype)
-            sin = self.sin[positions][:, None].to(x.dtype)
+        else:
+            cos, sin = self.angles(positions, x.dtype)
+        return self.rotate(x, cos, sin)
+
+    def angles(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """cos and sin ``[b 1 t e/2]`` (broadcast over heads) of per-row positions ``[b t]``."""
+        return self.cos[positions][:, None].to(dtype), self.sin[positions][:, None].to(dtype)
+
+    @staticmethod
+    def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        """``x`` ``[b h t e]`` rotated by the angles whose cos and sin are given (broadcast to ``[b h t e/2]``)."""
         x1, x2 = x[..., 0::2], x[..., 1::2]
         # Rotate each (even, odd) pair by its angle; interleave back to e.
         rotated = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
@@ -116,13 +124,16 @@ class AttentionMixer(nn.Module):
         self,
         x: Tensor,
         rope: RotaryEmbedding | None = None,
-        cache: LayerCache | RowSlot | None = None,
+        cache: LayerCache | RowSlot | RaggedSlot | None = None,
         padding: Padding | None = None,
         shared: SharedKV | None = None,
     ) -> Tensor:
         def heads(proj: nn.Linear) -> Tensor:
             return rearrange(proj(x), "b t (h e) -> b h t e", h=self.n_heads)
 
+        if isinstance(cache, RaggedSlot):
+            out = self.attend_ragged(heads(self.q_proj), heads(self.k_proj), heads(self.v_proj), rope, cache)
+            return self.o_proj(rearrange(out, "b h t e -> b t (h e)"))
         offset = 0 if cache is None else cache.offset  # absolute position of x's first token
         positions = None if padding is None else padding.new(offset, x.shape[1])
         q = heads(self.q_proj) if rope is None else rope(heads(self.q_proj), offset, positions)
@@ -182,6 +193,17 @@ class AttentionMixer(nn.Module):
         mask = (self.visible(q_pos, k_pos) & padding.keys[:, None, :s]) | (q_idx == kv_idx)
         p = self.dropout if self.training else 0.0
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], dropout_p=p)
+
+    def attend_ragged(self, q: Tensor, k: Tensor, v: Tensor, rope: RotaryEmbedding | None, cache: RaggedSlot) -> Tensor:
+        """One token per row, each at its own position (depth-wise decoding): the cache says which keys a row
+        may weigh, ``visible`` which of those its position sees."""
+        if rope is not None:
+            cos, sin = cache.angles(rope, q.dtype)
+            q, k = rope.rotate(q, cos, sin), rope.rotate(k, cos, sin)
+        keys, values, key_positions, allowed = cache.append(k, v)
+        if type(self).visible is not AttentionMixer.visible:  # the causal default: `allowed` already is
+            allowed = allowed & self.visible(cache.positions[:, None], key_positions)  # [b s]
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=allowed[:, None, None])
 
     def first_visible_key(self, offset: int) -> int:
         """A lower bound on the keys a query at ``offset`` or later can see (a sliding window's start)."""
