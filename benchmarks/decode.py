@@ -15,10 +15,10 @@ method starts a round in turn), so machine noise hits them alike:
   holds the same ``DecodeCache``, so the difference is ``generate``'s own per-step work
   (with the ``[hf]`` extra; skipped without it);
 * ``exit RULE`` (``--exit gate_0.5 entropy_2``): ``generate(exit=RULE)``, every new token stopping at
-  its own loop, each row at its own token and loop (depth-wise batching, ``looped/depthwise.py``), and
-  ``exit RULE sync``: the same tokens with a token's rows looping together and stopped rows leaving
-  the batch (``schedule="synchronous"``, ``looped/adaptive_decode.py``); their mean loops per token
-  are printed beside their speed, and their ratio to ``cached`` against ``L / mean loops``;
+  its own loop, a token's rows looping together and stopped rows leaving the batch (the synchronous
+  schedule, ``looped/adaptive_decode.py``), and ``exit RULE depthwise``: the same tokens with each row
+  at its own token and loop (depth-wise batching, ``looped/depthwise.py``); their mean loops per
+  token are printed beside their speed, and their ratio to ``cached`` against ``L / mean loops``;
 * ``kv shared`` / ``kv per application``: the same weights decoding with ``kv_sharing`` on and off
   (Mixture-of-Recursions' recursive KV sharing: one cache slot per block layer), with the bytes
   each cache holds. The flipped one computes a different function; this row measures cost only.
@@ -147,8 +147,9 @@ def main() -> None:
     parser.add_argument("--prompts", help="a prepared dataset folder: prompts from its held-out split")
     parser.add_argument("--exit", nargs="*", default=[], help="adaptive-depth rules to time (gate_0.5, entropy_2)")
     parser.add_argument(
-        "--schedules", nargs="*", default=["depthwise", "synchronous"], help="how the adaptive rows share the block"
+        "--schedules", nargs="*", default=["synchronous", "depthwise"], help="how the adaptive rows share the block"
     )
+    parser.add_argument("--no-full", action="store_true", help="skip the full forward per token (the slowest row)")
     parser.add_argument("--no-hf", action="store_true", help="skip the transformers row")
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -163,7 +164,7 @@ def main() -> None:
         prompt = torch.randint(0, config.vocab_size, (args.batch, args.prompt_len), device=args.device)
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
 
-    methods = {"cached (generate)": cached, "full forward per token": full}
+    methods = {"cached (generate)": cached} | ({} if args.no_full else {"full forward per token": full})
     exact = list(methods)  # these must decode the same tokens
     mean_loops: dict[str, float] = {}
     for rule in args.exit:
@@ -172,7 +173,7 @@ def main() -> None:
             loops = model.generate(prompt, args.new_tokens, exit=rule, return_loops=True).loops
         assert all(torch.equal(d, next(iter(decoded.values()))) for d in decoded.values()), "the schedules disagree"
         for schedule in args.schedules:
-            name = f"exit {rule}" + (" sync" if schedule == "synchronous" else "")
+            name = f"exit {rule}" + ("" if schedule == "synchronous" else f" {schedule}")
             methods[name] = lambda model, prompt, n, rule=rule, s=schedule: model.generate(
                 prompt, n, exit=rule, schedule=s
             )
@@ -227,7 +228,10 @@ def main() -> None:
         loops = f"{mean_loops.get(name, config.loops):>11.2f}"
         size = f"{kv_bytes[name] / 2**20:>9.2f}" if name in kv_bytes else ""
         print(f"{name:<24} {statistics.median(t):>8.2f} {rate[name]:>10.0f} {loops} {size}")
-    print(f"cached / full generation tokens/s ratio: {rate['cached (generate)'] / rate['full forward per token']:.2f}")
+    if not args.no_full:
+        print(
+            f"cached / full generation tokens/s ratio: {rate['cached (generate)'] / rate['full forward per token']:.2f}"
+        )
     if "transformers generate" in rate:
         ratio = rate["transformers generate"] / rate["cached (generate)"]
         print(f"transformers generate / our generate tokens/s ratio: {ratio:.2f}")

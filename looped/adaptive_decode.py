@@ -18,13 +18,14 @@ A rule that reads the prediction runs the readout (coda, norm, head) after every
 still-looping token: with a vocabulary much wider than the model that costs more than a layer, so
 the gate rule is the one that saves the most compute.
 
-**Stopped rows are not computed.** Two schedules, the same tokens. ``depthwise`` (the default,
-``looped.depthwise``): a row whose token stopped starts its next one at once, every application of
-the block runs the whole batch, each row at its own loop, so decoding costs about the mean loop
-count. ``synchronous`` (``AdaptiveDecoder`` here): the rows still looping on a token run as a
-sub-batch; after each loop the rows whose token stopped leave it (their activations are dropped,
-their cache slots read through ``RowSlot`` views of the rows left), so a loop costs what its
-remaining rows cost, and a token as many loops as its deepest row.
+**Stopped rows are not computed.** Two schedules, the same tokens. ``synchronous`` (the default,
+``AdaptiveDecoder`` here): the rows still looping on a token run as a sub-batch; after each loop the
+rows whose token stopped leave it (their activations are dropped, their cache slots read through
+``RowSlot`` views of the rows left), so a loop costs what its remaining rows cost, and a token as
+many loops as its deepest row. ``depthwise`` (``looped.depthwise``): a row whose token stopped
+starts its next one at once, every application of the block runs the whole batch, each row at its
+own loop, so the batch costs its busiest row's sum of loops. Which is faster depends on how evenly
+the rows' depths spread (``docs/benchmarks.md``: on this project's CPU, synchronous).
 
 **What a skipped layer application leaves in the cache.** A later token, at its loop n, attends
 to every earlier position's keys of loop n — which a token that stopped at loop e < n never
@@ -261,7 +262,7 @@ def greedy_loop(
     return tokens
 
 
-SCHEDULES = ("depthwise", "synchronous")
+SCHEDULES = ("synchronous", "depthwise")
 
 
 @torch.no_grad()
@@ -273,14 +274,14 @@ def generate_adaptive(
     eos_id: int | None = None,
     loops: int | None = None,
     attention_mask: Tensor | None = None,
-    schedule: str = "depthwise",
+    schedule: str = "synchronous",
 ) -> AdaptiveDecoding:
     """Greedy decoding in which every new token stops at its own loop (``LoopedTransformer.generate``'s ``exit``).
 
-    ``schedule``: ``depthwise`` (``looped.depthwise``: each row at its own token and loop, every block
-    application a full batch; decoding costs the mean loop count) or ``synchronous`` (``AdaptiveDecoder``: the
-    rows of a token loop together, stopped ones leave; a step costs its deepest row). Both decode the same tokens.
-    A model with a recurrent mixer (which may only decode ``fixed``) decodes synchronously.
+    ``schedule``: ``synchronous`` (``AdaptiveDecoder``: the rows of a token loop together, stopped ones leave;
+    a step costs its deepest row) or ``depthwise`` (``looped.depthwise``: each row at its own token and loop,
+    every block application a full batch; the batch costs its busiest row's sum of loops). Both decode the
+    same tokens. A model with a recurrent mixer (which may only decode ``fixed``) decodes synchronously.
     """
     rule = ExitRule.parse(exit) if isinstance(exit, str) else exit
     if schedule not in SCHEDULES:

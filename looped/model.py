@@ -420,7 +420,7 @@ class LoopedTransformer(nn.Module):
         attention_mask: Tensor | None = None,
         exit: str | None = None,
         return_loops: bool = False,
-        schedule: str = "depthwise",
+        schedule: str = "synchronous",
     ) -> Tensor | AdaptiveDecoding:
         """Greedy continuation of ``prompt`` ``[b p]``: ``[b p+n]`` with ``n <= max_new_tokens``.
 
@@ -433,8 +433,8 @@ class LoopedTransformer(nn.Module):
         ``exit`` (``entropy_0.5``, ``kl_0.01``, ``stable_2``, ``gate_0.5``, ``fixed``) lets every
         new token stop at its own loop, ``loops`` at most (``looped.adaptive_decode``);
         ``return_loops=True`` then returns an ``AdaptiveDecoding`` with the loops each token used.
-        ``schedule`` says how a batch's rows share the block: ``depthwise`` (each row at its own token and
-        loop, ``looped.depthwise``: the fast one) or ``synchronous`` (a token's rows loop together); the
+        ``schedule`` says how a batch's rows share the block: ``synchronous`` (a token's rows loop together,
+        stopped rows leave) or ``depthwise`` (each row at its own token and loop, ``looped.depthwise``); the
         tokens are the same.
         """
         b, p = prompt.shape

@@ -68,7 +68,7 @@ def test_decode_benchmark_prints_its_ratios_from_its_columns():
     assert out.returncode == 0, out.stderr[-3000:]
     lines = out.stdout.splitlines()
     names = ("cached (generate)", "full forward per token", "transformers generate", "exit stable_1", "exit fixed")
-    names += ("kv shared", "exit stable_1 sync")
+    names += ("kv shared", "exit stable_1 depthwise")
     rows = {line.split("  ")[0].strip(): line for line in lines if "ratio" not in line}
     rate = {name: _number(rows[name][len(name) :].split()[1]) for name in names}
     loops = {name: _number(rows[name][len(name) :].split()[2]) for name in names}
@@ -84,7 +84,7 @@ def test_decode_benchmark_prints_its_ratios_from_its_columns():
     )
     decoding_line = next(line for line in lines if "decode tokens/s: " in line).split("tokens/s: ")[1]
     decode_rate = {name: _number(rate) for name, rate in (part.rsplit(" ", 1) for part in decoding_line.split(", "))}
-    for name in ("exit stable_1", "exit stable_1 sync"):
+    for name in ("exit stable_1", "exit stable_1 depthwise"):
         measured, decoding, mean, ideal, share = ratio(f"{name} / fixed")
         assert measured == pytest.approx(rate[name] / rate["cached (generate)"], abs=0.02)
         assert decoding == pytest.approx(decode_rate[name] / decode_rate["cached (generate)"], abs=0.02)

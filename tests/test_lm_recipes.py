@@ -17,6 +17,7 @@ ROWS = {
     "cpu_regularised": (0, 4, 1, 0, (1, 10.0), None, False),
     "cpu_1x4_exit": (0, 1, 4, 0, None, "ouro", False),
     "cpu_1x4_kv_shared": (0, 1, 4, 0, None, None, True),
+    "cpu_4x4_exit_bytes": (0, 4, 4, 0, None, "ouro", False),
 }
 SMALL = {
     "--trainer.max_steps": "2",
