@@ -120,3 +120,13 @@ def test_depthwise_leaves_the_cache_the_synchronous_schedule_leaves(shape):
             expected = synchronous.block_slots[n][layer]
             torch.testing.assert_close(slots.keys[n * b : (n + 1) * b, :, :read], expected._keys[:, :, :read])
             torch.testing.assert_close(slots.values[n * b : (n + 1) * b, :, :read], expected._values[:, :, :read])
+
+
+def test_depthwise_places_learned_positions_at_each_rows_own_position():
+    """Without RoPE, a token's position enters through the learned position table, read per row."""
+    model = make("middle-1+2x3+1", pos_encoding="learned")
+    ids, mask = prompts(3), torch.ones(3, PROMPT, dtype=torch.long)
+    mask[1, :3] = 0  # left padding: row 1's tokens start at position 0 three columns later
+    depthwise, synchronous = both(model, ids, "stable_1", attention_mask=mask)
+    assert torch.equal(depthwise.tokens, synchronous.tokens)
+    assert torch.equal(depthwise.loops, synchronous.loops)
