@@ -3,7 +3,7 @@
 Layers, lowest first (a module may import its own layer and those below, never one above):
 
 0. leaves — ``looped.contract``, ``looped.errors``, ``looped.tokenizer``, ``looped.tools.plots``: nothing of looped;
-1. the model — ``looped.model``, ``looped.cache``, ``looped.adaptive_decode``, ``looped.mixers``: torch only;
+1. the model — ``looped.model``, ``looped.cache``, ``looped.adaptive_decode``, ``looped.depthwise``, ``looped.mixers``: torch only;
 2. the model as a ``transformers`` model — ``looped.hf``: the model plus ``transformers``, no Lightning;
 3. training — ``LoopedLM`` and what it uses (loss, schedule, regulariser, optimiser, parallelism, checkpoint checks);
 4. data and callbacks — ``looped.datamodules``, ``looped.callbacks``;
@@ -25,7 +25,7 @@ from conftest import ROOT
 # Source folder -> the import name it installs as (pyproject's package-dir).
 PACKAGES = {"looped": "looped", "datamodules": "looped.datamodules", "callbacks": "looped.callbacks"}
 LEAVES = {"looped.contract", "looped.errors", "looped.tokenizer", "looped.tools.plots"}
-MODEL = ("looped.model", "looped.cache", "looped.adaptive_decode", "looped.mixers")
+MODEL = ("looped.model", "looped.cache", "looped.adaptive_decode", "looped.depthwise", "looped.mixers")
 HF = ("looped.hf",)
 TRAINING = (
     "looped.module",
