@@ -7,7 +7,10 @@ every loop still reads the block's weights and pays its per-call overhead while 
 step costs what its deepest row costs. Mixture-of-Recursions (Bae et al. 2025) answers with depth-wise
 batching: a row whose token stopped starts its next token at once, and each application of the block
 runs one *tick* for every row, each at its own loop and position. Decoding then costs, per row, the sum
-of its tokens' loops, and the batch as many ticks as its busiest row needs (``benchmarks/decode.py``).
+of its tokens' loops, and the batch as many ticks as its busiest row needs. That beats the synchronous
+schedule when the rows' total depths are alike (a serving queue refilling finished rows); on a fixed batch
+whose rows differ it does not, and the synchronous schedule is ``generate``'s default (measured:
+``docs/benchmarks.md``, "Adaptive depth and KV sharing").
 
 Rows at different loops read different layer applications' keys. Each block layer keeps its slots of
 every loop in one buffer (``LoopSlots``, position-indexed, as the prefill left them), and a tick reads
