@@ -3,7 +3,8 @@
 Layers, lowest first (a module may import its own layer and those below, never one above):
 
 0. leaves — ``looped.contract``, ``looped.errors``, ``looped.tokenizer``, ``looped.tools.plots``: nothing of looped;
-1. the model — ``looped.model``, ``looped.cache``, ``looped.adaptive_decode``, ``looped.depthwise``, ``looped.mixers``: torch only;
+1. the model — ``looped.model``, ``looped.cache``, ``looped.adaptive_decode``, ``looped.depthwise``,
+   ``looped.mixers``: torch only;
 2. the model as a ``transformers`` model — ``looped.hf``: the model plus ``transformers``, no Lightning;
 3. training — ``LoopedLM`` and what it uses (loss, schedule, regulariser, optimiser, parallelism, checkpoint checks);
 4. data and callbacks — ``looped.datamodules``, ``looped.callbacks``;
