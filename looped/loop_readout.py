@@ -83,14 +83,15 @@ def per_sample_max(values: Tensor, sample: Tensor, batch_size: int) -> Tensor:
     return out.scatter_reduce_(1, index, values, reduce="amax", include_self=True)
 
 
-def readout_chunks(model, states: list[Tensor], mask: Tensor, labelled: int):
-    """``[c m v]`` logits of consecutive loops at the labelled positions, a chunk at a time."""
+def readout_chunks(model, states: list[Tensor], picked: list[Tensor], mask: Tensor):
+    """``[c m v]`` logits of consecutive loops at the labelled positions ``mask``, a chunk at a time, from the
+    loop states ``[b t d]`` or, without a coda, their labelled positions ``picked`` ``[m d]``."""
     if len(model.coda) == 0:
         # Several loops through the head at once: the labelled positions are usually few, so n small
         # readouts would cost n times the launches (on a busy CPU, the thread-pool wake-ups) for the
         # same arithmetic.
+        labelled = len(picked[0]) if picked else 0
         per_call = max(1, READOUT_ELEMENTS // max(1, labelled * model.config.vocab_size))
-        picked = [state[mask] for state in states]
         for i in range(0, len(picked), per_call):
             yield model.readout(torch.stack(picked[i : i + per_call]))
     else:  # the coda attends over every position, so each loop needs its own readout
@@ -100,19 +101,26 @@ def readout_chunks(model, states: list[Tensor], mask: Tensor, labelled: int):
 
 @torch.no_grad()
 def per_loop_predictions(
-    model, input_ids: Tensor, labels: Tensor, max_loops: int, states: list[Tensor] | None = None
+    model,
+    input_ids: Tensor,
+    labels: Tensor,
+    max_loops: int,
+    states: list[Tensor] | None = None,
+    picked: bool = False,
 ) -> LoopPredictions:
     """Read every loop out at the labelled positions; the model runs once for ``max_loops`` loops
-    unless ``states`` (its loop states of this batch, from such a forward) are given."""
+    unless ``states`` (its loop states of this batch, from such a forward) are given — ``picked``: already
+    at the labelled positions only (``[m d]`` each, ``forward(state_positions=...)``; models without a coda)."""
+    mask = labels != IGNORE
     if states is None:
         _, states = model(input_ids, loops=max_loops, return_loop_states=True)
     states = states[:max_loops]
-    mask = labels != IGNORE
+    at_labels = states if picked else [state[mask] for state in states]  # [m d] per loop
     sample = mask.nonzero()[:, 0]
     target = labels[mask]
     summaries: dict[str, list[Tensor]] = {key: [] for key in ("preds", "kl", "entropy", "loss", "top_prob")}
     previous = None
-    for chunk in readout_chunks(model, states, mask, len(target)):
+    for chunk in readout_chunks(model, states, at_labels, mask):
         # float32: a KL threshold of 1e-3 is below bf16's resolution of a log-probability.
         logprobs = chunk.float().log_softmax(-1)  # [c m v]
         top, preds = logprobs.max(-1)
@@ -128,12 +136,12 @@ def per_loop_predictions(
         summaries["kl"].append(kl)
         previous = logprobs[-1]
     out = {key: torch.cat(values) for key, values in summaries.items()}
-    picked = torch.stack([state[mask].float() for state in states])  # [n m d]
+    picked = torch.stack(at_labels).float()  # [n m d]
     residual = torch.full(picked.shape[:2], float("nan"), device=picked.device)
     residual[1:] = (picked[1:] - picked[:-1]).norm(dim=-1) / picked[:-1].norm(dim=-1).clamp(min=1e-12)
     exit_cdf = None
     if getattr(model, "exit_gate", None) is not None:
-        halts = torch.stack([model.halt_logits(state[mask]) for state in states])
+        halts = torch.stack([model.halt_logits(state) for state in at_labels])
         exit_cdf = exit_distribution(halts.float()).cumsum(0)
     return LoopPredictions(
         correct=per_sample_all(out["preds"] == target, sample, len(labels)),
@@ -147,8 +155,8 @@ def per_loop_predictions(
 class EvalPass:
     """One evaluation batch run once, to ``depth`` loops; its per-loop readout made once, on first use."""
 
-    def __init__(self, model, input_ids: Tensor, labels: Tensor, states: list[Tensor]) -> None:
-        self.model, self.input_ids, self.labels, self.states = model, input_ids, labels, states
+    def __init__(self, model, input_ids: Tensor, labels: Tensor, states: list[Tensor], picked: bool = False) -> None:
+        self.model, self.input_ids, self.labels, self.states, self.picked = model, input_ids, labels, states, picked
         self._predictions: LoopPredictions | None = None
 
     @property
@@ -157,7 +165,9 @@ class EvalPass:
 
     def predictions(self, loops: int) -> LoopPredictions:
         if self._predictions is None:
-            self._predictions = per_loop_predictions(self.model, self.input_ids, self.labels, self.depth, self.states)
+            self._predictions = per_loop_predictions(
+                self.model, self.input_ids, self.labels, self.depth, self.states, self.picked
+            )
         return self._predictions.first(loops)
 
 

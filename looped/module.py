@@ -312,8 +312,16 @@ class LoopedLM(L.LightningModule):
         if depth is None:
             logits = self(batch["input_ids"])
         else:  # one pass for this step's metrics (read at L) and every loop-reading callback
-            logits, states = self.model(batch["input_ids"], loops=depth, return_loop_states=True, readout_after=loops)
-            self.eval_pass = EvalPass(self.model, batch["input_ids"], labels, states)
+            # Without a coda the readers need each loop's state at the labelled positions only.
+            picked = len(self.model.coda) == 0
+            logits, states = self.model(
+                batch["input_ids"],
+                loops=depth,
+                return_loop_states=True,
+                readout_after=loops,
+                state_positions=labels != IGNORE if picked else None,
+            )
+            self.eval_pass = EvalPass(self.model, batch["input_ids"], labels, states, picked)
         loss, tokens = self.compute_loss(logits, labels), (labels != IGNORE).sum()
         # Exact match over the whole sequence: positions with no label count as right.
         preds = logits.argmax(-1)

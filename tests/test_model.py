@@ -72,6 +72,14 @@ def test_loop_states_match_separate_forwards():
         torch.testing.assert_close(state, again, atol=0, rtol=0)
     with pytest.raises(ValueError, match="readout_after=6 needs"):
         model(x, loops=5, return_loop_states=True, readout_after=6)
+    # The same pass keeping only some positions of each state: those positions, the same logits.
+    keep = torch.rand(x.shape, generator=torch.Generator().manual_seed(0)) < 0.3
+    picked_logits, picked = model(x, loops=5, return_loop_states=True, readout_after=3, state_positions=keep)
+    torch.testing.assert_close(picked_logits, early, atol=0, rtol=0)
+    for state, full in zip(picked, states, strict=True):
+        torch.testing.assert_close(state, full[keep], atol=0, rtol=0)
+    with pytest.raises(ValueError, match="state_positions picks"):
+        model(x, loops=5, state_positions=keep)
 
 
 def test_readout_at_positions_selects_rows():
