@@ -53,6 +53,7 @@ from pathlib import Path
 import torch
 
 from looped import LoopedConfig, LoopedTransformer
+from looped.adaptive_decode import SCHEDULES
 from looped.cache import DecodeCache
 
 
@@ -147,7 +148,11 @@ def main() -> None:
     parser.add_argument("--prompts", help="a prepared dataset folder: prompts from its held-out split")
     parser.add_argument("--exit", nargs="*", default=[], help="adaptive-depth rules to time (gate_0.5, entropy_2)")
     parser.add_argument(
-        "--schedules", nargs="*", default=["synchronous", "depthwise"], help="how the adaptive rows share the block"
+        "--schedules",
+        nargs="*",
+        choices=SCHEDULES,
+        default=list(SCHEDULES),
+        help="how the adaptive rows share the block",
     )
     parser.add_argument("--no-full", action="store_true", help="skip the full forward per token (the slowest row)")
     parser.add_argument("--no-hf", action="store_true", help="skip the transformers row")

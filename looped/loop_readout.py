@@ -83,10 +83,16 @@ def per_sample_max(values: Tensor, sample: Tensor, batch_size: int) -> Tensor:
     return out.scatter_reduce_(1, index, values, reduce="amax", include_self=True)
 
 
+def labelled_states_suffice(model) -> bool:
+    """Whether every loop's readout needs only the labelled positions' states: yes unless a coda, which
+    attends over every position, sits between the loop and the head."""
+    return len(model.coda) == 0
+
+
 def readout_chunks(model, states: list[Tensor], picked: list[Tensor], mask: Tensor):
     """``[c m v]`` logits of consecutive loops at the labelled positions ``mask``, a chunk at a time, from the
     loop states ``[b t d]`` or, without a coda, their labelled positions ``picked`` ``[m d]``."""
-    if len(model.coda) == 0:
+    if labelled_states_suffice(model):
         # Several loops through the head at once: the labelled positions are usually few, so n small
         # readouts would cost n times the launches (on a busy CPU, the thread-pool wake-ups) for the
         # same arithmetic.

@@ -32,7 +32,7 @@ from looped.contract import IGNORE, DataModuleContract, ReadsLoops, batch_size, 
 from looped.errors import MODEL_CONFIG, InputError
 from looped.generation import generate_answers, sample_rows
 from looped.halting import ExitObjective, expected_loops
-from looped.loop_readout import EvalPass
+from looped.loop_readout import EvalPass, labelled_states_suffice
 from looped.loop_schedule import LoopSchedule
 from looped.model import LoopedConfig, LoopedTransformer
 from looped.regularizer import BlockRegularizer
@@ -312,8 +312,8 @@ class LoopedLM(L.LightningModule):
         if depth is None:
             logits = self(batch["input_ids"])
         else:  # one pass for this step's metrics (read at L) and every loop-reading callback
-            # Without a coda the readers need each loop's state at the labelled positions only.
-            picked = len(self.model.coda) == 0
+            # The readers need each loop's state at the labelled positions only (unless a coda follows).
+            picked = labelled_states_suffice(self.model)
             logits, states = self.model(
                 batch["input_ids"],
                 loops=depth,
