@@ -2,7 +2,7 @@
 
 Forward + backward time of one mixer layer (Q/K/V/O projections, RoPE and the
 mixing itself) on ``[1 T d]`` inputs, for every mixer registered in
-``looped.mixers.MIXERS`` at run time (softmax through SDPA, linear, and any
+``looped.model.mixers.MIXERS`` at run time (softmax through SDPA, linear, and any
 other, e.g. sparse, once it is registered). Within each T the mixers are timed
 alternately, round after round, so machine noise hits all alike; the table
 shows medians in ms.
@@ -25,7 +25,7 @@ import time
 import torch
 
 import looped  # noqa: F401  (imports every mixer module, which registers itself)
-from looped.mixers import MIXERS, RotaryEmbedding, build_mixer
+from looped.model.mixers import MIXERS, RotaryEmbedding, build_mixer
 
 
 def sync(device: str) -> None:

@@ -16,8 +16,8 @@ method starts a round in turn), so machine noise hits them alike:
   (with the ``[hf]`` extra; skipped without it);
 * ``exit RULE`` (``--exit gate_0.5 entropy_2``): ``generate(exit=RULE)``, every new token stopping at
   its own loop, a token's rows looping together and stopped rows leaving the batch (the synchronous
-  schedule, ``looped/adaptive_decode.py``), and ``exit RULE depthwise``: the same tokens with each row
-  at its own token and loop (depth-wise batching, ``looped/depthwise.py``); their mean loops per
+  schedule, ``looped/decoding/per_token.py``), and ``exit RULE depthwise``: the same tokens with each row
+  at its own token and loop (depth-wise batching, ``looped/decoding/depthwise.py``); their mean loops per
   token are printed beside their speed, and their ratio to ``cached`` against ``L / mean loops``;
 * ``kv shared`` / ``kv per application``: the same weights decoding with ``kv_sharing`` on and off
   (Mixture-of-Recursions' recursive KV sharing: one cache slot per block layer), with the bytes
@@ -53,8 +53,8 @@ from pathlib import Path
 import torch
 
 from looped import LoopedConfig, LoopedTransformer
-from looped.adaptive_decode import SCHEDULES
-from looped.cache import DecodeCache
+from looped.decoding.greedy import SCHEDULES
+from looped.model.cache import DecodeCache
 
 
 def cached(model: LoopedTransformer, prompt: torch.Tensor, new_tokens: int) -> torch.Tensor:

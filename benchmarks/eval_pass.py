@@ -3,7 +3,7 @@ vs a bare forward to ``max_eval_loops`` loops.
 
 ``LoopedLM`` runs each evaluation batch ONCE, to the deepest loop any callback reads, takes its own
 metrics at the trained L from that pass and shares the per-loop readout with ``PerLoopAccuracy``,
-``AdaptiveExit`` and ``LoopDynamics`` (``looped/loop_readout.py``). Three ways through the same
+``AdaptiveExit`` and ``LoopDynamics`` (``looped/evaluation/loop_readout.py``). Three ways through the same
 ``trainer.validate`` / ``trainer.test`` on the same p-hop data and model, timed alternately, round
 after round, in one process (medians), so machine noise hits them alike:
 

@@ -4,7 +4,7 @@
    same inputs: largest difference of the output and of the three input gradients (bf16), and the
    forward + backward time of SDPA over FlexAttention at T=4096 (medians, taking turns).
 2. The 1B ``(4⊗6)`` model of ``recipes/pile_1b_4x6.yaml`` (its batch of 8 × 1280, bf16-mixed, FSDP2
-   over one rank as ``looped.parallel.parallelize`` wraps it, its Adafactor and clipping): tokens/s
+   over one rank as ``looped.training.parallel.parallelize`` wraps it, its Adafactor and clipping): tokens/s
    and MFU over 20 steps, with and without ``compile``; MFU against the GPU's dense bf16 peak
    (``looped.tools.plan.GPUS``) with the FLOPs ThroughputMonitor counts.
 3. The peak memory ``looped plan`` predicts for that run (one step on fake tensors, on the CPU)
@@ -33,11 +33,11 @@ import torch.nn.functional as F
 from loop_overhead import interleaved_step_times  # benchmarks/ is on sys.path when run as a script
 
 from looped import LoopedConfig, LoopedTransformer
-from looped.mixers.sparse import block_mask, dense_mask, flex_attention
-from looped.parallel import materialize, mixed_precision_policy, parallelize
+from looped.model.mixers.sparse import block_mask, dense_mask, flex_attention
 from looped.tools.memory import Job, measure_step, optimizer_step
 from looped.tools.plan import GIB, GPUS
 from looped.tools.resolve import resolve
+from looped.training.parallel import materialize, mixed_precision_policy, parallelize
 
 RECIPE = str(Path(__file__).resolve().parents[1] / "recipes" / "pile_1b_4x6.yaml")
 

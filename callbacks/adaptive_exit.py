@@ -1,8 +1,8 @@
 """``AdaptiveExit``: accuracy against mean loops when each test sequence stops once its answer settles.
 
 At test, the one forward per batch with ``loops=max_eval_loops`` that ``LoopedLM`` shares with
-every loop reader gives every loop's prediction (``looped.loop_readout``); every rule and parameter then picks each
-sample's exit loop from it. Logged per rule: ``test/adaptive/<rule>_<param>/exact_match``
+every loop reader gives every loop's prediction (``looped.evaluation.loop_readout``); every rule and
+parameter then picks each sample's exit loop from it. Logged per rule: ``test/adaptive/<rule>_<param>/exact_match``
 and ``.../mean_loops`` over all test sets, and with the data module's ``eval_names``
 also per set (``.../exact_match_<name>``, ``.../mean_loops_<name>``); printed as a
 table next to fixed loop counts; drawn as a Pareto plot (``test/adaptive/pareto``)
@@ -19,21 +19,21 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
-from looped.adaptive import (
+from looped.callbacks.per_loop import log_figure
+from looped.errors import InputError
+from looped.evaluation.exits import (
     Point,
     adaptive_exits,
     correct_at_exit,
     format_adaptive_table,
     rule_name,
 )
-from looped.callbacks.per_loop import log_figure
-from looped.errors import InputError
-from looped.loop_readout import loop_predictions
+from looped.evaluation.loop_readout import loop_predictions
 from looped.tools.plots import pareto_figure
 
 
 class AdaptiveExit(L.Callback):
-    """Score the exit rules of ``looped.adaptive`` on the test set (``gate`` when the model has an exit gate).
+    """Score the exit rules of ``looped.evaluation.exits`` on the test set (``gate`` when the model has an exit gate).
 
     Args:
         max_eval_loops: most loops a sequence may run (default: twice the trained L).

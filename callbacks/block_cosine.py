@@ -3,7 +3,7 @@
 For an unshared stack (``model.block``, ``loops: 1``) viewed as blocks of k,
 the cosine between every layer ``l`` and the same layer of the next block,
 ``cos(θ_G^(l), θ_G^(l+k))``, per parameter group ``G``. The block regulariser
-(``looped.regularizer``) drives these towards 1; the figure shows every group
+(``looped.training.regularizer``) drives these towards 1; the figure shows every group
 ≥ 0.98 after training with it.
 """
 
@@ -15,8 +15,8 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor
 
 from looped.errors import InputError
-from looped.regularizer import PARAMETER_GROUPS, layer_parameter, neighbour_cosines
 from looped.tools.plots import cosine_heatmap
+from looped.training.regularizer import PARAMETER_GROUPS, layer_parameter, neighbour_cosines
 
 DEFAULT_GROUPS = ["q", "k", "v", "o", "w1", "w2", "attn_norm", "ffn_norm"]
 
@@ -45,7 +45,7 @@ class BlockCosineSimilarity(L.Callback):
 
     Args:
         block_layers: k, the distance between the compared layers.
-        groups: parameter groups to compare (names of ``looped.regularizer.PARAMETER_GROUPS``).
+        groups: parameter groups to compare (names of ``looped.training.regularizer.PARAMETER_GROUPS``).
         every_n_steps: log after every N optimiser steps (and always when training ends).
     """
 

@@ -11,7 +11,7 @@ After every loop n, over the labelled positions of the evaluation set:
 With a ``TensorBoardLogger`` it draws the three curves (``{stage}/dynamics``) and writes the logit
 lens of the first sample as text (``{stage}/logit_lens``: the top token and its probability after
 every loop, at its first labelled positions). ``looped report`` draws the curves from the logged
-scalars. All of it comes from ``LoopedLM``'s one evaluation pass per batch (``looped.loop_readout``).
+scalars. All of it comes from ``LoopedLM``'s one evaluation pass per batch (``looped.evaluation.loop_readout``).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor
 
 from looped.callbacks.per_loop import log_figure
-from looped.loop_readout import LoopPredictions, loop_predictions
+from looped.evaluation.loop_readout import LoopPredictions, loop_predictions
 from looped.tools.plots import dynamics_figure
 
 QUANTITIES = ("residual", "top_prob", "flip_rate")

@@ -5,7 +5,7 @@ With ``perplexity=True`` it also logs the perplexity of the labelled tokens afte
 
 At validation and test the callback reads every loop's hidden state through the head, from the
 one forward ``LoopedLM``'s evaluation step runs to ``max_eval_loops`` loops for every loop reader
-(``looped.loop_readout``), so the accuracy of an early exit after loop ``n`` (and of running *more*
+(``looped.evaluation.loop_readout``), so the accuracy of an early exit after loop ``n`` (and of running *more*
 loops than trained, ``n > L``) costs no forward of its own. Only labelled positions are read out.
 
 With a ``TensorBoardLogger`` the curve is also drawn (``{stage}/exact_match_per_loop``,
@@ -24,7 +24,7 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor
 
-from looped.loop_readout import loop_predictions, per_loop_predictions
+from looped.evaluation.loop_readout import loop_predictions, per_loop_predictions
 from looped.tools.plots import per_loop_figure
 
 

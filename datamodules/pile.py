@@ -107,7 +107,7 @@ class PileDataModule(L.LightningDataModule):
 
     @property
     def tokenizer_sha256(self) -> str | None:
-        """The prepared tokenizer's hash; checkpoints record it (``looped.checkpoint.check_same_data``)."""
+        """The prepared tokenizer's hash; checkpoints record it (``looped.training.checkpoint.check_same_data``)."""
         return self.manifest["tokenizer"].get("sha256")
 
     @property

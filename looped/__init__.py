@@ -7,9 +7,11 @@ stays light (inference, export, the model inside other code). With the ``[hf]`` 
 they load (``looped.hf``), so an exported folder loads with ``from_pretrained`` alone.
 """
 
+from looped import moved
 from looped.hf import register_on_import
 from looped.model import LoopedConfig, LoopedTransformer
 
+moved.install()  # the module paths from before the folders (looped.module, looped.optim, ...) keep resolving
 register_on_import()  # one find_spec; transformers itself is imported only by whoever uses it
 
 __all__ = ["LoopedConfig", "LoopedLM", "LoopedTransformer"]
@@ -19,7 +21,7 @@ __version__ = "0.1.0"
 def __getattr__(name: str):
     # PEP 562: recipes name ``looped.LoopedLM``; importing it here eagerly would pull in Lightning.
     if name == "LoopedLM":
-        from looped.module import LoopedLM
+        from looped.training.module import LoopedLM
 
         return LoopedLM
     raise AttributeError(f"module 'looped' has no attribute {name!r}")

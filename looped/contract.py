@@ -2,7 +2,7 @@
 
 A batch is ``{"input_ids": [b t], "labels": [b t]}`` (int64), with ``labels``
 ``IGNORE`` where there is no loss. Batches of tasks scored by generation also
-carry ``prompt_len`` ``[b]`` and ``answer`` ``[b]`` (``looped.generation``).
+carry ``prompt_len`` ``[b]`` and ``answer`` ``[b]`` (``looped.evaluation.generation``).
 
 A data module is any ``LightningDataModule`` that also has the members of
 ``DataModuleContract``: the CLI links ``vocab_size``, ``seq_len`` and
@@ -43,7 +43,7 @@ class DataModuleContract(Protocol):
 class ReadsLoops(Protocol):
     """A callback that reads every loop's prediction of each evaluation batch (``PerLoopAccuracy``,
     ``AdaptiveExit``, ``LoopDynamics``). ``LoopedLM`` runs each evaluation batch once, to the deepest
-    loop any of them reads at that stage, and shares the pass (``looped.loop_readout``)."""
+    loop any of them reads at that stage, and shares the pass (``looped.evaluation.loop_readout``)."""
 
     def loops_to_read(self, pl_module: Any, stage: str) -> int:
         """Loops it reads at ``stage`` (``"val"`` or ``"test"``); 0: none."""

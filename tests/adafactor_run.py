@@ -1,4 +1,4 @@
-"""``looped.optim.Adafactor`` on FSDP2-sharded parameters vs. stock Adafactor on an unsharded copy.
+"""``looped.training.optim.Adafactor`` on FSDP2-sharded parameters vs. stock Adafactor on an unsharded copy.
 
     python tests/adafactor_run.py OUT --world-size 2
 
@@ -55,7 +55,7 @@ def compare(mesh) -> list[dict]:
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor, distribute_tensor
 
-    from looped.optim import Adafactor
+    from looped.training.optim import Adafactor
 
     reference, sharded = Params(), Params()
     fully_shard(sharded, mesh=mesh)

@@ -22,9 +22,9 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 
 from looped import LoopedConfig, LoopedLM
 from looped.datamodules import PHop
-from looped.optim import Adafactor
-from looped.parallel import full_state_dict
-from looped.regularizer import BlockRegularizer
+from looped.training.optim import Adafactor
+from looped.training.parallel import full_state_dict
+from looped.training.regularizer import BlockRegularizer
 
 DECAY_STEPS = 12  # fixed, so runs of different max_steps follow one schedule
 
@@ -116,7 +116,7 @@ def main() -> None:
     parser.add_argument("--penalty", action="store_true")
     parser.add_argument("--hsdp", action="store_true", help="ModelParallelStrategy's default 2-D mesh (HSDP)")
     parser.add_argument(
-        "--adafactor", action="store_true", help="looped.optim.Adafactor (the Pile recipes') instead of AdamW"
+        "--adafactor", action="store_true", help="looped.training.optim.Adafactor (the Pile recipes') instead of AdamW"
     )
     args = parser.parse_args()
     torch.set_num_threads(1)

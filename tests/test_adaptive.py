@@ -10,7 +10,9 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from conftest import tiny_model, tiny_module
 from looped import LoopedTransformer
-from looped.adaptive import (
+from looped.callbacks import AdaptiveExit
+from looped.datamodules import NaryAddition, PHop
+from looped.evaluation.exits import (
     Point,
     adaptive_exits,
     correct_at_exit,
@@ -19,9 +21,7 @@ from looped.adaptive import (
     first_exit,
     pareto,
 )
-from looped.callbacks import AdaptiveExit
-from looped.datamodules import NaryAddition, PHop
-from looped.loop_readout import LoopPredictions, per_loop_predictions
+from looped.evaluation.loop_readout import LoopPredictions, per_loop_predictions
 
 MAX_LOOPS = 7
 PATIENCE = (1, 2, 3)

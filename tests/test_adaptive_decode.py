@@ -1,4 +1,4 @@
-"""Per-token depth in decoding (``looped.adaptive_decode``) and recursive KV sharing (``kv_sharing``).
+"""Per-token depth in decoding (``looped.decoding.per_token``) and recursive KV sharing (``kv_sharing``).
 
 References: today's ``generate`` (the rule forced never to exit early), each row decoded alone
 (batched adaptive decoding), the parallel forward's per-loop predictions with the rule applied
@@ -13,10 +13,11 @@ import torch
 
 from conftest import tiny_model
 from looped import LoopedLM
-from looped.adaptive_decode import AdaptiveDecoder, ExitRule
-from looped.cache import DecodeCache
+from looped.decoding.exit_rules import ExitRule
+from looped.decoding.per_token import AdaptiveDecoder
 from looped.errors import InputError
-from looped.halting import exit_distribution
+from looped.model.cache import DecodeCache
+from looped.training.halting import exit_distribution
 
 VOCAB, PROMPT, NEW = 23, 6, 14
 SHAPES = {
@@ -145,11 +146,11 @@ def test_latest_fills_skipped_slots_with_the_last_computed_loop():
     assert early, "no token stopped early: nothing to check"
     for row, stop in early:
         for later in range(stop, 3):
-            for layer, (slot, source) in enumerate(zip(adaptive.block_slots[later], adaptive.block_slots[stop - 1])):
+            for layer, (slot, source) in enumerate(zip(adaptive.slots.loops[later], adaptive.slots.loops[stop - 1])):
                 assert torch.equal(slot._keys[row, :, PROMPT], source._keys[row, :, PROMPT])
                 assert torch.equal(slot._values[row, :, PROMPT], source._values[row, :, PROMPT])
                 # a copy of the last loop run, not what running the skipped loop would have given
-                computed = full_depth.block_slots[later][layer]._keys[row, :, PROMPT]
+                computed = full_depth.slots.loops[later][layer]._keys[row, :, PROMPT]
                 assert not torch.allclose(slot._keys[row, :, PROMPT], computed)
 
 

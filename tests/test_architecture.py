@@ -1,14 +1,16 @@
 """The package's shape, checked from its source: imports point one way and never in a circle.
 
-Layers, lowest first (a module may import its own layer and those below, never one above):
+Layers, lowest first (a module may import its own layer and those below, never one above); each is a folder:
 
-0. leaves — ``looped.contract``, ``looped.errors``, ``looped.tokenizer``, ``looped.tools.plots``: nothing of looped;
-1. the model — ``looped.model``, ``looped.cache``, ``looped.adaptive_decode``, ``looped.depthwise``,
-   ``looped.mixers``: torch only;
+0. leaves — ``looped.contract``, ``looped.errors``, ``looped.tokenizer``, ``looped.moved``, ``looped.tools.plots``:
+   nothing of looped;
+1. the model and its decoding — ``looped.model`` (config, transformer, the loop step, cache, mixers) and
+   ``looped.decoding``: torch only;
 2. the model as a ``transformers`` model — ``looped.hf``: the model plus ``transformers``, no Lightning;
-3. training — ``LoopedLM`` and what it uses (loss, schedule, regulariser, optimiser, parallelism, checkpoint checks);
+3. the training core — ``looped.training`` (``LoopedLM`` and what it trains with) and ``looped.evaluation``
+   (per-loop readout, exits, scoring by generation);
 4. data and callbacks — ``looped.datamodules``, ``looped.callbacks``;
-5. tools and the command line — ``looped.tools``, ``looped.cli``, ``looped.cli_errors``.
+5. tools and the command line — ``looped.tools``, ``looped.cli``.
 
 ``looped/__init__.py`` is the facade that re-exports from every layer, so it is left out.
 """
@@ -22,26 +24,16 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT
+from looped.moved import MOVED
 
 # Source folder -> the import name it installs as (pyproject's package-dir).
 PACKAGES = {"looped": "looped", "datamodules": "looped.datamodules", "callbacks": "looped.callbacks"}
-LEAVES = {"looped.contract", "looped.errors", "looped.tokenizer", "looped.tools.plots"}
-MODEL = ("looped.model", "looped.cache", "looped.adaptive_decode", "looped.depthwise", "looped.mixers")
+LEAVES = {"looped.contract", "looped.errors", "looped.tokenizer", "looped.moved", "looped.tools.plots"}
+MODEL = ("looped.model", "looped.decoding")
 HF = ("looped.hf",)
-TRAINING = (
-    "looped.module",
-    "looped.generation",
-    "looped.loop_schedule",
-    "looped.regularizer",
-    "looped.adaptive",
-    "looped.loop_readout",
-    "looped.halting",
-    "looped.optim",
-    "looped.parallel",
-    "looped.checkpoint",
-)
+TRAINING = ("looped.training", "looped.evaluation")
 DATA_AND_CALLBACKS = ("looped.datamodules", "looped.callbacks")
-TOOLS = ("looped.tools", "looped.cli", "looped.cli_errors")
+TOOLS = ("looped.tools", "looped.cli")
 
 
 def module_files() -> dict[str, Path]:
@@ -125,7 +117,7 @@ def test_no_import_cycle():
 
 def test_the_checks_see_a_cycle_and_a_wrong_way_import(monkeypatch):
     """The two checks above can fail: an edge from the model back up to training trips both."""
-    monkeypatch.setitem(GRAPH, "looped.model", GRAPH["looped.model"] | {"looped.module"})
+    monkeypatch.setitem(GRAPH, "looped.model", GRAPH["looped.model"] | {"looped.training.module"})
     with pytest.raises(AssertionError, match="import cycle: .*looped.model"):
         test_no_import_cycle()
     with pytest.raises(AssertionError, match="from a layer above"):
@@ -157,6 +149,9 @@ def test_public_paths_that_recipes_and_saved_configs_name_still_resolve():
         "looped.module.batch_size",
         "looped.module.batch_tokens",
         "looped.optim.Adafactor",
+        "looped.halting.ExitObjective",
+        "looped.loop_schedule.LoopSchedule",
+        "looped.regularizer.BlockRegularizer",
         "looped.datamodules.PHop",
         "looped.datamodules.PileDataModule",
         "looped.callbacks.PerLoopAccuracy",
@@ -164,6 +159,49 @@ def test_public_paths_that_recipes_and_saved_configs_name_still_resolve():
     ):
         module, _, name = path.rpartition(".")
         assert callable(getattr(importlib.import_module(module), name)), path
+
+
+@pytest.mark.parametrize("old", sorted(MOVED))
+def test_a_moved_module_is_the_same_module_under_its_old_path(old):
+    """An old path loads the module at its new one (no second copy: its classes are the same classes)."""
+    import importlib
+
+    module = importlib.import_module(old)
+    assert module is importlib.import_module(MOVED[old])
+    assert module.__spec__.name == MOVED[old]  # pickling and tracebacks see where it lives
+
+
+def block_applications() -> list[str]:
+    """Every place in the package that applies the shared block: a ``for`` over something named ``block`` whose
+    body calls its loop variable (``for layer in self.block: x = layer(x, ...)``), as ``file:function``."""
+    found = []
+    for name, path in MODULES.items():
+        tree = ast.parse(path.read_text())
+        for function in [n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)]:
+            for loop in [n for n in ast.walk(function) if isinstance(n, ast.For)]:
+                over_block = any(isinstance(n, ast.Attribute) and n.attr == "block" for n in ast.walk(loop.iter))
+                targets = {n.id for n in ast.walk(loop.target) if isinstance(n, ast.Name)}
+                calls = {
+                    n.func.id
+                    for n in ast.walk(ast.Module(loop.body, []))
+                    if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)
+                }
+                if over_block and targets & calls:
+                    found.append(f"{name}:{function.name}")
+    return found
+
+
+def test_the_block_is_applied_in_one_place_the_loop_step():
+    """Training, evaluation, both decoding schedules and the transformers model all go through ``loop_step``."""
+    assert block_applications() == ["looped.model.transformer:loop_step"]
+
+
+def test_the_one_place_check_sees_a_second_block_loop(monkeypatch, tmp_path):
+    """The check above can fail: a decoder that loops over the block itself is found."""
+    rogue = tmp_path / "rogue.py"
+    rogue.write_text("def step(model, x):\n    for layer in model.block:\n        x = layer(x)\n    return x\n")
+    monkeypatch.setitem(MODULES, "looped.decoding.rogue", rogue)
+    assert "looped.decoding.rogue:step" in block_applications()
 
 
 def test_every_package_folder_is_installed():

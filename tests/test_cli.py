@@ -46,7 +46,7 @@ def test_lightning_run_trains_then_tests_with_per_loop_table(run_dir):
 
 
 def test_lightning_without_sdk_explains(monkeypatch):
-    monkeypatch.setattr("looped.cli._lightning_sdk_entry_point", lambda: None)
+    monkeypatch.setattr("looped.cli.app._lightning_sdk_entry_point", lambda: None)
     with pytest.raises(SystemExit, match="lightning run recipes/NAME.yaml"):
         lightning_main(["login"])
 
@@ -58,7 +58,7 @@ def test_lightning_hands_other_commands_to_sdk(monkeypatch):
         seen["argv"] = list(sys.argv)
         return 0
 
-    monkeypatch.setattr("looped.cli._lightning_sdk_entry_point", lambda: fake_sdk)
+    monkeypatch.setattr("looped.cli.app._lightning_sdk_entry_point", lambda: fake_sdk)
     with pytest.raises(SystemExit) as exit_info:
         lightning_main(["studio", "list"])
     assert exit_info.value.code == 0 and seen["argv"] == ["lightning", "studio", "list"]

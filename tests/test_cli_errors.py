@@ -17,10 +17,10 @@ import pytest
 import torch
 
 from conftest import RECIPES, console_script
-from looped.checkpoint import SHARDED_INDEX, SHARDED_META
 from looped.cli import LoopedCLI, lightning_main, main
 from looped.errors import InputError, find_input_error
 from looped.tools.prepare import find_sources, prepare_dataset, train_tokenizer
+from looped.training.checkpoint import SHARDED_INDEX, SHARDED_META
 from pile_data import prepared_pile
 
 QUICKSTART = str(RECIPES / "quickstart.yaml")
@@ -255,7 +255,7 @@ def test_read_checkpoint_names_what_a_file_is_not(tmp_path):
     """Files torch.load refuses for different reasons, each named for what it is (independent of the CLI)."""
     import fractions
 
-    from looped.checkpoint import read_checkpoint
+    from looped.training.checkpoint import read_checkpoint
 
     state = {"state_dict": {"w": torch.ones(2)}, "hyper_parameters": {"config": {"d_model": 8}}}
     torch.save(state, tmp_path / "good.ckpt")
@@ -307,7 +307,7 @@ def test_a_bug_keeps_its_traceback(monkeypatch, run_dir):
     def broken(args):
         raise ZeroDivisionError("a bug, not the user's input")
 
-    monkeypatch.setattr("looped.cli.console_cli", broken)
+    monkeypatch.setattr("looped.cli.app.console_cli", broken)
     with pytest.raises(ZeroDivisionError):
         main(["fit", "--config", QUICKSTART])
 
@@ -334,7 +334,7 @@ def test_tool_usage_errors_and_tool_exits_end_with_the_same_line(capsys, run_dir
 
 
 def test_lightning_without_recipe_or_sdk_ends_with_one_line(capsys, monkeypatch):
-    monkeypatch.setattr("looped.cli._lightning_sdk_entry_point", lambda: None)
+    monkeypatch.setattr("looped.cli.app._lightning_sdk_entry_point", lambda: None)
     assert "lightning run recipes/NAME.yaml" in _last_line(capsys, ["login"], entry=lightning_main)
     assert "needs a recipe" in _last_line(capsys, ["run"], entry=lightning_main)
 
@@ -362,7 +362,7 @@ def test_run_help_shows_usage_recipe_folders_and_how_to_see_options(capsys, entr
 
 
 def test_lightning_help_is_usage(capsys, monkeypatch):
-    monkeypatch.setattr("looped.cli._lightning_sdk_entry_point", lambda: None)
+    monkeypatch.setattr("looped.cli.app._lightning_sdk_entry_point", lambda: None)
     code, out, _ = _main(capsys, lightning_main, ["--help"])
     assert code == 0 and out.startswith("usage: lightning run RECIPE.yaml")
 

@@ -5,7 +5,7 @@ import torch
 
 from conftest import tiny_model
 from looped import LoopedTransformer
-from looped.cache import DecodeCache
+from looped.model.cache import DecodeCache
 
 VOCAB, MAX_LEN = 13, 24
 

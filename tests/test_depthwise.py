@@ -1,4 +1,4 @@
-"""Depth-wise batching (``looped.depthwise``): every row at its own token and loop.
+"""Depth-wise batching (``looped.decoding.depthwise``): every row at its own token and loop.
 
 Reference: the synchronous schedule (``AdaptiveDecoder``: a token's rows loop together), which decodes the
 same function; depth-wise must give the same tokens and exit loops, only scheduled differently. Its
@@ -11,9 +11,11 @@ import torch
 from test_adaptive_decode import NEW, PROMPT, SHAPES, VOCAB, make, prompts, rules
 
 from conftest import tiny_model
-from looped.adaptive_decode import AdaptiveDecoder, ExitRule, OnlineExit, greedy_loop
-from looped.cache import DecodeCache
-from looped.depthwise import DepthwiseDecoder
+from looped.decoding.depthwise import DepthwiseDecoder
+from looped.decoding.exit_rules import ExitRule, OnlineExit
+from looped.decoding.greedy import greedy_loop
+from looped.decoding.per_token import AdaptiveDecoder
+from looped.model.cache import DecodeCache
 
 MIXERS = {
     "sparse-local": dict(attention="sparse", mixer_options={"sparse": {"pattern": "local", "window": 3}}),
@@ -117,7 +119,7 @@ def test_depthwise_leaves_the_cache_the_synchronous_schedule_leaves(shape):
     b = len(ids)
     for layer, slots in enumerate(depthwise.block_slots):
         for n in range(loops):
-            expected = synchronous.block_slots[n][layer]
+            expected = synchronous.slots.loops[n][layer]
             torch.testing.assert_close(slots.keys[n * b : (n + 1) * b, :, :read], expected._keys[:, :, :read])
             torch.testing.assert_close(slots.values[n * b : (n + 1) * b, :, :read], expected._values[:, :, :read])
 

@@ -1,4 +1,4 @@
-"""FSDP2 (``looped.parallel``) through Lightning's ModelParallelStrategy on CPU processes over gloo.
+"""FSDP2 (``looped.training.parallel``) through Lightning's ModelParallelStrategy on CPU processes over gloo.
 
 The multi-process checks run ``tests/fsdp_run.py`` (Lightning launches its second rank) and
 compare against single-process references: the same weights and global batch on one plain
@@ -15,8 +15,8 @@ import torch
 from conftest import ROOT, tiny_config
 from looped import LoopedConfig, LoopedLM
 from looped.model import FeedForward, LoopedTransformer
-from looped.optim import Adafactor
-from looped.parallel import materialize, parallelize
+from looped.training.optim import Adafactor
+from looped.training.parallel import materialize, parallelize
 
 SCRIPT = ROOT / "tests" / "fsdp_run.py"
 
@@ -79,7 +79,8 @@ def test_configure_model_without_a_mesh_changes_nothing():
 
 
 def test_adafactor_on_plain_parameters_is_stock_adafactor():
-    """Unsharded, ``looped.optim.Adafactor`` is torch's: same parameters and state, step hooks run once per step."""
+    """Unsharded, ``looped.training.optim.Adafactor`` is torch's: same parameters and state, step hooks run once
+    per step."""
     torch.manual_seed(0)
     model = LoopedTransformer(tiny(bias=True))
     copy = LoopedTransformer(tiny(bias=True))
@@ -102,7 +103,7 @@ def test_adafactor_on_plain_parameters_is_stock_adafactor():
 
 @pytest.mark.slow
 def test_sharded_adafactor_equals_stock_adafactor_on_the_whole_tensors(tmp_path):
-    """2 ranks over gloo, FSDP (1-D mesh) and HSDP (2-D mesh): 5 steps of ``looped.optim.Adafactor`` on
+    """2 ranks over gloo, FSDP (1-D mesh) and HSDP (2-D mesh): 5 steps of ``looped.training.optim.Adafactor`` on
     sharded 3-D, 2-D (one splitting unevenly) and 1-D parameters, plus an unsharded one, equal stock
     ``torch.optim.Adafactor`` on unsharded copies given the same gradients, parameters and state alike."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -174,7 +175,7 @@ def assert_gradients_match_one_process(run: dict) -> None:
 def test_fsdp2_training_gradients_and_sharded_resume(tmp_path):
     """2 ranks: gradients equal one process's; a sharded checkpoint resumes exactly, on 2 ranks or on 1.
 
-    The save/resume runs train with ``looped.optim.Adafactor`` (the Pile recipes' optimiser, whose
+    The save/resume runs train with ``looped.training.optim.Adafactor`` (the Pile recipes' optimiser, whose
     state for sharded parameters is whole, replicated tensors); the HSDP run with the default AdamW."""
     ckpt = tmp_path / "ckpt"
     saved = launch(

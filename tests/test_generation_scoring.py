@@ -9,7 +9,7 @@ from torch.utils.data import DataLoader
 
 from conftest import tiny_module
 from looped import LoopedConfig, LoopedLM
-from looped.generation import final_answer
+from looped.evaluation.generation import final_answer
 
 VOCAB, T, P, PAD = 6, 12, 5, 0
 

@@ -8,12 +8,12 @@ import pytest
 import torch
 
 from conftest import tiny_model, tiny_module
-from looped.adaptive import adaptive_exits, exit_loops_entropy, exit_loops_gate, exit_loops_gate_sample
 from looped.callbacks import AdaptiveExit
 from looped.datamodules import PHop
 from looped.errors import InputError
-from looped.halting import ExitObjective, exit_distribution
-from looped.loop_readout import per_loop_predictions
+from looped.evaluation.exits import adaptive_exits, exit_loops_entropy, exit_loops_gate, exit_loops_gate_sample
+from looped.evaluation.loop_readout import per_loop_predictions
+from looped.training.halting import ExitObjective, exit_distribution
 
 # -- a slow reference, in Python floats, one token at a time -------------------------------------
 
@@ -222,7 +222,7 @@ def test_ouro_stage2_trains_the_gate_alone_from_a_first_stage_checkpoint(tmp_pat
 
 
 def test_init_weights_from_another_model_is_refused_by_its_recipe_key(tmp_path):
-    from looped.checkpoint import load_weights
+    from looped.training.checkpoint import load_weights
 
     small = tiny_module(d_model=48, n_heads=2, d_ff=96)
     torch.save({"state_dict": small.state_dict()}, tmp_path / "small.ckpt")

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from conftest import tiny_model
 from looped import LoopedConfig, LoopedTransformer
-from looped.mixers.linear import LinearAttention
+from looped.model.mixers.linear import LinearAttention
 
 B, H, T, E = 2, 3, 37, 8
 

@@ -7,7 +7,7 @@ import torch
 
 from conftest import tiny_model, tiny_module
 from looped import LoopedTransformer
-from looped.loop_schedule import LoopSchedule
+from looped.training.loop_schedule import LoopSchedule
 
 
 def test_fixed_is_the_trained_count():
@@ -52,9 +52,9 @@ def test_truncated_backprop_equals_detached_reference(injection):
     injected = h
     with torch.no_grad():
         for n in range(2):
-            h = net.apply_block(h + injected if injection == "add" and n > 0 else h)
+            h = net.loop_step(h + injected if injection == "add" and n > 0 else h)
     for _ in range(2, 4):  # loops 3 and 4, with gradients
-        h = net.apply_block(h + injected if injection == "add" else h)
+        h = net.loop_step(h + injected if injection == "add" else h)
     net.readout(h).square().mean().backward()
     reference = {n: p.grad for n, p in net.named_parameters() if p.grad is not None}
     assert truncated.keys() == reference.keys()

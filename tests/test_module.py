@@ -9,7 +9,7 @@ from torch import nn
 from conftest import tiny_module
 from looped import LoopedLM
 from looped.callbacks.per_loop import exact_match_per_loop
-from looped.module import warmup_cosine
+from looped.training.module import warmup_cosine
 
 
 def make_module(**model) -> LoopedLM:

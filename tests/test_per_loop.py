@@ -83,9 +83,11 @@ def test_exact_match_per_loop_matches_separate_forwards(overrides):
 @pytest.mark.parametrize("overrides", [{}, {"prelude_layers": 1, "coda_layers": 1}], ids=["batched-readout", "coda"])
 def test_perplexity_per_loop_matches_separate_forwards(overrides, monkeypatch):
     """Language-model labels (every position): one forward's per-loop perplexity = exp(CE) of a forward per n."""
-    import looped.loop_readout
+    import looped.evaluation.loop_readout
 
-    monkeypatch.setattr(looped.loop_readout, "READOUT_ELEMENTS", 2 * 16 * 11 * 7)  # readouts of two loops at a time
+    monkeypatch.setattr(
+        looped.evaluation.loop_readout, "READOUT_ELEMENTS", 2 * 16 * 11 * 7
+    )  # readouts of two loops at a time
     torch.manual_seed(0)
     shape = dict(vocab_size=7, max_seq_len=12, d_model=32, n_heads=4, d_ff=64, loops=2, init_std=0.3)
     model = looped.LoopedTransformer(looped.LoopedConfig(**shape, **overrides)).eval()

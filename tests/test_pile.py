@@ -9,7 +9,7 @@ from looped.datamodules import PileDataModule
 from looped.datamodules.primitives import ReasoningPrimitives
 from looped.errors import InputError
 from looped.model import LoopedConfig
-from looped.module import IGNORE
+from looped.training.module import IGNORE
 from pile_data import prepared_pile
 
 

@@ -7,7 +7,7 @@ import torch
 
 from conftest import RECIPES, ROOT
 from looped.cli import LoopedCLI
-from looped.optim import Adafactor
+from looped.training.optim import Adafactor
 from pile_data import prepared_pile
 
 # row -> (prelude, k, L, coda, regulariser (k, λ) or None): the paper's Tables 3-4 and Figure 3.
@@ -30,7 +30,7 @@ ROWS = {
     **{f"pile/4x{L}": (0, 4, L, 0, None) for L in (2, 3, 9, 12)},
     **{f"pile/{4 * L}x1": (0, 4 * L, 1, 0, None) for L in (9, 12)},
 }
-# The recipe's own ModelParallelStrategy (FSDP2 on a 1-rank CPU mesh, looped.optim.Adafactor) and its
+# The recipe's own ModelParallelStrategy (FSDP2 on a 1-rank CPU mesh, looped.training.optim.Adafactor) and its
 # full validation list (pile + the four primitives sets), at a size a CPU trains in seconds.
 SMOKE = [
     "--trainer.devices",

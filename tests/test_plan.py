@@ -12,15 +12,15 @@ import torch.distributed as dist
 from conftest import RECIPES, ROOT
 from looped.cli import LoopedCLI
 from looped.errors import InputError
-from looped.parallel import materialize
 from looped.tools.memory import Job, optimizer_step
 from looped.tools.plan import GIB, plan
+from looped.training.parallel import materialize
 from pile_data import prepared_pile
 
 PILE = str(RECIPES / "pile_1b_4x6.yaml")
 MIDDLE = str(RECIPES / "pile" / "middle.yaml")
 # The 1B recipes shrunk in width and sequence only: their strategy (FSDP2), precision (bf16-mixed),
-# optimiser (looped.optim.Adafactor) and gradient clipping stay.
+# optimiser (looped.training.optim.Adafactor) and gradient clipping stay.
 SHRUNK = [
     *("--model.init_args.config.d_model", "64", "--model.init_args.config.n_heads", "2"),
     *("--model.init_args.config.d_ff", "128", "--data.seq_len", "64", "--data.batch_size", "8"),

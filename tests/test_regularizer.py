@@ -12,8 +12,8 @@ from conftest import tiny_module
 from looped import LoopedConfig, LoopedLM
 from looped.callbacks import BlockCosineSimilarity
 from looped.datamodules import PHop
-from looped.regularizer import PARAMETER_GROUPS, BlockRegularizer, block_cosines
 from looped.tools.plots import cosine_heatmap
+from looped.training.regularizer import PARAMETER_GROUPS, BlockRegularizer, block_cosines
 
 PAPER_GROUPS = ["q", "k", "v", "o", "w1", "w2"]
 
@@ -134,7 +134,7 @@ def test_callback_gathers_sharded_parameters():
         from torch.distributed.tensor import DTensor, Shard, distribute_tensor
         from looped import LoopedConfig, LoopedLM
         from looped.callbacks import BlockCosineSimilarity
-        from looped.regularizer import block_cosines
+        from looped.training.regularizer import block_cosines
         dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
         try:
             torch.manual_seed(0)

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from conftest import tiny_model
-from looped.mixers import SoftmaxAttention, build_mixer
-from looped.mixers.sparse import SparseAttention, dense_mask
 from looped.model import LoopedConfig, LoopedTransformer
+from looped.model.mixers import SoftmaxAttention, build_mixer
+from looped.model.mixers.sparse import SparseAttention, dense_mask
 
 
 def visible(pattern: str, window: int, stride: int, t: int, s: int) -> bool:
@@ -149,7 +149,7 @@ def test_block_mask_forward_on_cpu_matches_masked_sdpa(pattern):
     """The same mask_mod survives FlexAttention's vmap/block-mask machinery (forward only: no CPU backward)."""
     from torch.nn.attention.flex_attention import flex_attention
 
-    from looped.mixers.sparse import block_mask
+    from looped.model.mixers.sparse import block_mask
 
     torch.manual_seed(0)
     t = 300  # spans three 128-wide tiles, the last one partial

@@ -8,7 +8,7 @@ from conftest import tiny_config, tiny_model
 from looped import LoopedLM
 from looped.callbacks.stacking import GradualStacking, grow_middle
 from looped.datamodules import PHop
-from looped.module import warmup_cosine
+from looped.training.module import warmup_cosine
 
 
 def test_grow_middle_copies_the_middle_block():

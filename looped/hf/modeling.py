@@ -33,10 +33,10 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from looped.cache import DecodeCache
 from looped.hf.config import LoopedHFConfig
-from looped.mixers import RotaryEmbedding
 from looped.model import LoopedTransformer
+from looped.model.cache import DecodeCache
+from looped.model.mixers import RotaryEmbedding
 
 
 class LoopedCache(Cache):

@@ -17,7 +17,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from looped.adaptive import Point, pareto
+from looped.evaluation.exits import Point, pareto
 from looped.tools.plots import pyplot, save
 
 RULE = re.compile(r"^test/adaptive/(?P<rule>[^/]+)/(?P<metric>exact_match|mean_loops)$")

@@ -29,11 +29,11 @@ from lm_eval import utils
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
-from looped.cache import DecodeCache
-from looped.checkpoint import read_checkpoint
 from looped.errors import InputError
-from looped.module import LoopedLM
+from looped.model.cache import DecodeCache
 from looped.tokenizer import load_tokenizer
+from looped.training.checkpoint import read_checkpoint
+from looped.training.module import LoopedLM
 
 
 @register_model("looped")

@@ -2,7 +2,7 @@
 
 The step is the real one: ``LoopedLM.training_step`` of the recipe's module (its loss, loop
 schedule and regulariser), backward, gradient clipping and the recipe's own optimiser, on the
-transformer wrapped exactly as ``looped.parallel.parallelize`` wraps it for training (FSDP2
+transformer wrapped exactly as ``looped.training.parallel.parallelize`` wraps it for training (FSDP2
 ``fully_shard`` per layer with the precision's ``MixedPrecisionPolicy``, activation checkpointing
 per layer application). It runs under ``FakeTensorMode`` (tensors with shapes, dtypes and
 devices but no storage) and a fake process group of the job's world size, so this process
@@ -29,8 +29,8 @@ import torch
 import torch.distributed as dist
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from looped.module import LoopedLM
-from looped.parallel import mixed_precision_policy, parallelize
+from looped.training.module import LoopedLM
+from looped.training.parallel import mixed_precision_policy, parallelize
 
 AUTOCAST = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
 HALF = {"bf16-true": torch.bfloat16, "16-true": torch.float16}
@@ -188,7 +188,7 @@ class StandInScalars(TorchDispatchMode):
     and a parameter's RMS with ``.item()`` to scale the update. No such value sizes a tensor, so a
     stand-in value changes no allocation. The alternatives change what is measured: ``capturable=True``
     exists for AdamW but not for Adafactor, and allocating the state by hand would skip the update's
-    temporaries (``looped.optim.Adafactor`` gathers one whole parameter and gradient at a time).
+    temporaries (``looped.training.optim.Adafactor`` gathers one whole parameter and gradient at a time).
     """
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):

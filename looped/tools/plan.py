@@ -104,7 +104,7 @@ def layout(strategy, nodes: int, gpus: int) -> tuple[str, tuple[int, int] | None
                 "means the number of nodes, resp. GPUs per node); leave both auto (HSDP: sharded within a node) "
                 f"or set data_parallel_size: {world} and tensor_parallel_size: 1 (FSDP over every rank)"
             )
-        shards, replicas = (dp, 1) if tp == 1 else (tp, dp)  # looped.parallel.data_parallel_mesh
+        shards, replicas = (dp, 1) if tp == 1 else (tp, dp)  # looped.training.parallel.data_parallel_mesh
         kind = f"FSDP2 over {shards} rank{'s' * (shards > 1)}"
         kind = f"HSDP: sharded over {shards} ranks, replicated {replicas} times" if replicas > 1 else kind
         return kind, (dp, tp)

@@ -80,7 +80,8 @@ def cosine_heatmap(values: dict[str, list[float]], block_layers: int):
 
 
 def pareto_figure(fixed: list[float], adaptive: list, trained_loops: int):
-    """Accuracy against mean loops: fixed loop counts as a line, adaptive rules (``looped.adaptive.Point``) marked."""
+    """Accuracy against mean loops: fixed loop counts as a line, adaptive rules (``looped.evaluation.exits.Point``)
+    marked."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(5.0, 3.5))
     loops = list(range(1, len(fixed) + 1))

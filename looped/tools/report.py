@@ -127,7 +127,7 @@ def training_variant(model_args: dict) -> str:
     if regularizer:
         parts.append(f"regularised k={regularizer.get('block_layers')} λ={regularizer.get('weight')}")
     exit = model_args.get("exit") or {}
-    if exit:  # the learned exit's objective and the parameter it turns (looped.halting)
+    if exit:  # the learned exit's objective and the parameter it turns (looped.training.halting)
         objective = exit.get("objective", "ouro")
         knob = {"ouro": "beta", "pondernet": "prior", "act": "tau"}.get(objective)
         parts.append(f"{objective} exit" + (f" {knob}={exit.get(knob)}" if knob else ""))

@@ -15,7 +15,7 @@ import io
 
 from looped.cli import LoopedCLI
 from looped.errors import InputError
-from looped.module import transformer_on_meta
+from looped.training.module import transformer_on_meta
 
 
 class RecipeCLI(LoopedCLI):

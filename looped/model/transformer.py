@@ -7,10 +7,11 @@ One class covers every row of the papers this project reproduces:
 * middle looping ``(p⊗1, k⊗L, c⊗1)``: ``prelude_layers=p, coda_layers=c``;
 * the unshared model the block regulariser acts on: ``loops=1``.
 
-Generation (``generate``) decodes one token per step from a ``DecodeCache``
-with one slot per layer application (``looped/cache.py``). An ``attention_mask``
-(1 = token, 0 = padding) makes a padded batch, such as left-padded prompts, compute
-each row as it would alone (``looped.mixers.Padding``).
+The loop is a plain ``for`` over ``loop_step``, the one place the shared block is applied
+(``looped.model.step``). Generation (``generate``, ``looped.decoding``) decodes one token per step
+from a ``DecodeCache`` with one slot per layer application (``looped.model.cache``). An
+``attention_mask`` (1 = token, 0 = padding) makes a padded batch, such as left-padded prompts,
+compute each row as it would alone (``looped.model.mixers.Padding``).
 
 Dimension letters: b batch, t time (sequence position), d model width,
 f feed-forward width, v vocabulary, n loop index.
@@ -18,143 +19,19 @@ f feed-forward width, v vocabulary, n loop index.
 
 from __future__ import annotations
 
-import itertools
 import math
-from collections.abc import Iterator
-from dataclasses import dataclass, field
-from typing import Literal
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from looped.adaptive_decode import AdaptiveDecoding, generate_adaptive, greedy_loop
-from looped.cache import DecodeCache, LayerCache, RowSlot, SharedKV
-from looped.errors import MODEL_CONFIG, InputError
-from looped.mixers import MIXERS, Padding, RotaryEmbedding, build_mixer
-
-Slots = Iterator[LayerCache | None]  # one decode-cache slot per layer application, in order
-NO_CACHE: Slots = itertools.repeat(None)
-
-
-@dataclass
-class LoopedConfig:
-    """Architecture of a looped transformer. Every field has the paper's meaning."""
-
-    vocab_size: int | None = None
-    """Number of token ids. Linked from the data module in recipes, never typed twice."""
-    max_seq_len: int | None = None
-    """Longest input the model accepts (RoPE / learned-position tables). Linked from the data module."""
-    d_model: int = 128
-    """Residual stream width."""
-    n_heads: int = 8
-    """Attention heads; must divide ``d_model``."""
-    d_ff: int = 512
-    """Hidden width of the feed-forward network."""
-    block_layers: int = 1
-    """k: layers in the shared block."""
-    loops: int = 1
-    """L: how many times the block is applied in training (override per call with ``forward(loops=...)``)."""
-    prelude_layers: int = 0
-    """Unshared layers before the loop (middle looping)."""
-    coda_layers: int = 0
-    """Unshared layers after the loop (middle looping)."""
-    pos_encoding: Literal["rope", "learned"] = "rope"
-    """Rotary embedding in every attention layer, or one learned absolute table at the input."""
-    rope_base: float = 10000.0
-    """RoPE frequency base."""
-    norm: Literal["layernorm", "rmsnorm"] = "layernorm"
-    """Normalisation before each sublayer (pre-norm) and before the head."""
-    activation: Literal["gelu", "relu", "silu", "swiglu"] = "gelu"
-    """Feed-forward non-linearity; ``swiglu`` adds a gate projection ``w3``."""
-    dropout: float = 0.0
-    """Dropout on attention probabilities and residual branches."""
-    bias: bool = False
-    """Bias terms in linear layers."""
-    tie_embeddings: bool = False
-    """Share the input embedding with the output head."""
-    input_injection: Literal["none", "add"] = "none"
-    """``none`` as in the paper; ``add`` re-adds the loop input before every loop after the first."""
-    attention: str | list[str] = "softmax"
-    """Token mixer, or a per-layer pattern cycled within the prelude, the block and the coda."""
-    mixer_options: dict = field(default_factory=dict)
-    """Keyword options for the mixers, by mixer name: ``{linear: {feature_map: elu}, sparse: {window: 64}}``."""
-    init_std: float = 0.02
-    """Std of the normal initialisation; residual output projections are scaled by 1/sqrt(2·depth)."""
-    exit_gate: bool = False
-    """A learned halting gate: a linear layer giving each token an exit probability after every loop
-    (``halt_logits``), trained by ``LoopedLM``'s ``exit`` objective (``looped.halting``)."""
-    kv_sharing: bool = False
-    """Mixture-of-Recursions' recursive KV sharing: every loop of the block attends to the keys and
-    values its layers computed in loop 1 (later loops project only queries). Decoding then caches the
-    block once, not L times (``looped/cache.py``), and a token that exits early leaves no slot to fill.
-    Changes the model's function: train with it. Needs KV-cache mixers (softmax, sparse)."""
-
-    def __post_init__(self) -> None:
-        def need(ok: bool, field: str, msg: str) -> None:
-            if not ok:  # named as a recipe sets it: model.init_args.config.<field>
-                raise InputError(f"{MODEL_CONFIG}.{field}: {msg}")
-
-        for name in ("d_model", "n_heads", "d_ff", "block_layers", "loops"):
-            need(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
-        for name in ("prelude_layers", "coda_layers"):
-            need(getattr(self, name) >= 0, name, f"must be >= 0, got {getattr(self, name)}")
-        need(
-            self.d_model % self.n_heads == 0,
-            "d_model",
-            f"{self.d_model} is not divisible by n_heads={self.n_heads}; "
-            f"pick d_model as a multiple of n_heads (e.g. {self.n_heads * max(1, round(self.d_model / self.n_heads))})",
-        )
-        head_dim = self.d_model // self.n_heads
-        need(
-            self.pos_encoding != "rope" or head_dim % 2 == 0,
-            "n_heads",
-            f"RoPE needs an even head width, but d_model/n_heads = {self.d_model}/{self.n_heads} = {head_dim}; "
-            "pick n_heads so that the head width is even, or set pos_encoding: learned",
-        )
-        need(0.0 <= self.dropout < 1.0, "dropout", f"must lie in [0, 1), got {self.dropout}")
-        for name in self.attention_pattern:
-            need(name in MIXERS, "attention", f"unknown mixer {name!r}; choose from {sorted(MIXERS)}")
-        for name in self.mixer_options:
-            need(name in MIXERS, "mixer_options", f"options for unknown mixer {name!r}; choose from {sorted(MIXERS)}")
-        for name in set(self.attention_pattern):
-            # Build each mixer once on the meta device (no memory, no compute): a bad
-            # option fails here, when the recipe is parsed, not when the model is built.
-            with torch.device("meta"):
-                build_mixer(
-                    name, self.d_model, self.n_heads, self.dropout, self.bias, **self.mixer_options.get(name, {})
-                )
-        for name in ("vocab_size", "max_seq_len"):
-            value = getattr(self, name)
-            need(value is None or value >= 1, name, f"must be >= 1, got {value}")
-        recurrent = [name for name in self.attention_pattern if not MIXERS[name].kv_cache]
-        need(
-            not (self.kv_sharing and recurrent),
-            "kv_sharing",
-            f"shares keys and values across loops, but {recurrent[:1]} attention keeps a recurrent state "
-            "instead (already constant in size); use softmax or sparse attention, or kv_sharing: false",
-        )
-
-    @property
-    def attention_pattern(self) -> list[str]:
-        return [self.attention] if isinstance(self.attention, str) else list(self.attention)
-
-    @property
-    def head_dim(self) -> int:
-        return self.d_model // self.n_heads
-
-    @property
-    def effective_depth(self) -> int:
-        """Layer applications in one forward pass at the trained loop count."""
-        return self.applications()
-
-    def applications(self, loops: int | None = None) -> int:
-        """Layer applications in one forward pass with ``loops`` loops (default: the trained count)."""
-        return self.prelude_layers + self.block_layers * (self.loops if loops is None else loops) + self.coda_layers
-
-    @property
-    def unique_layers(self) -> int:
-        return self.prelude_layers + self.block_layers + self.coda_layers
+from looped.decoding.greedy import generate
+from looped.decoding.per_token import AdaptiveDecoding
+from looped.model.cache import DecodeCache, LayerCache, RaggedSlot, RowSlot, SharedKV
+from looped.model.config import LoopedConfig
+from looped.model.mixers import Padding, RotaryEmbedding, build_mixer
+from looped.model.step import DecodeSlots, LoopStep, Slot
 
 
 def make_norm(config: LoopedConfig) -> nn.Module:
@@ -199,7 +76,7 @@ class TransformerLayer(nn.Module):
         self,
         x: Tensor,
         rope: RotaryEmbedding | None = None,
-        cache: LayerCache | RowSlot | None = None,
+        cache: LayerCache | RowSlot | RaggedSlot | None = None,
         padding: Padding | None = None,
         shared: SharedKV | None = None,
     ) -> Tensor:
@@ -235,7 +112,7 @@ class LoopedTransformer(nn.Module):
             else None
         )
         self.prelude = layers(config.prelude_layers)
-        self.block = layers(config.block_layers)  # the shared block, applied `loops` times
+        self.block = layers(config.block_layers)  # the shared block, applied `loops` times by loop_step
         self.coda = layers(config.coda_layers)
         self.norm = make_norm(config)
         self.head = nn.Linear(config.d_model, config.vocab_size, bias=False)
@@ -313,27 +190,43 @@ class LoopedTransformer(nn.Module):
                 "raise max_seq_len or shorten the data's sequence length (or the generation)"
             )
         padding = self.padding(attention_mask, input_ids.shape[0], offset + t)
-        slots = NO_CACHE if cache is None else iter(self.decode_slots(cache, loops))
-        shared = self.shared_kv()
+        slots = None if cache is None else self.decode_slots(cache, loops)
         x = self.embed_tokens(input_ids, offset, padding)
-        for layer in self.prelude:
-            x = layer(x, self.rope, next(slots), padding)
-        loop_input = x
+        x = self.run_layers(self.prelude, x, None if slots is None else slots.prelude, padding)
+        loop_input, shared = x, self.shared_kv()
         loop_states, read = [], x
         first_with_grad = 0 if grad_loops is None else max(0, loops - grad_loops)
-        for n in range(loops):
-            if self.config.input_injection == "add" and n > 0:
-                x = x + loop_input
-            with torch.set_grad_enabled(torch.is_grad_enabled() and n >= first_with_grad):
-                x = self.apply_block(x, slots, padding, shared)
+        for n in range(1, loops + 1):
+            step = LoopStep(n, loop_input, None if slots is None else slots.loops[n - 1], padding, shared)
+            with torch.set_grad_enabled(torch.is_grad_enabled() and n > first_with_grad):
+                x = self.loop_step(x, step)
             if return_loop_states:
                 loop_states.append(x if state_positions is None else x[state_positions])
-            if n + 1 == (readout_after or loops):
+            if n == (readout_after or loops):
                 read = x
-        logits = self.readout(read, slots=slots, padding=padding)
+        logits = self.readout(read, slots=None if slots is None else slots.coda, padding=padding)
         if cache is not None:
             cache.length += t
         return (logits, loop_states) if return_loop_states else logits
+
+    def loop_step(self, x: Tensor, step: LoopStep | None = None) -> Tensor:
+        """Loop ``step.loop`` of the shared block on the active rows ``x`` ``[a t d]``: input injection, then the
+        block's k layers with their cache slots, padding and shared keys. The only place the block is applied
+        (``looped.model.step``); without a ``step``, one plain application (loop 1, no cache)."""
+        step = LoopStep() if step is None else step
+        if self.config.input_injection == "add":
+            x = inject(x, step.loop_input, step.loop)
+        for layer, (slot, kv) in zip(self.block, step.layer_slots(len(self.block)), strict=True):
+            x = layer(x, self.rope, slot, step.padding, kv)
+        return x
+
+    def run_layers(
+        self, layers: nn.ModuleList, x: Tensor, slots: Sequence[Slot] | None, padding: Padding | None = None
+    ) -> Tensor:
+        """The unshared prelude or coda layers, once each, with their cache slots."""
+        for layer, slot in zip(layers, [None] * len(layers) if slots is None else slots, strict=True):
+            x = layer(x, self.rope, slot, padding)
+        return x
 
     def embed_tokens(
         self, input_ids: Tensor, offset: int = 0, padding: Padding | None = None, positions: Tensor | None = None
@@ -360,42 +253,25 @@ class LoopedTransformer(nn.Module):
             )
         return None if bool(attention_mask.all()) else Padding(attention_mask)
 
-    def apply_block(
-        self,
-        x: Tensor,
-        slots: Slots = NO_CACHE,
-        padding: Padding | None = None,
-        shared: list[SharedKV] | list[None] | None = None,
-    ) -> Tensor:
-        """One application of the shared block; ``shared`` (one per block layer) carries loop 1's keys."""
-        for layer, kv in zip(self.block, shared or [None] * len(self.block), strict=True):
-            x = layer(x, self.rope, next(slots), padding, kv)
-        return x
+    def shared_kv(self) -> list[SharedKV] | None:
+        """One fresh ``SharedKV`` per block layer for a forward (``kv_sharing``), else None."""
+        return [SharedKV() for _ in self.block] if self.config.kv_sharing else None
 
-    def shared_kv(self) -> list[SharedKV] | list[None]:
-        """One fresh ``SharedKV`` per block layer for a forward (``kv_sharing``), else Nones."""
-        return [SharedKV() if self.config.kv_sharing else None for _ in self.block]
-
-    def decode_slots(self, cache: DecodeCache, loops: int) -> list[LayerCache]:
-        """The decode-cache slot of every layer application of a forward with ``loops`` loops, in order.
-
-        One per application; with ``kv_sharing`` the block's k slots serve every loop.
-        """
+    def decode_slots(self, cache: DecodeCache, loops: int) -> DecodeSlots:
+        """The decode-cache slots of a forward with ``loops`` loops: one per layer application, or with
+        ``kv_sharing`` one per layer (the block's k slots serve every loop)."""
         c = self.config
-        if not c.kv_sharing:
-            return cache.bind(self.applications(loops))
-        slots = cache.bind(c.unique_layers)
-        p, k = c.prelude_layers, c.block_layers
-        return slots[:p] + slots[p : p + k] * loops + slots[p + k :]
+        count = c.unique_layers if c.kv_sharing else self.applications(loops)
+        return DecodeSlots.split(cache.bind(count), c.prelude_layers, c.block_layers, loops, c.kv_sharing)
 
     def readout(
         self,
         hidden: Tensor,
         positions: Tensor | None = None,
-        slots: Slots = NO_CACHE,
+        slots: Sequence[Slot] | None = None,
         padding: Padding | None = None,
     ) -> Tensor:
-        """Logits from a hidden state: ``coda → norm → head``.
+        """Logits from a hidden state: ``coda → norm → head`` (``slots``: the coda's decode-cache slots).
 
         ``positions`` (a boolean mask ``[b t]``) keeps only those positions' logits,
         ``[n v]``; without a coda this skips the head everywhere else, which is what
@@ -403,8 +279,7 @@ class LoopedTransformer(nn.Module):
         """
         if positions is not None and len(self.coda) == 0:
             hidden = hidden[positions]
-        for layer in self.coda:
-            hidden = layer(hidden, self.rope, next(slots), padding)
+        hidden = self.run_layers(self.coda, hidden, slots, padding)
         if positions is not None and len(self.coda) > 0:
             hidden = hidden[positions]
         return self.head(self.norm(hidden))
@@ -440,40 +315,13 @@ class LoopedTransformer(nn.Module):
         Dropout follows the module's mode: call ``eval()`` first for deterministic output.
 
         ``exit`` (``entropy_0.5``, ``kl_0.01``, ``stable_2``, ``gate_0.5``, ``fixed``) lets every
-        new token stop at its own loop, ``loops`` at most (``looped.adaptive_decode``);
+        new token stop at its own loop, ``loops`` at most (``looped.decoding.per_token``);
         ``return_loops=True`` then returns an ``AdaptiveDecoding`` with the loops each token used.
         ``schedule`` says how a batch's rows share the block: ``synchronous`` (a token's rows loop together,
-        stopped rows leave) or ``depthwise`` (each row at its own token and loop, ``looped.depthwise``); the
-        tokens are the same.
+        stopped rows leave) or ``depthwise`` (each row at its own token and loop, ``looped.decoding.depthwise``);
+        the tokens are the same.
         """
-        b, p = prompt.shape
-        if max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-        if p < 1:
-            raise ValueError("generate needs a prompt of at least one token")
-        if p + max_new_tokens > self.config.max_seq_len:
-            raise ValueError(
-                f"prompt of {p} tokens + max_new_tokens={max_new_tokens} exceeds LoopedConfig.max_seq_len="
-                f"{self.config.max_seq_len}; lower max_new_tokens to at most {self.config.max_seq_len - p} "
-                "or raise max_seq_len"
-            )
-        if exit is not None or return_loops:
-            decoding = generate_adaptive(
-                self, prompt, max_new_tokens, exit or "fixed", eos_id, loops, attention_mask, schedule
-            )
-            return decoding if return_loops else decoding.tokens
-        if max_new_tokens == 0:
-            return prompt
-        cache = DecodeCache(capacity=p + max_new_tokens)
-        if attention_mask is not None and bool(attention_mask.all()):
-            attention_mask = None  # nothing padded: no mask to extend
-        first = self(prompt, loops=loops, cache=cache, attention_mask=attention_mask)[:, -1].argmax(-1)
-
-        def step(token: Tensor, mask: Tensor | None) -> Tensor:
-            return self(token, loops=loops, cache=cache, attention_mask=mask)[:, -1].argmax(-1)
-
-        tokens = [prompt, *greedy_loop(first, step, max_new_tokens, eos_id, attention_mask)]
-        return torch.cat(tokens, dim=1)
+        return generate(self, prompt, max_new_tokens, eos_id, loops, attention_mask, exit, return_loops, schedule)
 
     def flops_per_token(self, seq_len: int, loops: int | None = None) -> int:
         """Matmul FLOPs of one *forward* pass per token, counting the block ``loops`` times.
@@ -490,3 +338,11 @@ class LoopedTransformer(nn.Module):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+def inject(x: Tensor, loop_input: Tensor | None, loop: int | Tensor) -> Tensor:
+    """``input_injection: add``: the loop's input re-added before every loop after the first (per row when
+    ``loop`` is ``[a]``)."""
+    if isinstance(loop, int):
+        return x + loop_input if loop > 1 else x
+    return torch.where((loop > 1)[:, None, None], x + loop_input, x)

@@ -11,9 +11,9 @@ in every loop, to the keys and values its block computed in the *first* loop: th
 serve all L loops (``SharedKV`` carries loop 1's keys to the later loops), so the cache holds the
 block's keys once instead of L times.
 
-Adaptive decoding (``looped.adaptive_decode``) runs the rows still looping as a sub-batch: a
+Adaptive decoding (``looped.decoding.per_token``) runs the rows still looping as a sub-batch: a
 ``RowSlot`` is the view of a slot that reads and writes only those rows. Depth-wise decoding
-(``looped.depthwise``) runs every row at its own token and loop: its slots are ``RaggedSlot`` views.
+(``looped.decoding.depthwise``) runs every row at its own token and loop: its slots are ``RaggedSlot`` views.
 
 Dimension letters: b batch, h heads, t time, e head width.
 """
@@ -106,7 +106,7 @@ class RowSlot:
 
 
 class RaggedSlot:
-    """A slot in a decoding step whose rows each read a token at their own position (``looped.depthwise``).
+    """A slot in a decoding step whose rows each read a token at their own position (``looped.decoding.depthwise``).
 
     The mixer rotates each row's query and key to ``positions`` and lets ``append`` decide what the row
     weighs: it stores each row's new keys and returns the keys the rows may attend to, with their positions

@@ -77,3 +77,8 @@ class Adafactor(torch.optim.Adafactor):
         finally:
             self.param_groups = groups
         return loss
+
+
+# Its public path, the one recipes and saved runs name and a resolved config writes (jsonargparse writes a class
+# by its module's path): looped.optim, kept by looped.moved, as numpy sets ``__module__`` to ``numpy``.
+Adafactor.__module__ = "looped.optim"

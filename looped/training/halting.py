@@ -34,7 +34,7 @@ over the labelled tokens:
   next one to judge) — stop where one more loop would gain less than about γ nats (k: ``k``, γ:
   ``gamma``; the paper uses 50 and 0.005).
 
-At inference the gate's exit rule (``looped.adaptive``, rule ``gate``) stops a sequence at the first
+At inference the gate's exit rule (``looped.evaluation.exits``, rule ``gate``) stops a sequence at the first
 loop where the cumulative exit probability ``Σ_{j≤n} p(j)`` reaches q at every labelled position;
 q = 0.5 is PonderNet's median depth.
 

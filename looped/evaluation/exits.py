@@ -13,7 +13,7 @@ answer is stable, and the cost is the *mean* loops used. The rules:
 * ``entropy`` (threshold τ): the readout's entropy ``H(p_n) < τ`` at every labelled position
   (Huginn's entropy exit); earliest exit: loop 1.
 * ``gate`` (quantile q): the learned exit gate's cumulative exit probability reaches q at every
-  labelled position (``looped.halting``; q = 0.5 is PonderNet's median depth).
+  labelled position (``looped.training.halting``; q = 0.5 is PonderNet's median depth).
 * ``gate_sample``: PonderNet's sampling at inference — the exit loop drawn from the gate's exit
   distribution, i.e. rule ``gate`` with a fresh q ~ U(0, 1) per sample.
 
@@ -21,9 +21,10 @@ A sequence that never settles runs to ``max_loops``. Exiting at loop n costs n
 loops: the rule reads loop n's own prediction, which the exit then returns.
 
 Everything comes from ONE forward pass with ``return_loop_states=True``
-(``looped.loop_readout.per_loop_predictions``): every loop's readout at the labelled
+(``looped.evaluation.loop_readout.per_loop_predictions``): every loop's readout at the labelled
 positions, from which the exit loop of every sample under every rule is found without
-running the model again (``exit_loops_stable``, ``exit_loops_kl``). Only ``[n m]``
+running the model again. Each rule is the one decoding applies (``looped.decoding.exit_rules``), run over
+every loop's signal (``exit_loops``); this module finds the signals. Only ``[n m]``
 summaries are kept per loop, never ``[n m v]`` distributions.
 
 Dimension letters: n loop, b sample, m labelled position (over the whole batch), v vocabulary.
@@ -37,48 +38,32 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from looped.loop_readout import LoopPredictions, per_sample_all, per_sample_max
+from looped.decoding.exit_rules import ExitRule, exit_loops
+from looped.evaluation.loop_readout import LoopPredictions, per_sample_all, per_sample_max
 
 
 def first_exit(settled: Tensor, patience: int) -> Tensor:
-    """``[b]`` 1-based exit loop from ``settled [n-1 b]`` (transition into loop j+2 settled).
-
-    The exit is the first loop that ends ``patience`` consecutive settled
-    transitions; a sample with no such run exits at the last loop, n.
-    """
+    """``[b]`` 1-based exit loop from ``settled [n-1 b]`` (transition into loop j+2 settled): the first loop that
+    ends ``patience`` consecutive settled transitions, the last loop, n, when none does (rule ``stable``)."""
     if patience < 1:
         raise ValueError(f"patience must be >= 1, got {patience}")
-    transitions, batch = settled.shape
-    last = transitions + 1
-    if transitions < patience:
-        return torch.full((batch,), last, dtype=torch.long, device=settled.device)
-    # window i covers transitions i .. i+patience-1, the last of which ends at loop i+patience+1
-    window = settled.unfold(0, patience, 1).all(-1)
-    ends = torch.arange(patience + 1, last + 1, device=settled.device)[:, None]
-    return torch.where(window, ends, last).min(0).values
+    unchanged = torch.cat([settled.new_zeros(1, settled.shape[1]), settled])  # loop 1 has no previous loop
+    return exit_loops(ExitRule("stable", patience), unchanged)
 
 
 def exit_loops_stable(pred: LoopPredictions, patience: int) -> Tensor:
     """``[b]`` exit loop under rule ``stable``: argmax unchanged for ``patience`` consecutive loops."""
-    unchanged = per_sample_all(pred.preds[1:] == pred.preds[:-1], pred.sample, pred.batch_size)
-    return first_exit(unchanged, patience)
+    return first_exit(per_sample_all(pred.preds[1:] == pred.preds[:-1], pred.sample, pred.batch_size), patience)
 
 
 def exit_loops_kl(pred: LoopPredictions, threshold: float) -> Tensor:
     """``[b]`` exit loop under rule ``kl``: ``KL(p_n ‖ p_{n-1}) < threshold`` at every labelled position."""
-    settled = per_sample_max(pred.kl[1:], pred.sample, pred.batch_size) < threshold
-    return first_exit(settled, 1)
-
-
-def first_loop(flags: Tensor) -> Tensor:
-    """``[b]`` 1-based first loop where ``flags [n b]`` holds; n (the last loop run) where it never does."""
-    loops = torch.arange(1, flags.shape[0] + 1, device=flags.device)[:, None]
-    return torch.where(flags, loops, flags.shape[0]).min(0).values
+    return exit_loops(ExitRule("kl", threshold), per_sample_max(pred.kl, pred.sample, pred.batch_size))
 
 
 def exit_loops_entropy(pred: LoopPredictions, threshold: float) -> Tensor:
     """``[b]`` exit loop under rule ``entropy``: ``H(p_n) < threshold`` at every labelled position (Huginn)."""
-    return first_loop(per_sample_max(pred.entropy, pred.sample, pred.batch_size) < threshold)
+    return exit_loops(ExitRule("entropy", threshold), per_sample_max(pred.entropy, pred.sample, pred.batch_size))
 
 
 def sample_exit_cdf(pred: LoopPredictions) -> Tensor:
@@ -92,7 +77,7 @@ def sample_exit_cdf(pred: LoopPredictions) -> Tensor:
 def exit_loops_gate(pred: LoopPredictions, quantile: float) -> Tensor:
     """``[b]`` exit loop under rule ``gate``: the learned cumulative exit probability reaches ``quantile``
     at every labelled position (0.5: PonderNet's median depth)."""
-    return first_loop(sample_exit_cdf(pred) >= quantile)
+    return exit_loops(ExitRule("gate", quantile), sample_exit_cdf(pred))
 
 
 def exit_loops_gate_sample(pred: LoopPredictions, generator: torch.Generator | None = None) -> Tensor:
@@ -100,7 +85,7 @@ def exit_loops_gate_sample(pred: LoopPredictions, generator: torch.Generator | N
     fresh ``u ~ U(0, 1)`` per sample in place of the quantile."""
     cdf = sample_exit_cdf(pred)
     u = torch.rand(pred.batch_size, generator=generator, dtype=torch.float64).to(cdf.device, cdf.dtype)
-    return first_loop(cdf >= u)
+    return exit_loops(ExitRule("gate", 0.0), cdf - u)  # cdf ≥ u, the rule's own comparison
 
 
 def correct_at_exit(pred: LoopPredictions, exits: Tensor) -> Tensor:

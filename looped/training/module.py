@@ -4,7 +4,7 @@ Loss is cross-entropy on ``labels`` (-100 = no loss). Metrics (torchmetrics):
 exact match (a sample counts only if every labelled position is right), token
 accuracy and perplexity; with a data module's ``eval_names`` also per named
 evaluation set (``val/exact_match_n8``); for tasks scored by generation (batches
-with ``prompt_len``) the greedy-decoded final answer's accuracy (``looped.generation``). A new task
+with ``prompt_len``) the greedy-decoded final answer's accuracy (``looped.evaluation.generation``). A new task
 subclasses this in a few lines (override ``compute_loss`` or the ``*_step``
 hooks; see README).
 """
@@ -15,8 +15,8 @@ import math
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, nullcontext
 from contextvars import ContextVar
-from dataclasses import asdict
-from typing import Any
+from dataclasses import asdict, is_dataclass
+from typing import Any, TypeVar
 
 import lightning as L
 import torch
@@ -26,16 +26,17 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassExactMatch
 
-# batch_size and batch_tokens are named by recipes as looped.module.batch_size / batch_tokens.
-from looped.checkpoint import check_same_data, load_weights
 from looped.contract import IGNORE, DataModuleContract, ReadsLoops, batch_size, batch_tokens, check_data_module
 from looped.errors import MODEL_CONFIG, InputError
-from looped.generation import generate_answers, sample_rows
-from looped.halting import ExitObjective, expected_loops
-from looped.loop_readout import EvalPass, labelled_states_suffice
-from looped.loop_schedule import LoopSchedule
+from looped.evaluation.generation import generate_answers, sample_rows
+from looped.evaluation.loop_readout import EvalPass, labelled_states_suffice
 from looped.model import LoopedConfig, LoopedTransformer
-from looped.regularizer import BlockRegularizer
+
+# batch_size and batch_tokens are named by recipes as looped.module.batch_size / batch_tokens (looped.moved).
+from looped.training.checkpoint import check_same_data, load_weights
+from looped.training.halting import ExitObjective, expected_loops
+from looped.training.loop_schedule import LoopSchedule
+from looped.training.regularizer import BlockRegularizer
 
 __all__ = [
     "IGNORE",
@@ -50,6 +51,7 @@ __all__ = [
 ]
 
 OptimizerFactory = Callable[[Iterable], torch.optim.Optimizer]
+T = TypeVar("T")
 
 
 def adamw(params: Iterable) -> torch.optim.Optimizer:
@@ -82,6 +84,51 @@ def warmup_cosine(step: int, warmup_steps: int, decay_steps: int, min_lr_ratio: 
         return (step + 1) / warmup_steps
     progress = min(1.0, (step - warmup_steps) / max(1, decay_steps - warmup_steps))
     return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def as_dataclass(cls: type[T], value: T | dict | None) -> T | None:
+    """``value`` as ``cls``: a dict (from a checkpoint's hyper-parameters) becomes one, an instance or None stays."""
+    return cls(**value) if isinstance(value, dict) else value
+
+
+def plain_data(**values: Any) -> dict[str, Any]:
+    """The hyper-parameters as a checkpoint stores them: dataclasses as dicts, everything else as it is."""
+    return {name: asdict(v) if is_dataclass(v) else v for name, v in values.items()}
+
+
+def check_options(
+    config: LoopedConfig,
+    warmup_steps: int,
+    decay_steps: int | None,
+    min_lr_ratio: float,
+    loop_schedule: LoopSchedule | None,
+    exit: ExitObjective | None,
+    activation_checkpointing: bool,
+) -> None:
+    """``LoopedLM``'s arguments that are wrong alone or together, each named as a recipe sets it, with the fix."""
+    for name, value, ok, need in (
+        ("warmup_steps", warmup_steps, warmup_steps >= 0, ">= 0"),
+        ("decay_steps", decay_steps, decay_steps is None or decay_steps >= 1, ">= 1 or null (trainer.max_steps)"),
+        ("min_lr_ratio", min_lr_ratio, 0.0 <= min_lr_ratio <= 1.0, "in [0, 1], a fraction of the peak"),
+    ):
+        if not ok:
+            raise InputError(f"model.init_args.{name} must be {need}, got {value}")
+    if exit is not None and not config.exit_gate:
+        raise InputError(
+            "model.init_args.exit trains a halting gate the model does not have; set "
+            "model.init_args.config.exit_gate: true (or remove model.init_args.exit)"
+        )
+    if exit is not None and loop_schedule is not None and loop_schedule.per_loop_loss_weight > 0:
+        raise InputError(
+            "model.init_args.loop_schedule.per_loop_loss_weight: the exit objective already weights every "
+            "loop's loss; set it to 0 (or remove model.init_args.exit)"
+        )
+    if activation_checkpointing and config.kv_sharing:
+        # Recomputing loop 1's layers in backward would read the keys the first forward left in SharedKV.
+        raise InputError(
+            "model.init_args.activation_checkpointing: cannot recompute a block whose later loops read loop 1's "
+            f"keys ({MODEL_CONFIG}.kv_sharing: true); turn one of the two off"
+        )
 
 
 _TRANSFORMER_ON_META: ContextVar[bool] = ContextVar("transformer_on_meta", default=False)
@@ -121,10 +168,10 @@ class LoopedLM(L.LightningModule):
         eos_id: end-of-sequence token of a task scored by generation (linked from the data
             module's ``eos_id`` by ``LoopedCLI``); evaluation batches with ``prompt_len`` are then
             greedily decoded and the token before the first ``eos_id`` is scored against ``answer``.
-        activation_checkpointing: recompute each layer application in backward (``looped.parallel``).
-        compile: ``torch.compile`` each layer (``looped.parallel``).
+        activation_checkpointing: recompute each layer application in backward (``looped.training.parallel``).
+        compile: ``torch.compile`` each layer (``looped.training.parallel``).
         exit: train the model's halting gate (``config.exit_gate``) with a learned-exit objective
-            (``looped.halting.ExitObjective``: ouro, pondernet or act) in place of the last loop's loss;
+            (``looped.training.halting.ExitObjective``: ouro, pondernet or act) in place of the last loop's loss;
             ``ouro_stage2`` trains the gate alone, every other parameter frozen.
         init_weights: start training from this checkpoint's weights (a ``.ckpt`` file), not from a fresh
             initialisation — not its optimiser, step or data position (``--ckpt_path`` resumes those). For a
@@ -147,64 +194,41 @@ class LoopedLM(L.LightningModule):
         init_weights: str | None = None,
     ) -> None:
         super().__init__()
-        for name, value, ok, need in (
-            ("warmup_steps", warmup_steps, warmup_steps >= 0, ">= 0"),
-            ("decay_steps", decay_steps, decay_steps is None or decay_steps >= 1, ">= 1 or null (trainer.max_steps)"),
-            ("min_lr_ratio", min_lr_ratio, 0.0 <= min_lr_ratio <= 1.0, "in [0, 1], a fraction of the peak rate"),
-        ):
-            if not ok:
-                raise InputError(f"model.init_args.{name} must be {need}, got {value}")
-        # Checkpoints hold plain data only (they load with torch.load(weights_only=True));
-        # the optimiser is a callable, recorded in the run's config.yaml instead.
-        config = config if isinstance(config, LoopedConfig) else LoopedConfig(**config)
-        if isinstance(regularizer, dict):
-            regularizer = BlockRegularizer(**regularizer)
-        if isinstance(loop_schedule, dict):
-            loop_schedule = LoopSchedule(**loop_schedule)
-        if isinstance(exit, dict):
-            exit = ExitObjective(**exit)
-        if exit is not None and not config.exit_gate:
-            raise InputError(
-                "model.init_args.exit trains a halting gate the model does not have; set "
-                "model.init_args.config.exit_gate: true (or remove model.init_args.exit)"
-            )
-        if exit is not None and loop_schedule is not None and loop_schedule.per_loop_loss_weight > 0:
-            raise InputError(
-                "model.init_args.loop_schedule.per_loop_loss_weight: the exit objective already weights every "
-                "loop's loss; set it to 0 (or remove model.init_args.exit)"
-            )
+        # A checkpoint's hyper-parameters are plain dicts (they load with torch.load(weights_only=True)).
+        config = as_dataclass(LoopedConfig, config)
+        regularizer = as_dataclass(BlockRegularizer, regularizer)
+        loop_schedule = as_dataclass(LoopSchedule, loop_schedule)
+        exit = as_dataclass(ExitObjective, exit)
+        check_options(config, warmup_steps, decay_steps, min_lr_ratio, loop_schedule, exit, activation_checkpointing)
+        # The optimiser is a callable: the run's config.yaml records it, the checkpoint does not.
         self.save_hyperparameters(
-            {
-                "config": asdict(config),
-                "warmup_steps": warmup_steps,
-                "decay_steps": decay_steps,
-                "min_lr_ratio": min_lr_ratio,
-                "regularizer": asdict(regularizer) if regularizer is not None else None,
-                "loop_schedule": asdict(loop_schedule) if loop_schedule is not None else None,
-                "eos_id": eos_id,
-                "activation_checkpointing": activation_checkpointing,
-                "compile": compile,
-                "exit": asdict(exit) if exit is not None else None,
-                "init_weights": init_weights,
-            }
+            plain_data(
+                config=config,
+                warmup_steps=warmup_steps,
+                decay_steps=decay_steps,
+                min_lr_ratio=min_lr_ratio,
+                regularizer=regularizer,
+                loop_schedule=loop_schedule,
+                eos_id=eos_id,
+                activation_checkpointing=activation_checkpointing,
+                compile=compile,
+                exit=exit,
+                init_weights=init_weights,
+            )
         )
+        self.config, self.optimizer_factory, self.eos_id = config, optimizer, eos_id
+        self.warmup_steps, self.decay_steps, self.min_lr_ratio = warmup_steps, decay_steps, min_lr_ratio
+        self.regularizer, self.loop_schedule, self.exit = regularizer, loop_schedule or LoopSchedule(), exit
         self.init_weights = init_weights
-        self.exit = exit
-        self.eos_id = eos_id
-        self.config = config
-        self.optimizer_factory = optimizer
-        self.warmup_steps = warmup_steps
-        self.decay_steps = decay_steps
-        self.min_lr_ratio = min_lr_ratio
+        # Scaling out (looped.training.parallel): applied in configure_model, where the strategy's mesh is known.
+        self.activation_checkpointing, self.compile_layers = activation_checkpointing, compile
         with torch.device("meta") if _TRANSFORMER_ON_META.get() else nullcontext():
             self.model = LoopedTransformer(config)
         if exit is not None and exit.trains_only_the_gate:
             for name, parameter in self.model.named_parameters():
                 parameter.requires_grad_(name.startswith("exit_gate."))
-        self.regularizer = regularizer
         if regularizer is not None:
             regularizer.check(self.model.block)
-        self.loop_schedule = loop_schedule or LoopSchedule()
         self.val_metrics, self.test_metrics = self.make_metrics(), self.make_metrics()
         # Per named evaluation set, made in setup() from the data module's eval_names: {stage: {name: metrics}}.
         self.eval_names: list[str] = []
@@ -213,15 +237,6 @@ class LoopedLM(L.LightningModule):
         self._samples_logged = False  # decoded samples go to TensorBoard once per evaluation
         self._loops_this_step = config.loops  # what the last training step ran (random with a loop_schedule)
         self.eval_pass: EvalPass | None = None  # this evaluation batch's one forward, for the loop readers
-        # Scaling out (looped.parallel): applied in configure_model, where the strategy's mesh is known.
-        if activation_checkpointing and config.kv_sharing:
-            # Recomputing loop 1's layers in backward would read the keys the first forward left in SharedKV.
-            raise InputError(
-                "model.init_args.activation_checkpointing: cannot recompute a block whose later loops read loop 1's "
-                f"keys ({MODEL_CONFIG}.kv_sharing: true); turn one of the two off"
-            )
-        self.activation_checkpointing = activation_checkpointing
-        self.compile_layers = compile
 
     def make_metrics(self) -> nn.ModuleDict:
         """One fresh set of evaluation metrics (per stage, and per named evaluation set)."""
@@ -284,7 +299,8 @@ class LoopedLM(L.LightningModule):
         return loss
 
     def exit_loss(self, input_ids: Tensor, labels: Tensor, loops: int) -> Tensor:
-        """The ``exit`` objective (``looped.halting``) from each loop's loss and halting logit at the labels."""
+        """The ``exit`` objective (``looped.training.halting``) from each loop's loss and halting logit at the
+        labels."""
         _, states = self.model(
             input_ids, loops=loops, return_loop_states=True, grad_loops=self.loop_schedule.grad_loops
         )
@@ -368,7 +384,8 @@ class LoopedLM(L.LightningModule):
 
     # -- scoring by generation -------------------------------------------------------
     def generate_answers(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
-        """Greedy continuation ``[b n]`` of each prompt and its final answer ``[b]`` (see ``looped.generation``)."""
+        """Greedy continuation ``[b n]`` of each prompt and its final answer ``[b]``
+        (``looped.evaluation.generation``)."""
         return generate_answers(self.model, batch, self.eos_id)
 
     def answer_correct(self, batch: dict[str, Tensor]) -> Tensor:
@@ -433,7 +450,7 @@ class LoopedLM(L.LightningModule):
         is sharded first, then each rank materialises only its shards. Without a mesh and
         without those flags this does nothing. Idempotent: fit then test shards once.
         """
-        from looped.parallel import is_meta, materialize, mixed_precision_policy, parallelize
+        from looped.training.parallel import is_meta, materialize, mixed_precision_policy, parallelize
 
         if getattr(self, "_parallelized", False):
             return
@@ -523,7 +540,7 @@ class LoopedLM(L.LightningModule):
         if torch.cuda.is_available():
             checkpoint["rng_states"]["cuda"] = torch.cuda.get_rng_state_all()
         # The tokenizer the data was prepared with (data modules that have one, e.g. the Pile's), so that
-        # a later run on differently tokenized data is refused (looped.checkpoint.check_same_data).
+        # a later run on differently tokenized data is refused (looped.training.checkpoint.check_same_data).
         sha = getattr(self.trainer.datamodule, "tokenizer_sha256", None) if self._trainer is not None else None
         if sha:
             checkpoint["data"] = {"tokenizer_sha256": sha}

@@ -11,10 +11,10 @@ from __future__ import annotations
 from torch import nn
 
 from looped.errors import MODEL_CONFIG, InputError
-from looped.mixers.base import AttentionMixer, Padding, RotaryEmbedding
-from looped.mixers.linear import LinearAttention
-from looped.mixers.softmax import SoftmaxAttention
-from looped.mixers.sparse import SparseAttention
+from looped.model.mixers.base import AttentionMixer, Padding, RotaryEmbedding
+from looped.model.mixers.linear import LinearAttention
+from looped.model.mixers.softmax import SoftmaxAttention
+from looped.model.mixers.sparse import SparseAttention
 
 MIXERS: dict[str, type[AttentionMixer]] = {
     "softmax": SoftmaxAttention,  # causal SDPA

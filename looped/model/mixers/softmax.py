@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor
 
-from looped.mixers.base import AttentionMixer
+from looped.model.mixers.base import AttentionMixer
 
 
 class SoftmaxAttention(AttentionMixer):

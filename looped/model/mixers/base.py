@@ -4,7 +4,7 @@ A mixer maps hidden states ``[b t d]`` to ``[b t d]`` and is causal: position
 ``t`` sees only positions ``<= t``. The model's layers call
 ``mixer(x, rope, cache)`` and never look inside, so linear, sparse or hybrid
 attention plug in as a subclass of ``AttentionMixer`` in its own file, named in
-the registry ``looped.mixers.MIXERS``, without touching the loop in ``model.py``.
+the registry ``looped.model.mixers.MIXERS``, without touching the loop in ``model.py``.
 With a ``LayerCache`` (decoding) ``x`` holds only the new positions, from
 ``cache.offset`` on; the mixer attends over everything the cache has seen and
 extends it. With a ``Padding`` (a padded batch: left-padded prompts, say) each
@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from looped.cache import DecodeCache, LayerCache, RaggedSlot, RowSlot, SharedKV
+from looped.model.cache import DecodeCache, LayerCache, RaggedSlot, RowSlot, SharedKV
 
 
 class Padding:

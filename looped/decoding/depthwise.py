@@ -1,7 +1,7 @@
 """Depth-wise batching: every row of a batch decodes at its own token and its own loop, so the shared
 block always runs for the whole batch and a token that stops early saves one block application.
 
-The synchronous schedule (``looped.adaptive_decode.AdaptiveDecoder``) steps the batch token by token: a
+The synchronous schedule (``looped.decoding.per_token.AdaptiveDecoder``) steps the batch token by token: a
 token's rows loop together and those that stop leave the sub-batch. That saves their arithmetic, but
 every loop still reads the block's weights and pays its per-call overhead while *any* row loops, so a
 step costs what its deepest row costs. Mixture-of-Recursions (Bae et al. 2025) answers with depth-wise
@@ -29,7 +29,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from looped.cache import DecodeCache, LayerCache, RaggedSlot
+from looped.model.cache import DecodeCache, LayerCache, RaggedSlot
+from looped.model.step import LoopStep
 
 
 class TokenColumns:
@@ -145,12 +146,11 @@ class DepthwiseDecoder:
         self.model, self.decide, self.loops, self.prompt = model, decide, loops, p
         self.columns = TokenColumns(cache.capacity, (mask.long().cumsum(-1) - 1).clamp(min=0), mask)
         slots = model.decode_slots(cache, loops)
-        pre, k = config.prelude_layers, config.block_layers
-        self.prelude_slots, self.coda_slots = slots[:pre], slots[pre + loops * k :]
+        self.prelude_slots, self.coda_slots = slots.prelude, slots.coda
         for slot in self.prelude_slots + self.coda_slots:
             clear_after(p, slot._keys, slot._values)
-        block_slots = [slots[pre + n * k : pre + (n + 1) * k] for n in range(1 if config.kv_sharing else loops)]
-        self.block_slots = [LoopSlots([loop[j] for loop in block_slots], self.columns) for j in range(k)]
+        block_slots = slots.loops[:1] if config.kv_sharing else slots.loops  # with sharing, one slot for every loop
+        self.block_slots = [LoopSlots([loop[j] for loop in block_slots], self.columns) for j in range(len(model.block))]
 
     def decode(self, first: Tensor, max_new_tokens: int, eos_id: int | None) -> tuple[Tensor, Tensor]:
         """The ``[b n]`` new tokens after the prefill's ``first`` ``[b]``, and the loops each used (the first's:
@@ -167,11 +167,9 @@ class DepthwiseDecoder:
         x = self.start(first, everyone, at)
         loop_input = x
         while not bool(done.all()):
-            if model.config.input_injection == "add":
-                x = torch.where((loop > 1)[:, None, None], x + loop_input, x)
             tick = Tick(self.columns, self.block_slots[0].loops, b, loop, at, ~done)
-            for layer, slots in zip(model.block, self.block_slots, strict=True):
-                x = layer(x, model.rope, LoopSlotView(slots, tick))
+            views = [LoopSlotView(slots, tick) for slots in self.block_slots]
+            x = model.loop_step(x, LoopStep(loop, loop_input, views))
             logits = self.read_out(x, everyone, at) if self.decide.rule.reads_prediction else None
             logprobs = None if logits is None else logits.float().log_softmax(-1)
             halts = model.halt_logits(x[:, -1]) if self.decide.rule.kind == "gate" else None
@@ -208,12 +206,11 @@ class DepthwiseDecoder:
         self.columns.positions[rows, at] = self.columns.positions[rows, at - 1] + 1
         x = self.model.embed_tokens(token[:, None], positions=self.columns.positions[rows, at][:, None])
         span = int(at.max()) + 1
-        for layer, slot in zip(self.model.prelude, self.prelude_slots, strict=True):
-            x = layer(x, self.model.rope, ColumnSlot(slot, self.columns, rows, at, span))
-        return x
+        slots = [ColumnSlot(slot, self.columns, rows, at, span) for slot in self.prelude_slots]
+        return self.model.run_layers(self.model.prelude, x, slots)
 
     def read_out(self, x: Tensor, rows: Tensor, at: Tensor) -> Tensor:
         """Logits ``[a v]`` of the rows ``rows`` from their states ``x`` ``[a 1 d]`` (the coda writes their columns)."""
         span = int(at.max()) + 1
-        coda = iter([ColumnSlot(slot, self.columns, rows, at, span) for slot in self.coda_slots])
+        coda = [ColumnSlot(slot, self.columns, rows, at, span) for slot in self.coda_slots]
         return self.model.readout(x, slots=coda)[:, -1]

@@ -36,9 +36,9 @@ import torch.nn.functional as F
 from einops import einsum, rearrange
 from torch import Tensor
 
-from looped.cache import LayerCache
 from looped.errors import MODEL_CONFIG, InputError
-from looped.mixers.base import AttentionMixer, Padding
+from looped.model.cache import LayerCache
+from looped.model.mixers.base import AttentionMixer, Padding
 
 FEATURE_MAPS: dict[str, Callable[[Tensor], Tensor]] = {
     "elu": lambda x: F.elu(x) + 1.0,  # the paper's choice: positive, smooth, gradient everywhere

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from looped.errors import MODEL_CONFIG, InputError
-from looped.mixers.base import AttentionMixer
+from looped.model.mixers.base import AttentionMixer
 
 PATTERNS = ("local", "strided", "fixed")
 

@@ -1,7 +1,7 @@
 """Every loop's prediction at the labelled positions, from ONE forward: what every loop reader needs.
 
 Per-loop accuracy and perplexity (``PerLoopAccuracy``), the exit rules (``AdaptiveExit``,
-``looped.adaptive``) and the loop dynamics (``LoopDynamics``) all read the same thing: the hidden
+``looped.evaluation.exits``) and the loop dynamics (``LoopDynamics``) all read the same thing: the hidden
 state after every loop, through the readout, at the labelled positions. ``per_loop_predictions``
 computes it once per batch, as ``[n m]`` summaries per loop (never ``[n m v]`` distributions
 beyond one chunk), and ``EvalPass`` shares it: ``LoopedLM``'s evaluation step runs each batch once,
@@ -17,11 +17,11 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from looped.contract import IGNORE
-from looped.halting import exit_distribution
+from looped.decoding.exit_rules import entropy, kl_from_previous
+from looped.training.halting import exit_distribution
 
 READOUT_ELEMENTS = 1 << 24
 """Read out at most this many logits at once: a language model's labelled positions are every token, and
@@ -132,11 +132,10 @@ def per_loop_predictions(
         top, preds = logprobs.max(-1)
         summaries["preds"].append(preds)
         summaries["top_prob"].append(top.exp())
-        summaries["entropy"].append(-(logprobs.exp() * logprobs).sum(-1))
+        summaries["entropy"].append(entropy(logprobs))
         summaries["loss"].append(-logprobs.gather(-1, target.expand(len(logprobs), -1)[..., None]).squeeze(-1))
         before = torch.cat([logprobs[:1] if previous is None else previous[None], logprobs[:-1]])
-        # kl_div(input, target) is KL(target ‖ input): here KL(p_n ‖ p_{n-1}).
-        kl = F.kl_div(before, logprobs, reduction="none", log_target=True).sum(-1)
+        kl = kl_from_previous(logprobs, before)
         if previous is None:
             kl[0] = float("inf")
         summaries["kl"].append(kl)

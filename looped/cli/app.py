@@ -6,21 +6,19 @@ into the paper's tables and figures. Every other subcommand is LightningCLI's ow
 ``--print_config``, ``--config`` and dotted overrides work as documented by Lightning.
 
 A user's mistake ends the process with one last line, ``looped: error: <message>``, and exit
-status 2 (``looped.cli_errors``); ``--debug`` or ``LOOPED_DEBUG=1`` adds the traceback.
+status 2 (``looped.cli.errors``); ``--debug`` or ``LOOPED_DEBUG=1`` adds the traceback.
 ``validate`` and ``test`` print one table of results, a row per evaluation set
 (``looped.tools.eval_table``).
 """
 
 from __future__ import annotations
 
-import ast
 import contextlib
 import importlib
 import importlib.util
 import io
 import os
 import sys
-import textwrap
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -32,12 +30,13 @@ from lightning.pytorch.accelerators import CUDAAccelerator, MPSAccelerator
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.strategies import ModelParallelStrategy
 
-from looped.checkpoint import check_same_data, check_same_model, is_local_path, read_checkpoint
-from looped.cli_errors import one_line_errors, take_debug_flag
+from looped.cli.errors import one_line_errors, take_debug_flag
+from looped.cli.help import lightning_help, looped_help, run_help
 from looped.contract import DataModuleContract, check_data_module
 from looped.errors import InputError
-from looped.module import LoopedLM, transformer_on_meta
 from looped.tools.eval_table import print_eval_table
+from looped.training.checkpoint import check_same_data, check_same_model, is_local_path, read_checkpoint
+from looped.training.module import LoopedLM, transformer_on_meta
 
 # ``looped TOOL ...`` subcommands beside LightningCLI's own: the module whose ``main(argv)`` runs each.
 TOOLS = {
@@ -47,14 +46,6 @@ TOOLS = {
     "lm-eval": "looped.tools.lm_eval_adapter",  # lm-evaluation-harness with the `looped` model (the [eval] extra)
     "export": "looped.tools.export",  # a trained run as a transformers model folder (the [hf] extra)
     "plan": "looped.tools.plan",  # memory per rank, fits or not, and days, before a cluster is booked
-}
-# LightningCLI's subcommands, one line each for `looped --help` (a tool's line is its module docstring's first).
-SUBCOMMANDS = {
-    "run": "train a recipe, then test its best checkpoint (looped run RECIPE.yaml [--key value ...])",
-    "fit": "train a recipe (looped fit --config RECIPE.yaml [--key value ...] [--ckpt_path CKPT])",
-    "validate": "evaluate a checkpoint on the validation sets (--config RECIPE.yaml --ckpt_path CKPT)",
-    "test": "evaluate a checkpoint on the test sets (--config RECIPE.yaml --ckpt_path CKPT)",
-    "predict": "the model's predictions on the data module's predict set",
 }
 USAGE_RUN = "usage: looped run RECIPE.yaml [--section.key value ...]   (e.g. --trainer.max_steps 200)"
 HELP = ("-h", "--help")
@@ -68,7 +59,7 @@ class LoopedCLI(LightningCLI):
     ``eos_id`` into ``model.eos_id`` (``looped.contract.DataModuleContract``).
 
     Before a subcommand runs, ``--ckpt_path`` is checked against the recipe and its data
-    (``looped.checkpoint``) and ``trainer.devices`` against the machine.
+    (``looped.training.checkpoint``) and ``trainer.devices`` against the machine.
     """
 
     def __init__(self, *args, **kwargs) -> None:
@@ -211,7 +202,7 @@ def resolve_recipe(recipe: str, *overrides: str) -> str:
 
 
 def console_cli(args: list[str]) -> LoopedCLI:
-    """``LoopedCLI`` as the console scripts run it: parse errors raise (``looped.cli_errors`` prints one line)."""
+    """``LoopedCLI`` as the console scripts run it: parse errors raise (``looped.cli.errors`` prints one line)."""
     raising = {"exit_on_error": False}
     return LoopedCLI(args=args, parser_kwargs={**raising, **{name: raising for name in LightningCLI.subcommands()}})
 
@@ -248,7 +239,7 @@ def main(argv: list[str] | None = None) -> None:
 
 def _looped(argv: list[str]) -> None:
     if not argv or argv[0] in HELP:
-        print(looped_help(), file=sys.stdout if argv else sys.stderr)
+        print(looped_help(TOOLS), file=sys.stdout if argv else sys.stderr)
         if not argv:
             raise InputError("choose a subcommand (listed above)")
         return
@@ -323,75 +314,6 @@ def _lightning_sdk_entry_point():
     return None
 
 
-# -- help ---------------------------------------------------------------------------------------------------
-def looped_help() -> str:
-    lines = [
-        "usage: looped SUBCOMMAND [options] [--debug]",
-        "",
-        "Lightning recipes for looped transformers. `looped SUBCOMMAND --help` shows a subcommand's options.",
-        "",
-        "subcommands:",
-    ]
-    entries = {**SUBCOMMANDS, **{name: tool_summary(module) for name, module in TOOLS.items()}}
-    width = max(map(len, entries))
-    lines += [f"  {name:<{width}}  {text}" for name, text in entries.items()]
-    lines += ["", "options:", "  --debug    on an error, show its traceback too (or set LOOPED_DEBUG=1)"]
-    return "\n".join(lines)
-
-
-def tool_summary(module: str) -> str:
-    """The first line of a tool module's docstring, read without importing the tool (its imports can be slow)."""
-    spec = importlib.util.find_spec(module)
-    if spec is None or spec.origin is None:
-        return ""
-    doc = ast.get_docstring(ast.parse(Path(spec.origin).read_text())) or ""
-    first = doc.strip().splitlines()[0] if doc.strip() else ""
-    if first.startswith("``looped") and "``: " in first:  # "``looped report RUNS``: what it does."
-        first = first.split("``: ", 1)[1]
-    return first.replace("``", "").rstrip(".")
-
-
-def recipes_dir() -> Path | None:
-    """``./recipes`` if there is one, else the repository's (an editable install runs from a clone)."""
-    for candidate in (Path.cwd() / "recipes", Path(__file__).resolve().parents[1] / "recipes"):
-        if candidate.is_dir():
-            return candidate
-    return None
-
-
-def run_help(prog: str = "looped run") -> str:
-    lines = [
-        f"usage: {prog} RECIPE.yaml [--section.key value ...] [--debug]",
-        "",
-        "Train a recipe (LightningCLI's fit), then test its best checkpoint and print one table of the",
-        "results, a row per evaluation set.",
-        "",
-    ]
-    folder = recipes_dir()
-    if folder is not None:
-        shown = os.path.relpath(folder) if folder.is_relative_to(Path.cwd()) else str(folder)
-        lines.append(f"recipes ({shown}/; rows only, _base.yaml/_cpu.yaml are the shared setups they start from):")
-        top = sorted(p.name for p in folder.glob("*.yaml") if not p.name.startswith("_"))
-        if top:
-            lines.append(
-                textwrap.fill(", ".join(top), 100, initial_indent=f"  {'*.yaml':<12} ", subsequent_indent=" " * 15)
-            )
-        for sub in sorted(p for p in folder.iterdir() if p.is_dir()):
-            rows = sorted(p for p in sub.rglob("*.yaml") if not p.name.startswith("_"))
-            if sub.name == "sweeps":
-                lines.append(f"  {'sweeps/':<12} grids of recipes for `looped sweep`, not recipes")
-            elif rows:
-                example = os.path.join(shown, rows[0].relative_to(folder))
-                lines.append(f"  {sub.name + '/':<12} {len(rows)} recipes, e.g. {example}")
-        lines.append("")
-    lines += [
-        f"A recipe's options, with the values it sets:  {prog} RECIPE.yaml --help",
-        "The whole run it stands for, resolved:        looped fit --config RECIPE.yaml --print_config",
-        f"Change any value:  {prog} recipes/quickstart.yaml --model.init_args.config.loops 6 --trainer.max_steps 200",
-    ]
-    return "\n".join(lines)
-
-
 def recipe_help(recipe: str, overrides: list[str], prog: str = "looped run") -> None:
     """Every option of a recipe: LightningCLI's ``fit --help``, then the options of its model and data classes.
 
@@ -425,24 +347,3 @@ def _exits_zero():
     except SystemExit as exit_:
         if exit_.code not in (0, None):
             raise
-
-
-def lightning_help(sdk_installed: bool) -> str:
-    other = (
-        "Other subcommands are handed to Lightning AI's cloud CLI (lightning-sdk, installed)."
-        if sdk_installed
-        else "Other `lightning` subcommands belong to Lightning AI's cloud CLI: pip install lightning-sdk."
-    )
-    return "\n".join(
-        [
-            "usage: lightning run RECIPE.yaml [--section.key value ...] [--debug]",
-            "",
-            "`lightning run RECIPE.yaml` is `looped run RECIPE.yaml`: train the recipe, then test its best checkpoint.",
-            "`lightning run --help` lists the recipe folders; `lightning run RECIPE.yaml --help` the recipe's options.",
-            other,
-        ]
-    )
-
-
-if __name__ == "__main__":
-    main()
