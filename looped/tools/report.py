@@ -435,6 +435,15 @@ def variants_table(runs: list[Run], metrics: Sequence[str]) -> str:
     return _markdown(header, rows)
 
 
+@dataclass
+class Section:
+    """One ``## title`` of report.md, and the figures it drew."""
+
+    title: str
+    body: str
+    figures: tuple[Path | None, ...] = ()
+
+
 def write_report(
     runs: list[Run],
     output: Path,
@@ -443,78 +452,118 @@ def write_report(
     isoplot_metric: str = "val/exact_match",
     loss_set: str | None = None,
 ) -> Path:
+    """report.md and its PNGs in ``output``: the paper's tables from the plainly looped runs, then every other
+    section the runs have data for."""
     output.mkdir(parents=True, exist_ok=True)
     metrics = list(metrics) or default_metrics(runs)
-    everything = runs
-    runs = [r for r in everything if not r.variant]  # the paper's tables: plain looping only
-    columns, cells, shared = collect_cells(runs, metrics)
-    parts = [f"# Report\n\n{len(everything)} runs: " + ", ".join(f"`{r.label}` ({r.shape.name})" for r in everything)]
-    parts.append(
-        "## Accuracy per model (Table 1)\n\n" + (table1(cells, columns, shared) if columns else "No test metrics.")
-    )
+    plain = [r for r in runs if not r.variant]  # the paper's tables: plain looping only
+    columns, cells, shared = collect_cells(plain, metrics)
+    sections = [
+        table1_section(cells, columns, shared),
+        table3_section(plain, cells, columns, groups, loss_set),
+        perplexity_section(runs, loss_set),
+        *adaptive_sections(runs, output),
+        *known_depth_sections(runs, output),
+        variants_section([r for r in runs if r.variant], metrics),
+        scaling_section(cells, columns),
+        study_section(runs),
+    ]
+    sections = [section for section in sections if section is not None]
+    figures = [f for section in sections for f in section.figures]
+    figures += [
+        plot_isoplot(runs, output, isoplot_metric),
+        plot_study(study_points(runs), output / "study_heatmap.png"),
+    ]
+    figures += [plot(run, output) for run in runs for plot in (plot_per_loop, plot_dynamics, plot_cosine)]
+    figures = [f for f in figures if f is not None]
+    if figures:
+        sections.append(Section("Figures", "\n".join(f"![{f.stem}]({f.name})" for f in figures)))
+    runs_line = f"{len(runs)} runs: " + ", ".join(f"`{r.label}` ({r.shape.name})" for r in runs)
+    text = "\n\n".join([f"# Report\n\n{runs_line}", *(f"## {s.title}\n\n{s.body}" for s in sections)])
+    report = output / "report.md"
+    report.write_text(text + "\n")
+    return report
+
+
+def table1_section(cells: dict[str, dict[str, float]], columns: list[str], shared: set) -> Section:
+    body = table1(cells, columns, shared) if columns else "No test metrics."
     if shared:
-        parts.append("\\* several runs share this cell; the best is shown (the paper: best of 3 seeds).")
+        body += "\n\n\\* several runs share this cell; the best is shown (the paper: best of 3 seeds)."
+    return Section("Accuracy per model (Table 1)", body)
+
+
+def table3_section(
+    runs: list[Run], cells: dict, columns: list[str], groups: Sequence[str], loss_set: str | None
+) -> Section | None:
     loss_tag = f"val/loss_{loss_set}" if loss_set else "val/loss"
     table3 = table3_from_numbers(group_rows(runs, cells, columns, groups, loss_tag))
-    if table3:
-        parts.append(
-            "## Looped vs shallow vs deep (Table 3)\n\n"
-            f"`% Gap = (Avg(k⊗L) − Avg(k⊗1)) / (Avg(kL⊗1) − Avg(k⊗1)) × 100`; ppl = exp(lowest {loss_tag}).\n\n"
-            + table3
-        )
-    perplexities = per_loop_perplexity(everything, loss_set)
-    if perplexities:
-        parts.append(
-            "## Perplexity after every loop\n\n"
-            f"Test perplexity{f' of `{loss_set}`' if loss_set else ''} read out after n loops, mean over runs "
-            "(* = the trained L).\n\n" + perplexities
-        )
-    figures = []
+    if not table3:
+        return None
+    formula = f"`% Gap = (Avg(k⊗L) − Avg(k⊗1)) / (Avg(kL⊗1) − Avg(k⊗1)) × 100`; ppl = exp(lowest {loss_tag})."
+    return Section("Looped vs shallow vs deep (Table 3)", f"{formula}\n\n{table3}")
+
+
+def perplexity_section(runs: list[Run], loss_set: str | None) -> Section | None:
+    table = per_loop_perplexity(runs, loss_set)
+    if not table:
+        return None
+    of = f" of `{loss_set}`" if loss_set else ""
+    intro = f"Test perplexity{of} read out after n loops, mean over runs (* = the trained L)."
+    return Section("Perplexity after every loop", f"{intro}\n\n{table}")
+
+
+def adaptive_sections(runs: list[Run], output: Path) -> list[Section]:
+    """Per task, every method's cheapest operating point against the fixed-L model, and its figure."""
     by_task: dict[str, dict[str, tuple]] = {}
-    for run in everything:
+    for run in runs:
         points = operating_points(run.scalars)
         if points:
             name = run.label + (f" ({run.variant})" if run.variant else "")
             by_task.setdefault(run.task, {})[name] = (points, run.shape.loops, not run.variant)
+    intro = (
+        "Each method's cheapest operating point (a fixed loop count or an exit rule of `AdaptiveExit`) reaching 99% "
+        "of the fixed-L model's accuracy (the best plainly looped run's, at its L), and 99% of its own at L."
+    )
+    sections = []
     for task, methods in by_task.items():
-        parts.append(
-            f"## Adaptive depth: accuracy against mean loops{f' ({task})' if task else ''}\n\nEach method's "
-            "cheapest operating point (a fixed loop count or an exit rule of `AdaptiveExit`) reaching 99% of the "
-            "fixed-L model's accuracy (the best plainly looped run's, at its L), and 99% of its own at L.\n\n"
-            + comparison_table(methods)
-        )
         slug = re.sub(r"[^A-Za-z0-9_.-]", "_", task) or "all"
-        figures.append(plot_comparison(methods, output / f"adaptive_{slug}.png", title=task))
-    for run in everything:
+        figure = plot_comparison(methods, output / f"adaptive_{slug}.png", title=task)
+        title = "Adaptive depth: accuracy against mean loops" + (f" ({task})" if task else "")
+        sections.append(Section(title, f"{intro}\n\n{comparison_table(methods)}", (figure,)))
+    return sections
+
+
+def known_depth_sections(runs: list[Run], output: Path) -> list[Section]:
+    intro = (
+        "Mean exit loop (exact match) of each rule on the test set of each depth; a rule tracks depth when it "
+        "spends more loops on deeper problems."
+    )
+    sections = []
+    for run in runs:
         results = known_depth(run.scalars)
         if results:
-            parts.append(
-                f"## Halting against known depth: `{run.label}`\n\nMean exit loop (exact match) of each rule on the "
-                "test set of each depth; a rule tracks depth when it spends more loops on deeper problems.\n\n"
-                + known_depth_table(results)
-            )
-            figures.append(plot_known_depth(results, output / f"known_depth_{run.label}.png"))
-    variants = [r for r in everything if r.variant]
-    if variants:
-        parts.append("## Training variants\n\n" + variants_table(variants, metrics))
+            figure = plot_known_depth(results, output / f"known_depth_{run.label}.png")
+            body = f"{intro}\n\n{known_depth_table(results)}"
+            sections.append(Section(f"Halting against known depth: `{run.label}`", body, (figure,)))
+    return sections
+
+
+def variants_section(variants: list[Run], metrics: Sequence[str]) -> Section | None:
+    return Section("Training variants", variants_table(variants, metrics)) if variants else None
+
+
+def scaling_section(cells: dict[str, dict[str, float]], columns: list[str]) -> Section | None:
     fits = scaling_fits(cells, columns)
-    if fits:
-        parts.append(
-            "## Scaling with effective depth (Figure 3)\n\n`acc = α·log(D) + β` (natural log, acc in %).\n\n"
-            + _markdown(["metric", "looped", "α_loop", "β_loop", "α_base", "β_base", "α_loop/α_base"], fits)
-        )
-    study = study_points(everything)
-    if study:
-        parts.append("## Width × problem size (`looped sweep` cells; ✓ = solved)\n\n" + study_table(study))
-    figures += [plot_isoplot(everything, output, isoplot_metric), plot_study(study, output / "study_heatmap.png")]
-    for run in everything:
-        figures += [plot_per_loop(run, output), plot_dynamics(run, output), plot_cosine(run, output)]
-    figures = [f for f in figures if f is not None]
-    if figures:
-        parts.append("## Figures\n\n" + "\n".join(f"![{f.stem}]({f.name})" for f in figures))
-    report = output / "report.md"
-    report.write_text("\n\n".join(parts) + "\n")
-    return report
+    if not fits:
+        return None
+    header = ["metric", "looped", "α_loop", "β_loop", "α_base", "β_base", "α_loop/α_base"]
+    body = f"`acc = α·log(D) + β` (natural log, acc in %).\n\n{_markdown(header, fits)}"
+    return Section("Scaling with effective depth (Figure 3)", body)
+
+
+def study_section(runs: list[Run]) -> Section | None:
+    study = study_points(runs)
+    return Section("Width × problem size (`looped sweep` cells; ✓ = solved)", study_table(study)) if study else None
 
 
 def main(argv: list[str] | None = None) -> None:
