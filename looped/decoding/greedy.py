@@ -34,7 +34,22 @@ def generate(
     return_loops: bool = False,
     schedule: str = "synchronous",
 ) -> Tensor | AdaptiveDecoding:
-    """``LoopedTransformer.generate`` (its docstring says what each argument does)."""
+    """Greedy continuation of ``prompt`` ``[b p]``: ``[b p+n]`` with ``n <= max_new_tokens``
+    (``LoopedTransformer.generate``: this function is that method).
+
+    One forward over the prompt fills a ``DecodeCache``; each later token costs
+    one position per layer application. With ``eos_id``, a row that has emitted
+    it keeps emitting it, and decoding stops once every row has. Prompts of different
+    lengths go left-padded, with ``attention_mask`` ``[b p]`` (0 at the padding).
+    Dropout follows the module's mode: call ``eval()`` first for deterministic output.
+
+    ``exit`` (``entropy_0.5``, ``kl_0.01``, ``stable_2``, ``gate_0.5``, ``fixed``) lets every
+    new token stop at its own loop, ``loops`` at most (``looped.decoding.per_token``);
+    ``return_loops=True`` then returns an ``AdaptiveDecoding`` with the loops each token used.
+    ``schedule`` says how a batch's rows share the block: ``synchronous`` (a token's rows loop together,
+    stopped rows leave) or ``depthwise`` (each row at its own token and loop, ``looped.decoding.depthwise``);
+    the tokens are the same.
+    """
     b, p = prompt.shape
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")

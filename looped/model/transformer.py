@@ -26,8 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from looped.decoding.greedy import generate
-from looped.decoding.per_token import AdaptiveDecoding
+from looped.decoding import greedy
 from looped.model.cache import DecodeCache, LayerCache, RaggedSlot, RowSlot, SharedKV
 from looped.model.config import LoopedConfig
 from looped.model.mixers import Padding, RotaryEmbedding, build_mixer
@@ -294,34 +293,8 @@ class LoopedTransformer(nn.Module):
         """Layer applications in one forward pass with ``loops`` loops (decode-cache slots)."""
         return self.config.applications(loops)
 
-    @torch.no_grad()
-    def generate(
-        self,
-        prompt: Tensor,
-        max_new_tokens: int,
-        eos_id: int | None = None,
-        loops: int | None = None,
-        attention_mask: Tensor | None = None,
-        exit: str | None = None,
-        return_loops: bool = False,
-        schedule: str = "synchronous",
-    ) -> Tensor | AdaptiveDecoding:
-        """Greedy continuation of ``prompt`` ``[b p]``: ``[b p+n]`` with ``n <= max_new_tokens``.
-
-        One forward over the prompt fills a ``DecodeCache``; each later token costs
-        one position per layer application. With ``eos_id``, a row that has emitted
-        it keeps emitting it, and decoding stops once every row has. Prompts of different
-        lengths go left-padded, with ``attention_mask`` ``[b p]`` (0 at the padding).
-        Dropout follows the module's mode: call ``eval()`` first for deterministic output.
-
-        ``exit`` (``entropy_0.5``, ``kl_0.01``, ``stable_2``, ``gate_0.5``, ``fixed``) lets every
-        new token stop at its own loop, ``loops`` at most (``looped.decoding.per_token``);
-        ``return_loops=True`` then returns an ``AdaptiveDecoding`` with the loops each token used.
-        ``schedule`` says how a batch's rows share the block: ``synchronous`` (a token's rows loop together,
-        stopped rows leave) or ``depthwise`` (each row at its own token and loop, ``looped.decoding.depthwise``);
-        the tokens are the same.
-        """
-        return generate(self, prompt, max_new_tokens, eos_id, loops, attention_mask, exit, return_loops, schedule)
+    # Greedy decoding with a cache, every token at full depth or stopping at its own loop (its docstring says how).
+    generate = greedy.generate
 
     def flops_per_token(self, seq_len: int, loops: int | None = None) -> int:
         """Matmul FLOPs of one *forward* pass per token, counting the block ``loops`` times.
