@@ -47,7 +47,6 @@ TOOLS = {
     "export": "looped.tools.export",  # a trained run as a transformers model folder (the [hf] extra)
     "plan": "looped.tools.plan",  # memory per rank, fits or not, and days, before a cluster is booked
 }
-USAGE_RUN = "usage: looped run RECIPE.yaml [--section.key value ...]   (e.g. --trainer.max_steps 200)"
 HELP = ("-h", "--help")
 
 

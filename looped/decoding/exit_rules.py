@@ -69,9 +69,6 @@ class ExitRule:
     def reads_prediction(self) -> bool:
         return self.kind in ("entropy", "kl", "stable")
 
-    def __str__(self) -> str:
-        return self.kind if self.kind == "fixed" else f"{self.kind}_{self.value:g}"
-
 
 class OnlineExit:
     """Decides, loop after loop, which rows stop: the rule's running state per row, reset when a row starts a

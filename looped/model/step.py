@@ -7,7 +7,8 @@ place the block's k layers run. A ``LoopStep`` is everything an application depe
 hidden state: which loop it is, the loop's input (for input injection), the cache slot of each block
 layer, the padding, loop 1's keys (KV sharing) and which rows of the batch are active. What depends
 on the loop belongs there, once: a loop-indexed weight adapter reads ``step.loop``; a router that
-picks the rows or tokens narrows ``step.rows`` before the layers run.
+picks tokens gathers them there (``rows`` narrows whole batch rows only; a token router also needs each
+kept token's position, as ``RaggedSlot.positions`` gives depth-wise decoding).
 
 ``DecodeSlots`` lays a ``DecodeCache``'s slots out as the forward uses them: the prelude's, one list
 of k per loop, the coda's (``LoopedTransformer.decode_slots``).
