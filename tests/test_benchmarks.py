@@ -121,7 +121,7 @@ TOY_RUNS = {
     "attention_scaling.py": ["--d-model", "32", "--seq-lens", "16", "32", "--repeats", "1"],
     "cot_generation.py": [],
     "datagen.py": ["--seconds", "0.2", "--floor-steps", "20", "--only", "NaryAddition"],
-    "decode.py": ["--d-model", "32", "--prompt-len", "4", "--new-tokens", "4", "--vocab", "64", "--rounds", "1"],
+    "decode.py": ["--d-model", "32", "--prompt-len", "4", "--new-tokens", "4", "--vocab", "11", "--rounds", "1"],
     "eval_pass.py": ["--d-model", "32", "--samples", "64", "--rounds", "1"],
     "gpu_check.py": ["--dry-run"],
     "lm_throughput.py": ["--vocab", "64", "--seq-len", "16", "--batch", "2", "--rounds", "2"],
