@@ -197,8 +197,14 @@ def main() -> None:
             }
     if importlib.util.find_spec("transformers") is not None and not args.no_hf:
         hf = exported(model, args.device)
+        # An explicit mask: given only pad_token_id, generate() would mask every prompt token equal to it.
         methods["transformers generate"] = lambda _, prompt, n: hf.generate(
-            prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0
+            prompt,
+            attention_mask=torch.ones_like(prompt),
+            max_new_tokens=n,
+            min_new_tokens=n,
+            do_sample=False,
+            pad_token_id=0,
         )
         exact.append("transformers generate")
     times: dict[str, list[float]] = {name: [] for name in methods}

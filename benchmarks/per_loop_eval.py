@@ -6,8 +6,8 @@ round after round, in one process (medians), so machine noise hits all alike
 
 * (a) ``plain``: one forward ``model(x)`` — the accuracy at L only;
 * (b) ``per-loop``: one forward with ``return_loop_states=True`` and a readout of
-  the labelled positions after every loop (``exact_match_per_loop``, what
-  ``PerLoopAccuracy`` runs) — the accuracy at every n = 1..L;
+  the labelled positions after every loop (``per_loop_predictions``, what
+  ``PerLoopAccuracy`` reads) — the accuracy at every n = 1..L;
 * (c) ``naive``: L separate forwards with ``loops=1..L`` — the same numbers, L(L+1)/2 loops.
 
     python benchmarks/per_loop_eval.py
@@ -24,7 +24,8 @@ import time
 import torch
 
 from looped import LoopedConfig, LoopedTransformer
-from looped.callbacks.per_loop import IGNORE, exact_match_per_loop
+from looped.contract import IGNORE
+from looped.evaluation.loop_readout import per_loop_predictions
 
 
 def plain(model, input_ids, labels, loops):
@@ -32,7 +33,7 @@ def plain(model, input_ids, labels, loops):
 
 
 def per_loop(model, input_ids, labels, loops):
-    return exact_match_per_loop(model, input_ids, labels, loops)
+    return per_loop_predictions(model, input_ids, labels, loops).correct
 
 
 def naive(model, input_ids, labels, loops):

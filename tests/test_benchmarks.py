@@ -1,5 +1,6 @@
 """Smoke test of ``benchmarks/datagen.py``: it runs against the current code and its ratios follow from its columns."""
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -112,3 +113,41 @@ def test_gpu_check_dry_run_runs_every_path_on_the_cpu():
     diff = next(line for line in lines if "max |diff|" in line).split()[-1]
     assert float(diff) < 0.05  # bf16 rounding, not a different pattern
     assert lines[-1].startswith("(4⊗6)/(24⊗1) tokens/s ratio") and float(lines[-1].split()[-1]) > 0
+
+
+# Every script in benchmarks/, at toy size: what it needs to run through every code path in seconds. A script
+# added without a row here fails test_every_benchmark_has_a_toy_run, so none can rot unseen.
+TOY_RUNS = {
+    "attention_scaling.py": ["--d-model", "32", "--seq-lens", "16", "32", "--repeats", "1"],
+    "cot_generation.py": [],
+    "datagen.py": ["--seconds", "0.2", "--floor-steps", "20", "--only", "NaryAddition"],
+    "decode.py": ["--d-model", "32", "--prompt-len", "4", "--new-tokens", "4", "--vocab", "11", "--rounds", "1"],
+    "eval_pass.py": ["--d-model", "32", "--samples", "64", "--rounds", "1"],
+    "gpu_check.py": ["--dry-run"],
+    "lm_throughput.py": ["--vocab", "64", "--seq-len", "16", "--batch", "2", "--rounds", "2"],
+    "loop_overhead.py": ["--d-model", "32", "--seq-len", "16", "--batch", "2", "--rounds", "2"],
+    "per_loop_eval.py": ["--d-model", "32", "--seq-len", "16", "--batch", "2", "--vocab", "11", "--rounds", "2"],
+    "plan_pile.py": ["--only", "pile/4x1.yaml"],
+}
+NEEDS = {"lm_throughput.py": "litgpt"}  # compared against a library that is not a dependency of the project
+
+
+def test_every_benchmark_has_a_toy_run():
+    assert sorted(p.name for p in (ROOT / "benchmarks").glob("*.py")) == sorted(TOY_RUNS)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", sorted(TOY_RUNS))
+def test_every_benchmark_runs_at_toy_size_and_prints_its_ratio_last(script):
+    if script in NEEDS:
+        pytest.importorskip(NEEDS[script])
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / script), *TOY_RUNS[script]],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=600,
+    )
+    assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
+    last = out.stdout.strip().splitlines()[-1]
+    assert re.search(r"\d", last), last  # a benchmark prints the number it exists for last

@@ -233,6 +233,14 @@ def test_unknown_key_in_a_recipe_file_and_yaml_errors_in_a_base(capsys, run_dir)
     assert last.startswith(f"looped: error: {run_dir / 'base.yaml'}:3:1: malformed YAML")
 
 
+@pytest.mark.parametrize("subcommand", ["run", "test"])
+def test_a_malformed_recipe_given_first_is_named_by_its_path(capsys, run_dir, subcommand):
+    """``looped run RECIPE`` (and ``test RECIPE``) name the recipe's file, not "the recipe" (issue 34)."""
+    (run_dir / "row.yaml").write_text(f"config: {QUICKSTART}\ntrainer:\n  max_steps: [1\n")
+    last = _last_line(capsys, [subcommand, str(run_dir / "row.yaml")])
+    assert last.startswith(f"looped: error: {run_dir / 'row.yaml'}:4:1: malformed YAML")
+
+
 def test_unknown_mixer_option_is_named(capsys, run_dir):
     options = '{"sparse": {"widow": 8}}'
     last = _last_line(capsys, ["fit", "--config", QUICKSTART, D + "attention", "sparse", D + "mixer_options", options])

@@ -178,9 +178,11 @@ def yaml_location(error: yaml.MarkedYAMLError, files: list[Path]) -> str:
 
 
 def config_files(argv: list[str]) -> list[Path]:
-    """The ``--config`` files in ``argv`` and, recursively, the files they name with ``config:``."""
+    """The recipe files in ``argv`` — each ``--config FILE``, and the recipe that ``looped run RECIPE`` or
+    ``looped test RECIPE`` takes first — and, recursively, the files they name with ``config:``."""
     given = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--config"]
     given += [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
+    given += argv[1:2] if len(argv) > 1 and argv[1].endswith((".yaml", ".yml")) else []
     found: list[Path] = []
     pending = [Path(p) for p in given]
     while pending:
