@@ -209,7 +209,7 @@ def test_jsonargparse_errors_name_the_whole_key(capsys, run_dir):
 
 def test_a_class_path_that_does_not_import_and_a_bad_schedule_are_named(capsys, run_dir):
     last = _last_line(capsys, ["fit", "--config", QUICKSTART, "--data", "looped.datamodules.Nope"])
-    assert last.startswith("looped: error: data: cannot import 'looped.datamodules.Nope'")
+    assert last.startswith("looped: error: data.class_path: looped.datamodules has no class 'Nope'")
     last = _last_line(capsys, ["fit", "--config", QUICKSTART, "--model.init_args.warmup_steps", "-5"])
     assert last == "looped: error: model.init_args.warmup_steps must be >= 0, got -5"
 

@@ -30,10 +30,11 @@ from lightning.pytorch.accelerators import CUDAAccelerator, MPSAccelerator
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.strategies import ModelParallelStrategy
 
-from looped.cli.errors import one_line_errors, take_debug_flag
+from looped.cli.errors import one_line_errors, take_debug_flag, user_message
 from looped.cli.help import lightning_help, looped_help, run_help
+from looped.cli.user_code import user_class_error, user_code_importable
 from looped.contract import DataModuleContract, check_data_module
-from looped.errors import InputError
+from looped.errors import InputError, exception_chain
 from looped.tools.eval_table import print_eval_table
 from looped.training.checkpoint import check_same_data, check_same_model, is_local_path, read_checkpoint
 from looped.training.module import LoopedLM, transformer_on_meta
@@ -89,8 +90,28 @@ class LoopedCLI(LightningCLI):
         ``LoopedLM.configure_model`` then shards it and each rank materialises its own shards,
         so a 1B recipe never holds the whole fp32 model (~4 GB) in every rank's CPU memory.
         """
-        with transformer_on_meta(self._shards_in_configure_model()):
-            super().instantiate_classes()
+        try:
+            with transformer_on_meta(self._shards_in_configure_model()):
+                super().instantiate_classes()
+        except (ValueError, TypeError) as error:
+            message = user_class_error(list(exception_chain(error)), self._named_classes())
+            if message is None:
+                raise  # a bug here, or the user's mistake already worded (an InputError)
+            raise InputError(message) from error
+
+    def _named_classes(self) -> dict[type, str]:
+        """The classes the recipe names, each with its key: ``model``, ``data``, ``trainer.callbacks``..."""
+        config = self.config.get(self.subcommand) if self.subcommand else self.config
+        trainer = config.get("trainer", {}) or {}
+        named = [(key, config.get(key)) for key in ("model", "data")] + [("trainer.logger", trainer.get("logger"))]
+        named += [("trainer.callbacks", callback) for callback in trainer.get("callbacks") or []]
+        found = {}
+        for key, value in named:
+            path = value.get("class_path") if hasattr(value, "get") else None
+            module, _, name = path.rpartition(".") if isinstance(path, str) else ("", "", "")
+            with contextlib.suppress(ImportError, AttributeError, ValueError):
+                found.setdefault(getattr(importlib.import_module(module), name), key)
+        return found
 
     def after_instantiate_classes(self) -> None:
         if self.checkpoint is not None and isinstance(self.model, LoopedLM):
@@ -186,17 +207,22 @@ def resolve_recipe(recipe: str, *overrides: str) -> str:
     Exactly what ``looped fit --config RECIPE [--key value ...] --print_config`` prints. Read recipes
     through this, never with a plain YAML load: a row holds only what differs from its base.
     """
-    out, err = io.StringIO(), io.StringIO()
+    out = io.StringIO()
+    args = ["fit", "--config", str(recipe), *overrides, "--print_config"]
     try:
         with (
             mock.patch.object(sys, "argv", sys.argv[:1]),
             contextlib.redirect_stdout(out),
-            contextlib.redirect_stderr(err),
+            contextlib.redirect_stderr(io.StringIO()),
+            user_code_importable(args),
+            _exits_zero(),
         ):
-            LoopedCLI(args=["fit", "--config", str(recipe), *overrides, "--print_config"])
-    except SystemExit as exit_:
-        if exit_.code not in (0, None):
-            raise ValueError(f"{recipe} does not resolve:\n{err.getvalue()[-3000:]}") from None
+            console_cli(args)
+    except Exception as error:  # the cause, worded as the command line words it, not a usage dump
+        message = user_message(error, args)
+        if message is None:
+            raise
+        raise ValueError(f"{recipe} does not resolve: {message}") from error
     return out.getvalue()
 
 
@@ -232,7 +258,7 @@ def run(argv: list[str], prog: str = "looped run") -> LoopedCLI | None:
 def main(argv: list[str] | None = None) -> None:
     """Console script ``looped``."""
     argv, debug = take_debug_flag(_take_argv(argv))
-    with one_line_errors(debug, argv):
+    with one_line_errors(debug, argv), user_code_importable(argv):
         _looped(argv)
 
 
@@ -284,7 +310,7 @@ def lightning_main(argv: list[str] | None = None) -> None:
     sdk = _lightning_sdk_entry_point()
     ours = not argv or argv[0] in HELP or (argv[0] == "run" and (len(argv) == 1 or not sdk or _is_recipe(argv[1])))
     if ours:
-        with one_line_errors(debug, argv):
+        with one_line_errors(debug, argv), user_code_importable(argv):
             if argv and argv[0] == "run":
                 run(argv[1:], prog="lightning run")
                 return

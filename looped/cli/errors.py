@@ -24,7 +24,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import difflib
 import importlib
+import inspect
 import os
 import re
 import sys
@@ -33,12 +35,15 @@ from collections.abc import Iterator
 from pathlib import Path
 from unittest import mock
 
+import jsonargparse
 import yaml
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 
 from looped.errors import InputError, exception_chain, find_input_error
 
 PROG = "looped"
+# Where the running command looks for a user's modules (looped.cli.user_code), for an import error's line.
+searched_folders: list[Path] = []
 DEBUG_FLAG = "--debug"
 DEBUG_ENV = "LOOPED_DEBUG"
 
@@ -110,7 +115,7 @@ def user_message(error: BaseException, argv: list[str]) -> str | None:
     malformed = next((e for e in chain if isinstance(e, yaml.MarkedYAMLError)), None)
     if malformed is not None:
         return yaml_location(malformed, config_files(argv))
-    return jsonargparse_message(chain)
+    return jsonargparse_message(chain, argv)
 
 
 _PARSER_KEY = re.compile(r'^Parser key "([^"]+)":\s*(.*)$')
@@ -118,7 +123,7 @@ _CLASS_PATH = re.compile(r"^Problem with given class_path '([^']*)':\s*(.*)$")
 _UNION = "Does not validate against any of the Union subtypes"
 
 
-def jsonargparse_message(chain: list[BaseException]) -> str:
+def jsonargparse_message(chain: list[BaseException], argv: list[str] = ()) -> str:
     """jsonargparse's innermost message, prefixed with the full key it is about.
 
     jsonargparse re-raises an error once per level of a nested key, each naming its own level:
@@ -129,6 +134,7 @@ def jsonargparse_message(chain: list[BaseException]) -> str:
     keys: list[str] = []
     leaf = ""
     previous = None
+    class_path = None  # the class whose init_args the key is in
     for error in chain:
         text = str(error).strip()
         if text == previous:
@@ -142,8 +148,9 @@ def jsonargparse_message(chain: list[BaseException]) -> str:
             leaf = match.group(2) or leaf
         elif match := _CLASS_PATH.match(first):
             if not _importable(match.group(1)):  # the class itself is the mistake: name the key that names it
-                return f"{'.'.join(keys) or 'class_path'}: cannot import {match.group(1)!r} ({one_line(text)})"
+                return cannot_import(".".join([*keys, "class_path"]), match.group(1), _cause(text))
             keys.append("init_args")
+            class_path = match.group(1)
             leaf = match.group(2) or leaf
         else:
             leaf = text
@@ -151,9 +158,132 @@ def jsonargparse_message(chain: list[BaseException]) -> str:
     if key == "config":
         key = "--config"  # the recipe file itself
     message = one_line(leaf)
-    if "unrecognized arguments" in message or "does not accept option" in message:
+    unknown = _unknown_option(message)
+    if unknown is not None:
+        full = ".".join([*keys, unknown])
+        if class_path in _BASE_TYPES and keys:  # jsonargparse names the base type when a file sets init_args alone
+            class_path = _class_in_recipes(keys[0], argv) or class_path
+        message += did_you_mean(unknown, _accepted_keys(class_path), prefix=f"{key}." if key else "")
+        message += _from_base(full, class_path, argv)
         message += "; `looped fit --config RECIPE --help` lists every key"
     return f"{key}: {message}" if key else message
+
+
+_UNKNOWN = (
+    re.compile(r"Option '([^']+)' is not accepted"),
+    re.compile(r"Group '([^']+)' does not accept option '([^']+)'"),
+    re.compile(r"does not accept option '([^']+)'"),
+    re.compile(r"unrecognized arguments: --([^\s=]+)"),
+)
+
+
+_BASE_TYPES = ("lightning.LightningDataModule", "lightning.LightningModule", "lightning.pytorch.LightningDataModule")
+
+
+def _class_in_recipes(section: str, argv: list[str]) -> str | None:
+    """The ``SECTION.class_path`` the recipe files set: the recipe's own, else its nearest base's."""
+    for path in config_files(list(argv)):
+        found = _value(yaml_or_none(path), [section, "class_path"])
+        if isinstance(found, str):
+            return found
+    return None
+
+
+def _unknown_option(message: str) -> str | None:
+    """The dotted key (below the message's own key) that jsonargparse did not accept, if that is the error."""
+    for pattern in _UNKNOWN:
+        if match := pattern.search(message):
+            return ".".join(match.groups())
+    return None
+
+
+def _accepted_keys(class_path: str | None) -> list[str]:
+    """Every dotted key a class takes as ``init_args`` (jsonargparse's view), or the top level of a recipe."""
+    if class_path is None:
+        from lightning.pytorch import Trainer
+
+        top = ["seed_everything", "trainer", "model", "data", "ckpt_path", "optimizer", "lr_scheduler"]
+        return top + [f"trainer.{name}" for name in inspect.signature(Trainer.__init__).parameters if name != "self"]
+    module, _, name = class_path.rpartition(".")
+    parser = jsonargparse.ArgumentParser(exit_on_error=False)
+    parser.add_class_arguments(getattr(importlib.import_module(module), name), fail_untyped=False)
+    return list(parser.get_defaults().keys())
+
+
+def _from_base(key: str, class_path: str | None, argv: list[str]) -> str:
+    """``; KEY comes from the base recipe FILE ...`` when a recipe's ``config:`` base set ``key`` (in the
+    ``init_args`` of another class than ``class_path``) and no recipe given on the command line did."""
+    section, init_args, _ = key.partition(".init_args.")
+    if not init_args or class_path is None:
+        return ""
+    given = [Path(p) for p in _given_recipes(argv)]
+    if any(_value(yaml_or_none(path), key.split(".")) is not _UNSET for path in given):
+        return ""  # the user wrote it
+    for path in config_files(list(argv)):
+        data = yaml_or_none(path)
+        if _value(data, key.split(".")) is _UNSET:
+            continue
+        base_class = _value(data, [*section.split("."), "class_path"])
+        if base_class not in (_UNSET, class_path):
+            return (
+                f"; {key} comes from the base recipe {path}, written for {section}.class_path {base_class}: "
+                f"give {section}.init_args in full beside your {section}.class_path, or inherit a base written "
+                "for your class"
+            )
+    return ""
+
+
+_UNSET = object()
+
+
+def _value(data, keys: list[str]):
+    """What the YAML mapping ``data`` sets at the dotted ``keys`` (nested, or written as one dotted key), or _UNSET."""
+    if not keys:
+        return data
+    for n in range(len(keys), 0, -1):
+        head = ".".join(keys[:n])
+        if isinstance(data, dict) and head in data:
+            found = _value(data[head], keys[n:])
+            if found is not _UNSET:
+                return found
+    return _UNSET
+
+
+def yaml_or_none(path: Path):
+    try:
+        return yaml.safe_load(path.read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return None
+
+
+def _cause(text: str) -> str:
+    """jsonargparse's ``Problem with given class_path 'X': <cause>`` without its prefix."""
+    return one_line(_CLASS_PATH.sub(r"\2", one_line(text)))
+
+
+def cannot_import(key: str, class_path: str, cause: str) -> str:
+    """The line for a recipe class that does not import: the key, the cause, and the fix — the closest class
+    name when the module imports, else where modules were looked for."""
+    module_name, _, name = class_path.rpartition(".")
+    try:
+        module = importlib.import_module(module_name) if module_name else None
+    except ImportError:
+        module = None
+    if module is not None:
+        classes = [n for n, v in vars(module).items() if isinstance(v, type) and not n.startswith("_")]
+        return f"{key}: {module_name} has no class {name!r}{did_you_mean(name, classes, prefix=module_name + '.')}"
+    where = ", ".join(str(folder) for folder in searched_folders) or "the working directory"
+    top = class_path.partition(".")[0]
+    return (
+        f"{key}: cannot import {class_path!r}: {cause}; looked in {where} and the installed packages: run looped "
+        f"from the folder that holds {top}/ (or put it beside the recipe), or `pip install -e` its project"
+    )
+
+
+def did_you_mean(wrong: str, valid: list[str], prefix: str = "") -> str:
+    """`` (did you mean 'PREFIX+closest'?)`` when one of ``valid`` is close to ``wrong``, else nothing."""
+    close = difflib.get_close_matches(wrong, valid, n=1, cutoff=0.6)
+    return f" (did you mean {prefix + close[0]!r}?)" if close else ""
 
 
 def _importable(class_path: str) -> bool:
@@ -180,24 +310,25 @@ def yaml_location(error: yaml.MarkedYAMLError, files: list[Path]) -> str:
 def config_files(argv: list[str]) -> list[Path]:
     """The recipe files in ``argv`` — each ``--config FILE``, and the recipe that ``looped run RECIPE`` or
     ``looped test RECIPE`` takes first — and, recursively, the files they name with ``config:``."""
-    given = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--config"]
-    given += [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
-    given += argv[1:2] if len(argv) > 1 and argv[1].endswith((".yaml", ".yml")) else []
     found: list[Path] = []
-    pending = [Path(p) for p in given]
+    pending = [Path(p) for p in _given_recipes(argv)]
     while pending:
         path = pending.pop(0)
         if path in found or not path.is_file():
             continue
         found.append(path)
-        try:
-            data = yaml.safe_load(path.read_text())
-        except (OSError, UnicodeDecodeError, yaml.YAMLError):
-            continue
+        data = yaml_or_none(path)
         bases = data.get("config") if isinstance(data, dict) else None
         for base in [bases] if isinstance(bases, str) else bases if isinstance(bases, list) else []:
             pending.append(path.parent / base)
     return found
+
+
+def _given_recipes(argv: list[str]) -> list[str]:
+    """The recipe files named on the command line: each ``--config FILE`` and a recipe given first."""
+    given = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--config"]
+    given += [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
+    return given + (argv[1:2] if len(argv) > 1 and argv[1].endswith((".yaml", ".yml")) else [])
 
 
 def _yaml_error_of(path: Path) -> tuple[int, int] | None | bool:
