@@ -11,17 +11,20 @@ hooks; see README).
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, nullcontext
 from contextvars import ContextVar
 from dataclasses import asdict, is_dataclass
+from types import FrameType
 from typing import Any, TypeVar
 
 import lightning as L
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities.parsing import get_init_args
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassExactMatch
@@ -94,6 +97,22 @@ def as_dataclass(cls: type[T], value: T | dict | None) -> T | None:
 def plain_data(**values: Any) -> dict[str, Any]:
     """The hyper-parameters as a checkpoint stores them: dataclasses as dicts, everything else as it is."""
     return {name: asdict(v) if is_dataclass(v) else v for name, v in values.items()}
+
+
+def subclass_arguments(module: nn.Module, frame: FrameType | None, skip: set[str]) -> dict[str, Any]:
+    """The ``__init__`` arguments of ``module``'s subclasses, read from the frames that called ``frame``'s
+    ``__init__`` (each ``super().__init__(...)`` call below ``type(module).__init__``), as plain data.
+
+    Callables (an optimiser factory, a function) are left out: the run's ``config.yaml`` records them and a
+    checkpoint's hyper-parameters load with ``torch.load(weights_only=True)``.
+    """
+    found: dict[str, Any] = {}
+    frame = frame.f_back if frame is not None else None
+    while frame is not None and frame.f_code.co_name == "__init__" and frame.f_locals.get("self") is module:
+        arguments = {k: v for k, v in get_init_args(frame).items() if k not in skip and not callable(v)}
+        found = {**plain_data(**arguments), **found}  # the outermost subclass's value wins, as its __init__ ran last
+        frame = frame.f_back
+    return found
 
 
 def check_options(
@@ -201,21 +220,21 @@ class LoopedLM(L.LightningModule):
         exit = as_dataclass(ExitObjective, exit)
         check_options(config, warmup_steps, decay_steps, min_lr_ratio, loop_schedule, exit, activation_checkpointing)
         # The optimiser is a callable: the run's config.yaml records it, the checkpoint does not.
-        self.save_hyperparameters(
-            plain_data(
-                config=config,
-                warmup_steps=warmup_steps,
-                decay_steps=decay_steps,
-                min_lr_ratio=min_lr_ratio,
-                regularizer=regularizer,
-                loop_schedule=loop_schedule,
-                eos_id=eos_id,
-                activation_checkpointing=activation_checkpointing,
-                compile=compile,
-                exit=exit,
-                init_weights=init_weights,
-            )
+        # A subclass's own arguments are saved too, so load_from_checkpoint rebuilds the subclass.
+        own = plain_data(
+            config=config,
+            warmup_steps=warmup_steps,
+            decay_steps=decay_steps,
+            min_lr_ratio=min_lr_ratio,
+            regularizer=regularizer,
+            loop_schedule=loop_schedule,
+            eos_id=eos_id,
+            activation_checkpointing=activation_checkpointing,
+            compile=compile,
+            exit=exit,
+            init_weights=init_weights,
         )
+        self.save_hyperparameters({**subclass_arguments(self, inspect.currentframe(), skip={*own, "optimizer"}), **own})
         self.config, self.optimizer_factory, self.eos_id = config, optimizer, eos_id
         self.warmup_steps, self.decay_steps, self.min_lr_ratio = warmup_steps, decay_steps, min_lr_ratio
         self.regularizer, self.loop_schedule, self.exit = regularizer, loop_schedule or LoopSchedule(), exit
