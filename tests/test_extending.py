@@ -17,7 +17,7 @@ import torch
 
 from conftest import ROOT, TINY, console_script
 from looped import LoopedConfig, LoopedLM
-from looped.cli import resolve_recipe
+from looped.cli import LoopedCLI, resolve_recipe
 from looped.cli.errors import _from_base
 
 DOC = ROOT / "docs" / "extending.md"
@@ -85,6 +85,18 @@ def test_the_recipe_resolves_from_its_own_folder_with_the_users_classes(project,
     monkeypatch.chdir(project)
     text = resolve_recipe(str(project / "recipes" / "sort.yaml"))
     assert "class_path: mypkg.SmoothedLM" in text and "label_smoothing: 0.1" in text and "length: 8" in text
+
+
+def test_the_cli_class_finds_the_package_as_the_command_line_does(project, monkeypatch):
+    """``LoopedCLI`` itself searches (so ``pytest`` and ``python -m pytest`` agree on a recipe naming mypkg),
+    and leaves ``sys.path`` as it found it."""
+    monkeypatch.chdir(project)
+    for name in [m for m in sys.modules if m == "mypkg" or m.startswith("mypkg.")]:
+        monkeypatch.delitem(sys.modules, name)
+    path = list(sys.path)
+    cli = LoopedCLI(args=["--config", "recipes/sort.yaml", "--trainer.logger", "false"], run=False)
+    assert type(cli.datamodule).__module__ == "mypkg.sort" and type(cli.model).__name__ == "SmoothedLM"
+    assert sys.path == path
 
 
 @pytest.mark.slow

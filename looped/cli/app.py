@@ -69,7 +69,10 @@ class LoopedCLI(LightningCLI):
         kwargs.setdefault("subclass_mode_data", True)
         kwargs.setdefault("auto_configure_optimizers", False)  # the optimiser is a LoopedLM argument
         self.checkpoint: dict[str, Any] | None = None  # the non-tensor state of --ckpt_path, once read
-        super().__init__(*args, **kwargs)
+        given = kwargs.get("args")  # a list, a dict, or None: sys.argv
+        argv = list(given) if isinstance(given, (list, tuple)) else sys.argv[1:] if given is None else []
+        with user_code_importable(["fit", *argv]):  # a user's package, found as `python -m` finds it
+            super().__init__(*args, **kwargs)
 
     def parse_arguments(self, parser, args) -> None:
         """Read ``--ckpt_path`` right after parsing, before LightningCLI loads its hyper-parameters into the recipe."""
@@ -214,7 +217,6 @@ def resolve_recipe(recipe: str, *overrides: str) -> str:
             mock.patch.object(sys, "argv", sys.argv[:1]),
             contextlib.redirect_stdout(out),
             contextlib.redirect_stderr(io.StringIO()),
-            user_code_importable(args),
             _exits_zero(),
         ):
             console_cli(args)
@@ -258,7 +260,7 @@ def run(argv: list[str], prog: str = "looped run") -> LoopedCLI | None:
 def main(argv: list[str] | None = None) -> None:
     """Console script ``looped``."""
     argv, debug = take_debug_flag(_take_argv(argv))
-    with one_line_errors(debug, argv), user_code_importable(argv):
+    with one_line_errors(debug, argv):
         _looped(argv)
 
 
@@ -310,7 +312,7 @@ def lightning_main(argv: list[str] | None = None) -> None:
     sdk = _lightning_sdk_entry_point()
     ours = not argv or argv[0] in HELP or (argv[0] == "run" and (len(argv) == 1 or not sdk or _is_recipe(argv[1])))
     if ours:
-        with one_line_errors(debug, argv), user_code_importable(argv):
+        with one_line_errors(debug, argv):
             if argv and argv[0] == "run":
                 run(argv[1:], prog="lightning run")
                 return
