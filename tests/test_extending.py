@@ -201,3 +201,27 @@ def test_a_subclass_comes_back_from_its_checkpoint_with_its_own_arguments(tmp_pa
     assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), module.state_dict().values()))
     # LoopedLM's own hyper-parameters are unchanged by the mechanism (saved runs stay byte-identical).
     assert set(LoopedLM(LoopedConfig(**TINY)).hparams) == set(module.hparams) - {"answer_weight", "positions"}
+
+
+@pytest.mark.slow
+def test_looped_new_task_writes_a_skeleton_whose_own_test_passes(tmp_path):
+    (command,) = [code for language, _, code in doc_blocks() if language == "bash" and " new task " in code]
+    argv = command.split()
+    assert argv[:3] == ["looped", "new", "task"]
+    result = looped(argv[1:], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    written = {str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*.*")}
+    assert written == {"mypkg/__init__.py", "mypkg/reverse.py", "recipes/_base.yaml", "recipes/reverse.yaml"} | {
+        "tests/test_reverse.py"
+    }
+    own = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_reverse.py"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
+    assert own.returncode == 0 and "2 passed" in own.stdout, own.stdout[-2000:]
+    again = looped(argv[1:], cwd=tmp_path)  # nothing is overwritten
+    assert again.returncode == 2 and "already exist; nothing written" in last_line(again)
+    bad = looped(["new", "task", "My-Task", "--package", "mypkg"], cwd=tmp_path)
+    assert last_line(bad) == "looped: error: NAME: 'My-Task' is not a lower-case Python module name; e.g. my_task"

@@ -47,6 +47,7 @@ TOOLS = {
     "lm-eval": "looped.tools.lm_eval_adapter",  # lm-evaluation-harness with the `looped` model (the [eval] extra)
     "export": "looped.tools.export",  # a trained run as a transformers model folder (the [hf] extra)
     "plan": "looped.tools.plan",  # memory per rank, fits or not, and days, before a cluster is booked
+    "new": "looped.tools.new",  # the skeleton of a task in your own package: task, recipe, test
 }
 HELP = ("-h", "--help")
 
