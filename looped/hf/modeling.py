@@ -119,13 +119,28 @@ class LoopedForCausalLM(PreTrainedModel, GenerationMixin):
         self.post_init()
 
     def _init_weights(self, module: nn.Module) -> None:
-        # Our initialisation (residual outputs scaled by the number of layer applications), not
-        # transformers' generic one; weights loaded from a file are flagged and left alone. The
-        # RoPE tables are no weights: they follow from the config, computed again off the meta device.
-        if isinstance(module, LoopedTransformer):
-            module.reset_parameters()
-        elif isinstance(module, RotaryEmbedding):
+        # Our initialisation (residual outputs scaled by the number of layer applications), not transformers'
+        # generic one, parameter by parameter: transformers calls this for each module that holds a missing
+        # weight, and guards torch.nn.init so weights loaded from a file are left alone. The RoPE tables are
+        # no weights: they follow from the config, computed again off the meta device.
+        if isinstance(module, RotaryEmbedding):
             module.reset_buffers()
+            return
+        prefix = self._module_names().get(module)
+        for name, p in module.named_parameters(recurse=False):
+            if prefix is not None:
+                self.model.init_parameter(f"{prefix}.{name}" if prefix else name, p)
+
+    def _module_names(self) -> dict[nn.Module, str]:
+        """Each submodule of ``self.model`` and its name there (what ``init_parameter`` reads)."""
+        return {module: name for name, module in self.model.named_modules()}
+
+    def mark_tied_weights_as_initialized(self, loading_info) -> None:
+        # The head and the embedding are one Parameter (LoopedTransformer ties them when built): flagging the
+        # head as "tied, initialise nothing" flags the embedding too, so a checkpoint without the embedding
+        # would leave it on the meta device, unreported. Flag nothing then: both are initialised, then tied.
+        if not (self.config.tie_embeddings and "model.embed.weight" in loading_info.missing_keys):
+            super().mark_tied_weights_as_initialized(loading_info)
 
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:

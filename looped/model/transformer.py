@@ -121,18 +121,22 @@ class LoopedTransformer(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
+        for name, p in self.named_parameters():
+            self.init_parameter(name, p)
+
+    @torch.no_grad()
+    def init_parameter(self, name: str, p: Tensor) -> None:
+        """``p``'s initial value, by its name in this module: every parameter has one, so a checkpoint that
+        lacks some (``transformers``' loader initialises each missing one alone) never leaves memory unset."""
+        if p.dim() < 2:  # norm scales start at 1, biases and norm shifts at 0 (their modules' own defaults)
+            nn.init.ones_(p) if name.endswith("norm.weight") else nn.init.zeros_(p)
+            return
         std = self.config.init_std
         # GPT-2's depth scaling, with depth = layer *applications*: a looped block
         # adds to the residual stream L times, like L unshared layers would.
-        residual_std = std / math.sqrt(2 * self.config.effective_depth)
-        for name, p in self.named_parameters():
-            if p.dim() < 2:  # norms and biases keep their own defaults
-                continue
-            is_residual_out = name.endswith(("o_proj.weight", "w2.weight"))
-            nn.init.normal_(p, mean=0.0, std=residual_std if is_residual_out else std)
-        for module in self.modules():
-            if isinstance(module, nn.Linear) and module.bias is not None:
-                nn.init.zeros_(module.bias)
+        if name.endswith(("o_proj.weight", "w2.weight")):
+            std = std / math.sqrt(2 * self.config.effective_depth)
+        nn.init.normal_(p, mean=0.0, std=std)
 
     def forward(
         self,
