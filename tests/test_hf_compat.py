@@ -69,3 +69,92 @@ def test_an_empty_state_dict_initialises_every_weight():
                 assert 0.5 < p.std() / want.std() < 2, name  # the same distribution (residual outputs scaled)
         with torch.no_grad():
             assert torch.isfinite(loaded(ids(2, 5)).logits).all()
+
+
+def padded_batch() -> tuple[torch.Tensor, torch.Tensor]:
+    x, mask = ids(2, 6), torch.ones(2, 6, dtype=torch.long)
+    mask[0, :2] = 0
+    return x, mask
+
+
+def test_export_and_fullgraph_compile_with_an_attention_mask():
+    """Defect 3: no data-dependent branch on the mask's values (a traced graph takes the padded path)."""
+    hf = model()
+    x, mask = padded_batch()
+    with torch.no_grad():
+        want = hf(x, attention_mask=mask).logits
+        program = torch.export.export(hf, (), dict(input_ids=x, attention_mask=mask))
+        torch.testing.assert_close(program.module()(input_ids=x, attention_mask=mask)["logits"], want)
+        ones = torch.ones_like(mask)  # all ones, as generate() passes: the same graph, exact too
+        torch.testing.assert_close(program.module()(input_ids=x, attention_mask=ones)["logits"], hf(x).logits)
+        compiled = torch.compile(hf, fullgraph=True, backend="eager")
+        torch.testing.assert_close(compiled(x, attention_mask=mask).logits, want)
+
+
+def test_export_of_a_greedy_decode_step_and_of_generate():
+    """Defect 3: ``transformers``' exporter walks the cache's tensors; a slot no longer points back at its cache."""
+    import copy
+
+    from transformers.exporters import DynamoConfig, DynamoExporter
+
+    hf = model()
+    x, mask = padded_batch()
+    step_mask = torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], dim=1)
+    with torch.no_grad():
+        prefill = hf(x, attention_mask=mask, use_cache=True)
+        token = prefill.logits[:, -1].argmax(-1, keepdim=True)
+        want = hf(token, attention_mask=step_mask, cache=copy.deepcopy(prefill.cache)).logits
+    assert all(not hasattr(slot, "owner") for slot in prefill.cache.decode.layers)
+    exporter = DynamoExporter()
+    inputs = dict(input_ids=token, attention_mask=step_mask, cache=copy.deepcopy(prefill.cache))
+    program, _ = exporter.export_program(hf, inputs, DynamoConfig())
+    got = program.module()(input_ids=token, attention_mask=step_mask, cache=copy.deepcopy(prefill.cache))
+    torch.testing.assert_close(got["logits"], want)
+    exported = exporter.export_for_generation(hf, dict(input_ids=x, attention_mask=mask), DynamoConfig())
+    assert set(exported.components) == {"prefill", "decode"}
+
+
+def test_crop_equals_a_recomputed_cache():
+    """Defect 4: dropping the last positions of every slot, then reading them again, is the full forward."""
+    hf = model(prelude_layers=1, coda_layers=1)
+    x = ids(2, 10)
+    with torch.no_grad():
+        out = hf(x, use_cache=True)
+        assert out.cache.is_croppable
+        out.cache.crop(-4)
+        assert out.cache.get_seq_length() == 6
+        again = hf(x[:, 6:], cache=out.cache).logits
+        torch.testing.assert_close(again, hf(x).logits[:, 6:], atol=1e-5, rtol=0)
+        fresh = hf(x, use_cache=True).cache
+    for got, want in zip(out.cache.decode.layers, fresh.decode.layers, strict=True):
+        torch.testing.assert_close(got._keys[:, :, :10], want._keys[:, :, :10], atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match=r"crop\(-3\)"):
+        out.cache.crop(3)
+
+
+def test_crop_of_a_recurrent_slot_is_a_clear_refusal():
+    hf = model(attention="linear")
+    with torch.no_grad():
+        cache = hf(ids(1, 5), use_cache=True).cache
+    assert not cache.is_croppable
+    with pytest.raises(ValueError, match="running sum") as err:
+        cache.crop(-1)
+    assert "\n" not in str(err.value)
+
+
+def test_assisted_and_prompt_lookup_decoding_give_greedy_search_tokens():
+    """Defect 4 and self-speculation through transformers: a cache by default, cropped after each verification."""
+    hf = model(init_std=0.05)  # small weights: the draft often agrees, so both acceptance and rejection happen
+    x = ids(1, 6)
+    kwargs = dict(max_new_tokens=20, do_sample=False)
+    want = hf.generate(x, **kwargs)
+    out = hf.generate(x, return_dict_in_generate=True, **kwargs)
+    assert torch.equal(out.sequences, want) and type(out.cache).__name__ == "LoopedCache"  # made by default
+    assert torch.equal(hf.generate(x, prompt_lookup_num_tokens=3, **kwargs), want)
+    assert torch.equal(hf.generate(x, assistant_model=hf.draft_model(1), **kwargs), want)
+    assert torch.equal(hf.generate(x, assistant_model=model(seed=5), **kwargs), want)  # another model entirely
+    assert torch.equal(hf.model.generate(x, 20, draft_loops=1), want)  # ours, the draft sharing the cache
+    draft = hf.draft_model(1)
+    assert draft.model is hf.model and draft.config.loops == 1 and hf.config.loops == 2
+    with pytest.raises(ValueError, match=r"pick 1\.\.1"):
+        hf.draft_model(2)

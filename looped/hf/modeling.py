@@ -27,6 +27,8 @@ the same parameter names), so its logits are ours to the bit and a Lightning che
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import Tensor, nn
 from transformers import GenerationMixin, PreTrainedModel
@@ -73,7 +75,9 @@ class LoopedCache(Cache):
 
     @property
     def is_croppable(self) -> bool:
-        return False
+        """Every slot keeps keys per position (softmax, sparse attention): dropping the last positions of
+        every slot is exact. A recurrent slot (linear attention) is a running sum over every position."""
+        return all(slot.state is None for slot in self.decode.layers)
 
     @property
     def is_initialized(self) -> bool:
@@ -83,8 +87,23 @@ class LoopedCache(Cache):
         self.decode = DecodeCache(self.decode.capacity)
 
     def crop(self, tokens_to_remove: int) -> None:
-        if tokens_to_remove != 0:
-            raise NotImplementedError("LoopedCache cannot drop positions (a linear-attention slot is a running sum)")
+        """Forget the last ``-tokens_to_remove`` positions in every slot (assisted decoding's rollback).
+
+        The slots keep their buffers: the next forward writes over the dropped positions.
+        """
+        if tokens_to_remove > 0:
+            raise ValueError(
+                f"LoopedCache.crop({tokens_to_remove}): pass minus the number of positions to drop, "
+                f"e.g. crop(-{tokens_to_remove})"
+            )
+        if tokens_to_remove == 0:
+            return
+        if not self.is_croppable:
+            raise ValueError(
+                "LoopedCache.crop: a linear-attention slot is a running sum over every position and cannot drop "
+                "the last ones; decode without assistant_model/prompt_lookup_num_tokens for this model"
+            )
+        self.decode.length = max(0, self.decode.length + tokens_to_remove)
 
     def _select(self, pick) -> None:
         for slot in self.decode.layers:
@@ -144,7 +163,30 @@ class LoopedForCausalLM(PreTrainedModel, GenerationMixin):
 
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:
-        return False  # generate() must not hand us a per-layer DynamicCache: forward makes a LoopedCache
+        return False  # generate() must not hand us a per-layer DynamicCache: a LoopedCache instead (below)
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs) -> None:
+        # generate() makes a cache before the first forward where a model has one by default (assisted and
+        # prompt-lookup decoding require it); ours is a LoopedCache, sized like the one forward makes.
+        super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+        if model_kwargs.get("cache") is None and generation_config.use_cache is not False:
+            model_kwargs["cache"] = LoopedCache(self.config.max_seq_len)
+
+    def draft_model(self, loops: int) -> LoopedForCausalLM:
+        """This model at ``loops`` loops, sharing its weights: an assistant for self-speculative decoding
+        through ``transformers``, ``generate(..., assistant_model=model.draft_model(n))``, whose greedy tokens
+        are this model's own. ``transformers`` keeps the assistant's cache apart from this model's, so its
+        loops ``1..n`` are computed twice; ``looped``'s ``generate(..., draft_loops=n)`` shares them."""
+        if not 1 <= loops < self.config.loops:
+            raise ValueError(
+                f"draft_model({loops}): a draft runs fewer loops than the model; pick 1..{self.config.loops - 1}"
+            )
+        config = copy.deepcopy(self.config)
+        config.loops = loops
+        with torch.device("meta"):  # no second set of weights: the draft's model is this one's
+            draft = LoopedForCausalLM(config)
+        draft.model = self.model
+        return draft.eval() if not self.training else draft
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.model.embed
@@ -189,13 +231,9 @@ class LoopedForCausalLM(PreTrainedModel, GenerationMixin):
         if use_cache and cache is None:
             cache = LoopedCache(self.config.max_seq_len)
         hidden = self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
-        if attention_mask is not None and bool(attention_mask.all()):
-            # generate() passes a mask of ones when nothing is padded: without it the mixers take their
-            # unmasked causal path, as LoopedTransformer.generate does, instead of building a mask per step.
-            attention_mask = None
         out = self.model(
             input_ids,
-            loops=num_loops,
+            loops=self.config.loops if num_loops is None else num_loops,
             return_loop_states=bool(hidden),
             cache=None if cache is None else cache.decode,
             attention_mask=attention_mask,

@@ -254,6 +254,8 @@ class LoopedTransformer(nn.Module):
                 f"attention_mask has shape {tuple(attention_mask.shape)} but must be [batch, cached + new positions] "
                 f"= {[batch, length]}: one entry per position the decode cache holds plus the new input_ids"
             )
+        if torch.compiler.is_compiling():  # a traced graph cannot branch on the mask's values: the padded
+            return Padding(attention_mask)  # path, exact for any mask, ones included
         return None if bool(attention_mask.all()) else Padding(attention_mask)
 
     def shared_kv(self) -> list[SharedKV] | None:
