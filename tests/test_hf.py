@@ -96,8 +96,8 @@ def test_exported_logits_loops_and_hidden_states_equal_ours(tmp_path, variant):
             torch.testing.assert_close(hf(x, num_loops=n).logits, ours(x, loops=n), atol=1e-5, rtol=0)
         out = hf(x, num_loops=loops + 1, output_hidden_states=True)
         _, states = ours(x, loops=loops + 1, return_loop_states=True)
-    assert len(out.hidden_states) == loops + 1  # the state after every loop
-    for got, want in zip(out.hidden_states, states):
+    assert len(out.hidden_states) == loops + 2  # the block's input, then the state after every loop
+    for got, want in zip(out.hidden_states[1:], states, strict=True):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
     # The weights on disk are the checkpoint's, tensor for tensor (a tied head is stored once).
     saved = load_file(tmp_path / "out" / "model.safetensors")

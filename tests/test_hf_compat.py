@@ -158,3 +158,70 @@ def test_assisted_and_prompt_lookup_decoding_give_greedy_search_tokens():
     assert draft.model is hf.model and draft.config.loops == 1 and hf.config.loops == 2
     with pytest.raises(ValueError, match=r"pick 1\.\.1"):
         hf.draft_model(2)
+
+
+def test_output_attentions_is_refused_in_one_line():
+    """Defect 5: the flag used to return None silently."""
+    hf = model()
+    with pytest.raises(ValueError, match="forms no attention weights") as err:
+        hf(ids(1, 4), output_attentions=True)
+    assert "\n" not in str(err.value)
+    assert hf(ids(1, 4), output_attentions=False).logits.shape == (1, 4, 99)
+
+
+def test_gradient_checkpointing_recomputes_each_layer_application_with_the_same_gradients():
+    """Defect 5: ``gradient_checkpointing_enable`` works, recomputing every layer application in backward."""
+    x = ids(2, 8)
+    grads = []
+    for checkpointing in (False, True):
+        hf = model(prelude_layers=1, coda_layers=1).train()
+        if checkpointing:
+            hf.gradient_checkpointing_enable()
+        calls = []
+        hf.model.block[0].attn.register_forward_hook(lambda *_, calls=calls: calls.append(1))
+        hf(x, labels=x).loss.backward()
+        grads.append({n: p.grad for n, p in hf.named_parameters()})
+        assert len(calls) == TINY["loops"] * (2 if checkpointing else 1)  # recomputed once per loop in backward
+    for name, want in grads[0].items():
+        torch.testing.assert_close(grads[1][name], want, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_inputs_embeds_stand_for_token_embeddings_in_forward_and_generate():
+    """Defect 5: soft prompts, multimodal front ends, continuous thoughts pass vectors, not ids."""
+    hf = model(pos_encoding="learned")
+    x = ids(2, 6)
+    with torch.no_grad():
+        embeds = hf.get_input_embeddings()(x)
+        torch.testing.assert_close(hf(inputs_embeds=embeds).logits, hf(x).logits)
+        soft = torch.randn(2, 3, TINY["d_model"], generator=torch.Generator().manual_seed(0))  # a soft prompt
+        whole = hf(inputs_embeds=torch.cat([soft, embeds], dim=1)).logits
+        cached = hf(inputs_embeds=soft, use_cache=True)
+        torch.testing.assert_close(hf(x, cache=cached.cache).logits, whole[:, 3:], atol=1e-5, rtol=0)
+    kwargs = dict(max_new_tokens=8, do_sample=False)
+    torch.testing.assert_close(hf.generate(inputs_embeds=embeds, **kwargs), hf.generate(x, **kwargs)[:, 6:])
+    with pytest.raises(ValueError, match="one of them"):
+        hf(x, inputs_embeds=embeds)
+
+
+def test_config_counts_hidden_layers_as_layer_applications():
+    """Defect 5: ``num_hidden_layers``, p + k·L + c: one decode-cache slot each."""
+    config = LoopedHFConfig(**{**TINY, "prelude_layers": 1, "coda_layers": 1})
+    assert config.num_hidden_layers == 1 + 2 * 2 + 1
+    hf = LoopedForCausalLM(config).eval()
+    with torch.no_grad():
+        assert len(hf(ids(1, 3), use_cache=True).cache.decode.layers) == config.num_hidden_layers
+
+
+def test_hidden_states_start_with_the_embeddings_then_one_per_loop():
+    """Defect 6: ``hidden_states[0]`` is the embeddings (transformers' index 0), ``hidden_states[n]`` the state
+    after loop n, so ``readout(hidden_states[-1])`` is the logits."""
+    hf = model(pos_encoding="learned")
+    x = ids(2, 5)
+    with torch.no_grad():
+        out = hf(x, output_hidden_states=True, num_loops=3)
+        assert len(out.hidden_states) == 3 + 1
+        embeddings = hf.model.embed(x) + hf.model.pos_embed.weight[:5]
+        torch.testing.assert_close(out.hidden_states[0], embeddings)
+        torch.testing.assert_close(hf.model.readout(out.hidden_states[-1]), out.logits)
+        for n in (1, 2):
+            torch.testing.assert_close(hf.model.readout(out.hidden_states[n]), hf(x, num_loops=n).logits)

@@ -130,6 +130,7 @@ class LoopedForCausalLM(PreTrainedModel, GenerationMixin):
     base_model_prefix = "model"
     main_input_name = "input_ids"
     _no_split_modules = ["TransformerLayer"]
+    supports_gradient_checkpointing = True  # per layer application: TransformerLayer.gradient_checkpointing
     _tied_weights_keys = {"model.head.weight": "model.embed.weight"}  # only with tie_embeddings
 
     def __init__(self, config: LoopedHFConfig) -> None:
@@ -217,11 +218,21 @@ class LoopedForCausalLM(PreTrainedModel, GenerationMixin):
         """Logits ``[b t v]`` after ``num_loops`` applications of the block (default: the trained L).
 
         ``cache``/``past_key_values`` (a ``LoopedCache``): ``input_ids`` are the positions after the
-        cached ones, and ``attention_mask`` covers cached and new positions alike. Other
-        ``transformers`` keyword arguments (``output_attentions``, ...) are accepted and ignored.
+        cached ones, and ``attention_mask`` covers cached and new positions alike. ``inputs_embeds``
+        ``[b t d]`` stand where token embeddings would. ``output_hidden_states``: the state before loop 1
+        (the embeddings, after the prelude if any) and after every loop, ``hidden_states[n]`` after loop n.
+        ``output_attentions=True`` is refused (no attention weights are formed); other ``transformers``
+        keyword arguments are accepted and ignored.
         """
-        if input_ids is None or inputs_embeds is not None:
-            raise ValueError("LoopedForCausalLM takes input_ids (token ids), not inputs_embeds")
+        if kwargs.get("output_attentions") or self.config.output_attentions:
+            raise ValueError(
+                "output_attentions: LoopedForCausalLM forms no attention weights (its mixers call fused "
+                "scaled_dot_product_attention, some are linear attention); call without output_attentions"
+            )
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError(
+                "LoopedForCausalLM takes input_ids (token ids) or inputs_embeds ([b t d_model]), one of them"
+            )
         cache = cache if cache is not None else past_key_values
         if cache is not None and not isinstance(cache, LoopedCache):
             raise TypeError(
@@ -231,13 +242,20 @@ class LoopedForCausalLM(PreTrainedModel, GenerationMixin):
         if use_cache and cache is None:
             cache = LoopedCache(self.config.max_seq_len)
         hidden = self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
-        out = self.model(
-            input_ids,
-            loops=self.config.loops if num_loops is None else num_loops,
-            return_loop_states=bool(hidden),
-            cache=None if cache is None else cache.decode,
-            attention_mask=attention_mask,
-        )
+        first: list[Tensor] = []  # the block's input at loop 1: hidden_states[0]
+        hook = self.model.block[0].register_forward_pre_hook(lambda _, args: first.append(args[0])) if hidden else None
+        try:
+            out = self.model(
+                input_ids,
+                loops=self.config.loops if num_loops is None else num_loops,
+                return_loop_states=bool(hidden),
+                cache=None if cache is None else cache.decode,
+                attention_mask=attention_mask,
+                inputs_embeds=inputs_embeds,
+            )
+        finally:
+            if hook is not None:
+                hook.remove()
         logits, loop_states = out if hidden else (out, None)
         loss = None
         if labels is not None:
@@ -246,7 +264,7 @@ class LoopedForCausalLM(PreTrainedModel, GenerationMixin):
             loss=loss,
             logits=logits,
             cache=cache,
-            hidden_states=None if loop_states is None else tuple(loop_states),
+            hidden_states=None if loop_states is None else (first[0], *loop_states),
         )
         return output if (self.config.return_dict if return_dict is None else return_dict) else output.to_tuple()
 
