@@ -227,6 +227,7 @@ def test_export_writes_tokenizer_and_model_card_from_the_run(tmp_path):
     card = (out / "README.md").read_text()
     assert "(1⊗2)" in card and "looped.datamodules.PHop" in card and "hops=2" in card and "step 7" in card
     assert "| loops | 1 | 2* | 3 | 4 |" in card and "| acc % | 25.0 | 87.5 | 50.0 | 37.5 |" in card
+    assert "one state per *loop*, not per layer: `hidden_states[0]` is the embeddings" in card  # where users look
     assert "| test/exact_match | 0.875 |" in card and "test/samples" not in card
     assert json.loads((out / "config.json").read_text())["model_type"] == "looped"
 

@@ -4,10 +4,14 @@ The model *is* a ``LoopedTransformer`` (``self.model``, the module ``LoopedLM`` 
 the same parameter names), so its logits are ours to the bit and a Lightning checkpoint's
 ``state_dict`` loads into it unchanged. What this file adds is the ``transformers`` surface:
 
-* ``forward(input_ids, attention_mask, labels, num_loops, cache, use_cache, output_hidden_states)``
+* ``forward(input_ids | inputs_embeds, attention_mask, labels, num_loops, cache, use_cache, output_hidden_states)``
   returning ``CausalLMOutputWithPast``. ``num_loops`` overrides L for one call (also
-  ``generate(..., num_loops=N)``); ``output_hidden_states`` gives the state after every loop,
-  ``hidden_states[n]`` after loop ``n + 1`` (``model.model.readout(h)`` reads one out).
+  ``generate(..., num_loops=N)``). ``output_hidden_states`` gives one state per *loop*, not per layer
+  application: ``hidden_states[0]`` is the block's input (the embeddings, after the prelude if any), so
+  code that reads index 0 as the embeddings is right, and ``hidden_states[n]`` is the state after loop n
+  (``model.model.readout(h)`` reads one out): per-loop states are what a looped model's analyses read
+  (every loop's prediction from one forward); ``k`` states inside a loop would say little more.
+  ``output_attentions=True`` is refused: the mixers form no weights (fused SDPA, linear attention).
 * ``labels`` follow ``transformers``: the labels of the *inputs*, shifted inside (position t is
   scored on ``labels[t + 1]``), -100 ignored, so ``labels=input_ids`` trains a language model.
   Our data modules store the shifted labels (``labels[t]`` is the target of position t); the
@@ -20,9 +24,14 @@ the same parameter names), so its logits are ours to the bit and a Lightning che
 * ``LoopedCache``, the ``transformers`` ``Cache`` over our ``DecodeCache``: one slot per layer
   *application* (a ``(k⊗L)`` block owns ``k·L``), which a per-layer ``DynamicCache`` cannot hold
   (Huginn's published cache likewise keys its entries by recurrence step, not by layer).
-  ``generate`` gets one from the prefill (``use_cache``) and decodes one position per step.
-  A plain ``forward`` makes no cache unless asked with ``use_cache=True`` (``transformers``
-  models default to making one; for a looped model that is ``k·L`` copies of K and V nobody reads).
+  ``generate`` makes one before the prefill and decodes one position per step. ``crop`` drops the last
+  positions of every slot where that is exact (slots that keep keys per position: softmax, sparse) and
+  refuses a recurrent slot, so assisted and prompt-lookup decoding run. A plain ``forward`` makes no cache
+  unless asked with ``use_cache=True`` (for a looped model that is ``k·L`` copies of K and V nobody reads).
+* ``draft_model(n)``: this model at n < L loops on the same weights, the assistant for self-speculative
+  decoding through ``transformers`` (``generate(..., assistant_model=model.draft_model(n))``).
+* ``gradient_checkpointing_enable()`` recomputes every layer application in backward; a missing weight
+  gets ``LoopedTransformer.init_parameter``'s value and is reported.
 """
 
 from __future__ import annotations
@@ -124,7 +133,12 @@ class LoopedCache(Cache):
 
 
 class LoopedForCausalLM(PreTrainedModel, GenerationMixin):
-    """A ``LoopedTransformer`` as a ``transformers`` causal LM (see the module doc)."""
+    """A ``LoopedTransformer`` as a ``transformers`` causal LM (see the module doc).
+
+    ``output_hidden_states=True`` gives one state per loop, not per layer: ``hidden_states[0]`` the embeddings
+    (the block's input), ``hidden_states[n]`` the state after loop n, ``L + 1`` states in all.
+    ``config.num_hidden_layers`` counts layer applications (decode-cache slots), ``p + k·L + c``.
+    """
 
     config_class = LoopedHFConfig
     base_model_prefix = "model"
