@@ -1,6 +1,8 @@
 """Self-speculative decoding: a looped model drafting with n < L loops and verifying at L, against plain decoding.
 
-Every row decodes the same greedy continuation of the same prompts (checked before timing); the rows are
+Every row decodes the same greedy continuation of the same prompts (checked before timing), ``--samples``
+batches of ``--batch`` prompts one after another (a text's acceptance varies: a run of blank lines drafts
+perfectly, code less so); the rows are
 timed alternately, round after round, in one process (medians; each row leads a round in turn):
 
 * ``plain (L)``: ``LoopedTransformer.generate``, every token through all L loops, one position per step;
@@ -35,13 +37,16 @@ from looped.decoding.speculative import SelfSpeculativeDecoder
 from looped.model.cache import DecodeCache
 
 
-def acceptance(model, prompt: torch.Tensor, new_tokens: int, draft_loops: int, draft_tokens: int) -> float:
-    """The share of draft tokens the full model agreed with, decoding ``prompt`` (one untimed run)."""
-    cache = DecodeCache(prompt.shape[1] + new_tokens)
-    decoder = SelfSpeculativeDecoder(model, draft_loops, model.config.loops, cache, draft_tokens)
-    first = model(prompt, cache=cache)[:, -1].argmax(-1)
-    decoder.decode(first, new_tokens, None, None)
-    return decoder.accepted / max(decoder.drafted, 1)
+def acceptance(model, prompts: list[torch.Tensor], new_tokens: int, draft_loops: int, draft_tokens: int) -> float:
+    """The share of draft tokens the full model agreed with, decoding every prompt (one untimed run)."""
+    drafted = accepted = 0
+    for prompt in prompts:
+        cache = DecodeCache(prompt.shape[1] + new_tokens)
+        decoder = SelfSpeculativeDecoder(model, draft_loops, model.config.loops, cache, draft_tokens)
+        first = model(prompt, cache=cache)[:, -1].argmax(-1)
+        decoder.decode(first, new_tokens, None, None)
+        drafted, accepted = drafted + decoder.drafted, accepted + decoder.accepted
+    return accepted / max(drafted, 1)
 
 
 def main() -> None:
@@ -56,6 +61,7 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=64)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--samples", type=int, default=8, help="batches decoded one after another per row")
     parser.add_argument("--draft-tokens", type=int, nargs="+", default=[3, 6], help="k: draft tokens per round")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--device", default="cpu")
@@ -65,30 +71,37 @@ def main() -> None:
 
     model = build_model(args)
     config = model.config
+    count = args.samples * args.batch
     if args.prompts:
-        prompt = held_out_prompts(args.prompts, args.batch, args.prompt_len).to(args.device)
+        prompt = held_out_prompts(args.prompts, count, args.prompt_len).to(args.device)
     else:
-        prompt = torch.randint(0, config.vocab_size, (args.batch, args.prompt_len), device=args.device)
+        prompt = torch.randint(0, config.vocab_size, (count, args.prompt_len), device=args.device)
+    prompts = list(prompt.split(args.batch))  # a text's acceptance varies: several texts, each its own batch
     new = args.new_tokens
 
-    methods = {"plain (L)": lambda: model.generate(prompt, new)}
+    def each(decode) -> torch.Tensor:
+        return torch.cat([decode(p) for p in prompts])
+
+    methods = {"plain (L)": lambda: each(lambda p: model.generate(p, new))}
     accepted: dict[str, float] = {}
     with torch.inference_mode():
         for n in range(1, config.loops):
             for k in args.draft_tokens:
                 name = f"draft {n}, {k} tokens"
-                methods[name] = lambda n=n, k=k: model.generate(prompt, new, draft_loops=n, draft_tokens=k)
-                accepted[name] = acceptance(model, prompt, new, n, k)
+                methods[name] = lambda n=n, k=k: each(lambda p: model.generate(p, new, draft_loops=n, draft_tokens=k))
+                accepted[name] = acceptance(model, prompts, new, n, k)
     if args.hf:
         from looped.hf import from_looped
 
         hf = from_looped(model).eval()
-        kwargs = dict(attention_mask=torch.ones_like(prompt), max_new_tokens=new, min_new_tokens=new, do_sample=False)
-        methods["transformers generate"] = lambda: hf.generate(prompt, pad_token_id=0, **kwargs)
+        kwargs = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
+        methods["transformers generate"] = lambda: each(
+            lambda p: hf.generate(p, attention_mask=torch.ones_like(p), **kwargs)
+        )
         for n in range(1, config.loops):
             draft = hf.draft_model(n)
-            methods[f"transformers assistant {n}"] = lambda d=draft: hf.generate(
-                prompt, assistant_model=d, pad_token_id=0, **kwargs
+            methods[f"transformers assistant {n}"] = lambda d=draft: each(
+                lambda p: hf.generate(p, attention_mask=torch.ones_like(p), assistant_model=d, **kwargs)
             )
     times: dict[str, list[float]] = {name: [] for name in methods}
     with torch.inference_mode():
@@ -104,11 +117,12 @@ def main() -> None:
 
     print(
         f"cpu, {torch.get_num_threads()} threads, fp32; ({config.block_layers}⊗{config.loops}) {config.attention}, "
-        f"d_model {config.d_model}, vocab {config.vocab_size}, batch {args.batch}, prompt {args.prompt_len} + "
+        f"d_model {config.d_model}, vocab {config.vocab_size}, {args.samples} × batch {args.batch}, "
+        f"prompt {args.prompt_len} + "
         f"{new} new tokens{', trained: ' + args.checkpoint if args.checkpoint else ' (random weights)'}; "
         f"median of {args.rounds} rounds"
     )
-    rate = {name: args.batch * new / statistics.median(t) for name, t in times.items()}
+    rate = {name: count * new / statistics.median(t) for name, t in times.items()}
     print(f"{'method':<28} {'s':>7} {'tokens/s':>9} {'vs plain':>9} {'acceptance':>11}")
     for name, t in times.items():
         base = rate["transformers generate"] if name.startswith("transformers assistant") else rate["plain (L)"]
