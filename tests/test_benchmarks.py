@@ -128,6 +128,7 @@ TOY_RUNS = {
     "loop_overhead.py": ["--d-model", "32", "--seq-len", "16", "--batch", "2", "--rounds", "2"],
     "per_loop_eval.py": ["--d-model", "32", "--seq-len", "16", "--batch", "2", "--vocab", "11", "--rounds", "2"],
     "plan_pile.py": ["--only", "pile/4x1.yaml"],
+    "self_speculative.py": ["--d-model", "32", "--prompt-len", "4", "--new-tokens", "8", "--loops", "3", "--hf"],
 }
 NEEDS = {"lm_throughput.py": "litgpt"}  # compared against a library that is not a dependency of the project
 

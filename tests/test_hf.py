@@ -96,8 +96,8 @@ def test_exported_logits_loops_and_hidden_states_equal_ours(tmp_path, variant):
             torch.testing.assert_close(hf(x, num_loops=n).logits, ours(x, loops=n), atol=1e-5, rtol=0)
         out = hf(x, num_loops=loops + 1, output_hidden_states=True)
         _, states = ours(x, loops=loops + 1, return_loop_states=True)
-    assert len(out.hidden_states) == loops + 1  # the state after every loop
-    for got, want in zip(out.hidden_states, states):
+    assert len(out.hidden_states) == loops + 2  # the block's input, then the state after every loop
+    for got, want in zip(out.hidden_states[1:], states, strict=True):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
     # The weights on disk are the checkpoint's, tensor for tensor (a tied head is stored once).
     saved = load_file(tmp_path / "out" / "model.safetensors")
@@ -227,6 +227,7 @@ def test_export_writes_tokenizer_and_model_card_from_the_run(tmp_path):
     card = (out / "README.md").read_text()
     assert "(1⊗2)" in card and "looped.datamodules.PHop" in card and "hops=2" in card and "step 7" in card
     assert "| loops | 1 | 2* | 3 | 4 |" in card and "| acc % | 25.0 | 87.5 | 50.0 | 37.5 |" in card
+    assert "one state per *loop*, not per layer: `hidden_states[0]` is the embeddings" in card  # where users look
     assert "| test/exact_match | 0.875 |" in card and "test/samples" not in card
     assert json.loads((out / "config.json").read_text())["model_type"] == "looped"
 

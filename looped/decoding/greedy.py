@@ -19,6 +19,7 @@ from torch import Tensor
 from looped.decoding.depthwise import DepthwiseDecoder
 from looped.decoding.exit_rules import ExitRule, OnlineExit
 from looped.decoding.per_token import AdaptiveDecoder, AdaptiveDecoding
+from looped.decoding.speculative import SelfSpeculativeDecoder
 from looped.model.cache import DecodeCache
 
 
@@ -33,6 +34,8 @@ def generate(
     exit: str | None = None,
     return_loops: bool = False,
     schedule: str = "synchronous",
+    draft_loops: int | None = None,
+    draft_tokens: int = 4,
 ) -> Tensor | AdaptiveDecoding:
     """Greedy continuation of ``prompt`` ``[b p]``: ``[b p+n]`` with ``n <= max_new_tokens``
     (``LoopedTransformer.generate``: this function is that method).
@@ -49,6 +52,10 @@ def generate(
     ``schedule`` says how a batch's rows share the block: ``synchronous`` (a token's rows loop together,
     stopped rows leave) or ``depthwise`` (each row at its own token and loop, ``looped.decoding.depthwise``);
     the tokens are the same.
+
+    ``draft_loops=n`` (``n < loops``) decodes the same tokens faster when the first n loops often predict
+    what all of them do: each round the model drafts ``draft_tokens`` tokens with n loops and checks them
+    with the remaining loops in one pass (``looped.decoding.speculative``).
     """
     b, p = prompt.shape
     if max_new_tokens < 0:
@@ -61,6 +68,8 @@ def generate(
             f"{model.config.max_seq_len}; lower max_new_tokens to at most {model.config.max_seq_len - p} "
             "or raise max_seq_len"
         )
+    if draft_loops is not None and (exit is not None or return_loops):
+        raise ValueError("draft_loops decodes every token at full depth: drop exit/return_loops, or draft_loops")
     if exit is not None or return_loops:
         decoding = generate_adaptive(
             model, prompt, max_new_tokens, exit or "fixed", eos_id, loops, attention_mask, schedule
@@ -71,7 +80,12 @@ def generate(
     cache = DecodeCache(capacity=p + max_new_tokens)
     if attention_mask is not None and bool(attention_mask.all()):
         attention_mask = None  # nothing padded: no mask to extend
+    if draft_loops is not None:  # checked before the prefill: a bad draft fails at once
+        full = model.config.loops if loops is None else loops
+        speculative = SelfSpeculativeDecoder(model, draft_loops, full, cache, draft_tokens)
     first = model(prompt, loops=loops, cache=cache, attention_mask=attention_mask)[:, -1].argmax(-1)
+    if draft_loops is not None:
+        return torch.cat([prompt, speculative.decode(first, max_new_tokens, eos_id, attention_mask)], dim=1)
 
     def step(token: Tensor, mask: Tensor | None) -> Tensor:
         return model(token, loops=loops, cache=cache, attention_mask=mask)[:, -1].argmax(-1)

@@ -51,6 +51,13 @@ class LoopedHFConfig(PreTrainedConfig):
         super().__post_init__(**kwargs)
         self.looped_config()  # LoopedConfig checks every field and names the bad one
 
+    @property
+    def num_hidden_layers(self) -> int:
+        """Layer *applications* in one forward at the trained L (``p + k·L + c``): the decode-cache slots, and
+        what a per-layer count means for a looped model. ``hidden_states`` holds one state per loop, not per
+        application (``LoopedForCausalLM``)."""
+        return self.looped_config().applications()
+
     def looped_config(self) -> LoopedConfig:
         """The ``LoopedConfig`` these fields describe (a fresh one: editing it leaves this config alone)."""
         return LoopedConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(LoopedConfig)})

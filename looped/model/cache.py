@@ -31,14 +31,16 @@ class LayerCache:
 
     ``offset`` is the number of positions already consumed (the absolute position
     of the next query, for RoPE and causal masks): the owning cache's ``length``,
-    which the model advances once per forward, for every slot at once. ``state``
+    which the model advances once per forward and the cache copies into every slot
+    (a slot keeps no reference to its cache: no cycle for a walker of the cache's
+    tensors, such as ``transformers``' exporter, to follow forever). ``state``
     is the mixer's own: a recurrent state for linear attention, nothing for
     KV-cache mixers, which use ``append`` instead.
     """
 
-    def __init__(self, owner: DecodeCache) -> None:
-        self.owner = owner
-        self.capacity = owner.capacity
+    def __init__(self, capacity: int, offset: int = 0) -> None:
+        self.capacity = capacity
+        self.offset = offset
         self.state: Any = None
         self._keys: Tensor | None = None
         self._values: Tensor | None = None
@@ -73,10 +75,6 @@ class LayerCache:
         self._keys[:, :, self.offset : end] = k
         self._values[:, :, self.offset : end] = v
         return self._keys[:, :, :end], self._values[:, :, :end]
-
-    @property
-    def offset(self) -> int:
-        return self.owner.length
 
 
 class RowSlot:
@@ -157,8 +155,19 @@ class DecodeCache:
         if capacity < 1:
             raise ValueError(f"DecodeCache capacity must be >= 1, got {capacity}")
         self.capacity = capacity
-        self.length = 0
+        self._length = 0
         self.layers: list[LayerCache] = []
+
+    @property
+    def length(self) -> int:
+        """Positions every slot has seen; setting it moves every slot's ``offset`` (a crop sets it back)."""
+        return self._length
+
+    @length.setter
+    def length(self, value: int) -> None:
+        self._length = value
+        for slot in self.layers:
+            slot.offset = value
 
     @property
     def nbytes(self) -> int:
@@ -168,7 +177,7 @@ class DecodeCache:
     def bind(self, applications: int) -> list[LayerCache]:
         """The slots for a forward pass with ``applications`` layer applications (made on first use)."""
         if not self.layers:
-            self.layers = [LayerCache(self) for _ in range(applications)]
+            self.layers = [LayerCache(self.capacity, self._length) for _ in range(applications)]
         elif len(self.layers) != applications:
             raise ValueError(
                 f"this DecodeCache was filled by a forward with {len(self.layers)} layer applications, "

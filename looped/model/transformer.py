@@ -59,7 +59,14 @@ class FeedForward(nn.Module):
 
 
 class TransformerLayer(nn.Module):
-    """Pre-norm decoder layer: ``x + mix(norm(x))`` then ``x + ffn(norm(x))``."""
+    """Pre-norm decoder layer: ``x + mix(norm(x))`` then ``x + ffn(norm(x))``.
+
+    ``gradient_checkpointing`` (with ``_gradient_checkpointing_func``, e.g. ``torch.utils.checkpoint``): every
+    application recomputed in backward instead of stored. ``transformers``' ``gradient_checkpointing_enable``
+    sets these two by name (``looped.hf``); the Lightning path checkpoints with hooks instead (``parallel.py``).
+    """
+
+    gradient_checkpointing = False
 
     def __init__(self, config: LoopedConfig, mixer: str) -> None:
         super().__init__()
@@ -78,6 +85,18 @@ class TransformerLayer(nn.Module):
         cache: LayerCache | RowSlot | RaggedSlot | None = None,
         padding: Padding | None = None,
         shared: SharedKV | None = None,
+    ) -> Tensor:
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            return self._gradient_checkpointing_func(self.apply_layer, x, rope, cache, padding, shared)
+        return self.apply_layer(x, rope, cache, padding, shared)
+
+    def apply_layer(
+        self,
+        x: Tensor,
+        rope: RotaryEmbedding | None,
+        cache: LayerCache | RowSlot | RaggedSlot | None,
+        padding: Padding | None,
+        shared: SharedKV | None,
     ) -> Tensor:
         x = x + self.dropout(self.attn(self.attn_norm(x), rope, cache, padding, shared))
         return x + self.dropout(self.ffn(self.ffn_norm(x)))
@@ -121,22 +140,26 @@ class LoopedTransformer(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
+        for name, p in self.named_parameters():
+            self.init_parameter(name, p)
+
+    @torch.no_grad()
+    def init_parameter(self, name: str, p: Tensor) -> None:
+        """``p``'s initial value, by its name in this module: every parameter has one, so a checkpoint that
+        lacks some (``transformers``' loader initialises each missing one alone) never leaves memory unset."""
+        if p.dim() < 2:  # norm scales start at 1, biases and norm shifts at 0 (their modules' own defaults)
+            nn.init.ones_(p) if name.endswith("norm.weight") else nn.init.zeros_(p)
+            return
         std = self.config.init_std
         # GPT-2's depth scaling, with depth = layer *applications*: a looped block
         # adds to the residual stream L times, like L unshared layers would.
-        residual_std = std / math.sqrt(2 * self.config.effective_depth)
-        for name, p in self.named_parameters():
-            if p.dim() < 2:  # norms and biases keep their own defaults
-                continue
-            is_residual_out = name.endswith(("o_proj.weight", "w2.weight"))
-            nn.init.normal_(p, mean=0.0, std=residual_std if is_residual_out else std)
-        for module in self.modules():
-            if isinstance(module, nn.Linear) and module.bias is not None:
-                nn.init.zeros_(module.bias)
+        if name.endswith(("o_proj.weight", "w2.weight")):
+            std = std / math.sqrt(2 * self.config.effective_depth)
+        nn.init.normal_(p, mean=0.0, std=std)
 
     def forward(
         self,
-        input_ids: Tensor,
+        input_ids: Tensor | None,
         loops: int | None = None,
         return_loop_states: bool = False,
         grad_loops: int | None = None,
@@ -144,6 +167,7 @@ class LoopedTransformer(nn.Module):
         attention_mask: Tensor | None = None,
         readout_after: int | None = None,
         state_positions: Tensor | None = None,
+        inputs_embeds: Tensor | None = None,
     ) -> Tensor | tuple[Tensor, list[Tensor]]:
         """Logits ``[b t v]`` after ``loops`` applications of the block (default: the trained L).
 
@@ -171,7 +195,13 @@ class LoopedTransformer(nn.Module):
         loop state, ``[m d]``: an evaluation pass that reads a few labelled positions after every loop then
         holds no full ``[b t d]`` state per loop (holding them slowed its forward by ~10%, measured: every
         loop's activations went to fresh memory instead of the buffers the last loop freed).
+
+        ``inputs_embeds`` ``[b t d]`` instead of ``input_ids`` (``input_ids=None``): vectors that stand where token
+        embeddings would (soft prompts, a multimodal front end, continuous thoughts); learned positions are
+        still added.
         """
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass input_ids (token ids [b t]) or inputs_embeds ([b t d_model] vectors), not both")
         loops = self.config.loops if loops is None else loops
         if loops < 1:
             raise ValueError(f"loops must be >= 1, got {loops}")
@@ -182,15 +212,15 @@ class LoopedTransformer(nn.Module):
         if state_positions is not None and not return_loop_states:
             raise ValueError("state_positions picks positions of the loop states: it needs return_loop_states=True")
         offset = 0 if cache is None else cache.length  # absolute position of input_ids[:, 0]
-        t = input_ids.shape[1]
+        b, t = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
         if offset + t > self.config.max_seq_len:
             raise ValueError(
                 f"input has {offset + t} positions but LoopedConfig.max_seq_len={self.config.max_seq_len}; "
                 "raise max_seq_len or shorten the data's sequence length (or the generation)"
             )
-        padding = self.padding(attention_mask, input_ids.shape[0], offset + t)
+        padding = self.padding(attention_mask, b, offset + t)
         slots = None if cache is None else self.decode_slots(cache, loops)
-        x = self.embed_tokens(input_ids, offset, padding)
+        x = self.embed_tokens(input_ids, offset, padding, embeds=inputs_embeds)
         x = self.run_layers(self.prelude, x, None if slots is None else slots.prelude, padding)
         loop_input, shared = x, self.shared_kv()
         loop_states, read = [], x
@@ -228,14 +258,19 @@ class LoopedTransformer(nn.Module):
         return x
 
     def embed_tokens(
-        self, input_ids: Tensor, offset: int = 0, padding: Padding | None = None, positions: Tensor | None = None
+        self,
+        input_ids: Tensor | None,
+        offset: int = 0,
+        padding: Padding | None = None,
+        positions: Tensor | None = None,
+        embeds: Tensor | None = None,
     ) -> Tensor:
         """``[b t d]`` token embeddings (plus learned positions) of ``input_ids`` placed after ``offset`` positions
-        (or at ``positions`` ``[b t]``)."""
-        x = self.embed(input_ids)
+        (or at ``positions`` ``[b t]``); ``embeds`` stand in for the token embeddings when given."""
+        x = self.embed(input_ids) if embeds is None else embeds
         if self.pos_embed is None:
             return x
-        t = input_ids.shape[1]
+        t = x.shape[1]
         if positions is None and padding is not None:
             positions = padding.new(offset, t)
         return x + (self.pos_embed.weight[offset : offset + t] if positions is None else self.pos_embed(positions))
@@ -250,6 +285,8 @@ class LoopedTransformer(nn.Module):
                 f"attention_mask has shape {tuple(attention_mask.shape)} but must be [batch, cached + new positions] "
                 f"= {[batch, length]}: one entry per position the decode cache holds plus the new input_ids"
             )
+        if torch.compiler.is_compiling():  # a traced graph cannot branch on the mask's values: the padded
+            return Padding(attention_mask)  # path, exact for any mask, ones included
         return None if bool(attention_mask.all()) else Padding(attention_mask)
 
     def shared_kv(self) -> list[SharedKV] | None:

@@ -165,7 +165,11 @@ def model_card(
         "inputs = tokenizer(TEXT, return_tensors='pt')\n"
         f"out = model.generate(**inputs, max_new_tokens=8, num_loops={config.loops})\n```\n\n"
         "`num_loops` (in `forward` and `generate`) sets how many times the block runs: fewer or more loops than "
-        "trained, without retraining. `output_hidden_states=True` returns the state after every loop.\n"
+        "trained, without retraining. `output_hidden_states=True` returns one state per *loop*, not per layer: "
+        "`hidden_states[0]` is the embeddings (the block's input), `hidden_states[n]` the state after loop n, "
+        f"{config.loops + 1} states at the trained depth; `model.model.readout(h)` reads any of them out. "
+        "Self-speculative decoding, the same weights drafting with fewer loops: "
+        "`model.generate(**inputs, assistant_model=model.draft_model(n))` (greedy tokens unchanged).\n"
     )
     return "\n".join(lines)
 
