@@ -128,8 +128,11 @@ def check_command(argv: list[str]) -> str:
     if program.endswith("pytest"):
         return "pytest"
     if program in ("python", "python3") and args[0].startswith("benchmarks/"):
-        with stop_after_parsing(), mock.patch.object(sys, "argv", args), pytest.raises(Parsed):
-            runpy.run_path(str(ROOT / args[0]), run_name="__main__")
+        script = ROOT / args[0]
+        path = [str(script.parent), *sys.path]  # as `python SCRIPT` sees it: the script's neighbours importable
+        with stop_after_parsing(), mock.patch.object(sys, "argv", args), mock.patch.object(sys, "path", path):
+            with pytest.raises(Parsed):
+                runpy.run_path(str(script), run_name="__main__")
         return "parsed"
     assert program in ("looped", "lightning"), f"unknown program {program!r}"
     if args[0] == "run" or args[0] == "fit":
@@ -226,6 +229,16 @@ def decoding_context(tmp_path: Path) -> dict:
     return {"model": model, "prompt": prompt, "next_ids": next_ids, "DecodeCache": DecodeCache}
 
 
+def speculative_context(tmp_path: Path) -> dict:
+    """``model``: a transformers ``LoopedForCausalLM`` of a tiny (2⊗3); ``prompt``/``input_ids``: one prompt."""
+    from looped import LoopedConfig, LoopedTransformer
+    from looped.hf.modeling import from_looped
+
+    config = LoopedConfig(vocab_size=11, max_seq_len=96, d_model=16, n_heads=2, d_ff=32, block_layers=2, loops=3)
+    prompt = torch.randint(0, 11, (1, 8), generator=torch.Generator().manual_seed(0))
+    return {"model": from_looped(LoopedTransformer(config)).eval(), "prompt": prompt, "input_ids": prompt}
+
+
 def fsdp_context(tmp_path: Path) -> dict:
     import lightning as L
     from lightning.pytorch.strategies import ModelParallelStrategy
@@ -246,6 +259,7 @@ PYTHON = {
     "import looped  # any looped import": lambda tmp: tiny_phop_export(tmp / "out", length=8, hops=2) or {},
     "import torch, looped.datamodules": lambda tmp: tiny_phop_export(tmp / "out", length=32, hops=3) or {},
     "trainer = L.Trainer(strategy=ModelParallelStrategy()": fsdp_context,
+    "model.model.generate(prompt, 64, draft_loops=2": speculative_context,
 }
 # Sizes swapped for toy ones: (block's first line, what the page says, what runs here).
 TOY = [
