@@ -123,7 +123,6 @@ TOY_RUNS = {
     "datagen.py": ["--seconds", "0.2", "--floor-steps", "20", "--only", "NaryAddition"],
     "decode.py": ["--d-model", "32", "--prompt-len", "4", "--new-tokens", "4", "--vocab", "11", "--rounds", "1"],
     "eval_pass.py": ["--d-model", "32", "--samples", "64", "--rounds", "1"],
-    "gpu_check.py": ["--dry-run"],
     "lm_throughput.py": ["--vocab", "64", "--seq-len", "16", "--batch", "2", "--rounds", "2"],
     "loop_overhead.py": ["--d-model", "32", "--seq-len", "16", "--batch", "2", "--rounds", "2"],
     "per_loop_eval.py": ["--d-model", "32", "--seq-len", "16", "--batch", "2", "--vocab", "11", "--rounds", "2"],
@@ -131,10 +130,12 @@ TOY_RUNS = {
     "self_speculative.py": ["--d-model", "32", "--prompt-len", "4", "--new-tokens", "8", "--loops", "3", "--hf"],
 }
 NEEDS = {"lm_throughput.py": "litgpt"}  # compared against a library that is not a dependency of the project
+# Scripts whose toy run is a test of its own, with checks of their output beyond the last line (not run twice).
+OWN_TEST = {"gpu_check.py": test_gpu_check_dry_run_runs_every_path_on_the_cpu}
 
 
 def test_every_benchmark_has_a_toy_run():
-    assert sorted(p.name for p in (ROOT / "benchmarks").glob("*.py")) == sorted(TOY_RUNS)
+    assert sorted(p.name for p in (ROOT / "benchmarks").glob("*.py")) == sorted([*TOY_RUNS, *OWN_TEST])
 
 
 @pytest.mark.slow
