@@ -110,7 +110,7 @@ def user_message(error: BaseException, argv: list[str]) -> str | None:
         return None
     # jsonargparse reports every exception raised while it checks a value as a parse error;
     # one raised in project code that is not an InputError is a bug, not the user's mistake.
-    if any(_raised_in_project(e) for e in chain):
+    if any(raised_in_project(e) for e in chain):
         return None
     malformed = next((e for e in chain if isinstance(e, yaml.MarkedYAMLError)), None)
     if malformed is not None:
@@ -348,7 +348,7 @@ _PROJECT_DIRS = tuple(
 )
 
 
-def _raised_in_project(error: BaseException) -> bool:
+def raised_in_project(error: BaseException) -> bool:
     """Whether ``error`` was raised by a line of this package (the innermost frame of its traceback)."""
     tb = error.__traceback__
     if tb is None:

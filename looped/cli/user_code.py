@@ -14,18 +14,12 @@ turns it into one line naming the recipe key and the class; ``--debug`` shows th
 from __future__ import annotations
 
 import contextlib
-import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
 
-from looped.cli.errors import config_files, searched_folders
-
-# This package's own files (looped/, and datamodules/ and callbacks/ in a checkout): an exception raised there is ours.
-_OURS = tuple(
-    str(Path(__file__).resolve().parents[2] / folder) + os.sep for folder in ("looped", "datamodules", "callbacks")
-)
+from looped.cli.errors import config_files, raised_in_project, searched_folders
 
 
 def search_folders(argv: list[str]) -> list[Path]:
@@ -38,10 +32,9 @@ def search_folders(argv: list[str]) -> list[Path]:
 def user_code_importable(argv: list[str]) -> Iterator[None]:
     """Put ``search_folders(argv)`` first on ``sys.path`` for the command's lifetime (``python -m`` does the same
     with the working directory); restored afterwards, so an in-process caller's path is left as it was."""
-    folders = [str(folder) for folder in search_folders(argv) if str(folder) not in sys.path]
+    searched_folders[:] = search_folders(argv)  # also named by an import error's line
     saved = list(sys.path)
-    sys.path[:0] = folders
-    searched_folders[:] = search_folders(argv)  # named by an import error's line
+    sys.path[:0] = [str(folder) for folder in searched_folders if str(folder) not in sys.path]
     try:
         yield
     finally:
@@ -66,10 +59,9 @@ def user_class_error(chain: list[BaseException], named: dict[type, str]) -> str 
     innermost = chain[-1]
     if not isinstance(innermost, (ValueError, TypeError)):
         return None
-    frames = list(_frames(innermost.__traceback__))
-    if not frames or frames[-1].f_code.co_filename.startswith(_OURS):
+    if innermost.__traceback__ is None or raised_in_project(innermost):
         return None
-    for frame in frames:
+    for frame in _frames(innermost.__traceback__):
         cls = type(frame.f_locals.get("self"))
         if frame.f_code.co_name == "__init__" and cls in named and not cls.__module__.startswith("looped"):
             return f"{named[cls]} ({cls.__module__}.{cls.__qualname__}): {type(innermost).__name__}: {innermost}"
