@@ -6,7 +6,8 @@ Layers, lowest first (a module may import its own layer and those below, never o
    nothing of looped;
 1. the model and its decoding — ``looped.model`` (config, transformer, the loop step, cache, mixers) and
    ``looped.decoding``: torch only;
-2. the model as a ``transformers`` model — ``looped.hf``: the model plus ``transformers``, no Lightning;
+2. the model as a ``transformers`` model — ``looped.hf`` — and conversion from other checkpoints —
+   ``looped.convert``: the model plus ``transformers``, no Lightning;
 3. the training core — ``looped.training`` (``LoopedLM`` and what it trains with) and ``looped.evaluation``
    (per-loop readout, exits, scoring by generation);
 4. data and callbacks — ``looped.datamodules``, ``looped.callbacks``;
@@ -30,7 +31,7 @@ from looped.moved import MOVED
 PACKAGES = {"looped": "looped", "datamodules": "looped.datamodules", "callbacks": "looped.callbacks"}
 LEAVES = {"looped.contract", "looped.errors", "looped.tokenizer", "looped.moved", "looped.tools.plots"}
 MODEL = ("looped.model", "looped.decoding")
-HF = ("looped.hf",)
+HF = ("looped.hf", "looped.convert")
 TRAINING = ("looped.training", "looped.evaluation")
 DATA_AND_CALLBACKS = ("looped.datamodules", "looped.callbacks")
 TOOLS = ("looped.tools", "looped.cli")

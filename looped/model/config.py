@@ -26,7 +26,13 @@ class LoopedConfig:
     d_model: int = 128
     """Residual stream width."""
     n_heads: int = 8
-    """Attention heads; must divide ``d_model``."""
+    """Attention heads; must divide ``d_model`` unless ``head_width`` is set."""
+    n_kv_heads: int | None = None
+    """Key/value heads (grouped-query attention: each serves ``n_heads / n_kv_heads`` query heads, as in Llama 3,
+    SmolLM2, Qwen); must divide ``n_heads``. None: ``n_heads`` (multi-head attention)."""
+    head_width: int | None = None
+    """Width of one attention head. None: ``d_model / n_heads``. Qwen3 sets it apart from the model width
+    (0.6B: 16 heads of 128 in a width of 1024): q, k, v project to ``heads × head_width``, o back to ``d_model``."""
     d_ff: int = 512
     """Hidden width of the feed-forward network."""
     block_layers: int = 1
@@ -40,15 +46,25 @@ class LoopedConfig:
     pos_encoding: Literal["rope", "learned"] = "rope"
     """Rotary embedding in every attention layer, or one learned absolute table at the input."""
     rope_base: float = 10000.0
-    """RoPE frequency base."""
+    """RoPE frequency base θ (``rope_theta`` in a ``transformers`` config)."""
+    rope_scaling: dict | None = None
+    """Llama 3.1's RoPE frequency scaling, as its ``config.json`` states it: ``{rope_type: llama3, factor,
+    low_freq_factor, high_freq_factor, original_max_position_embeddings}``. None: plain RoPE."""
     norm: Literal["layernorm", "rmsnorm"] = "layernorm"
     """Normalisation before each sublayer (pre-norm) and before the head."""
+    norm_eps: float | None = None
+    """ε of every normalisation (``rms_norm_eps`` in a ``transformers`` config). None: torch's default (1e-5 for
+    layernorm; the dtype's machine epsilon for rmsnorm)."""
+    qk_norm: bool = False
+    """Qwen3's RMSNorm over each head's queries and keys, before RoPE."""
     activation: Literal["gelu", "relu", "silu", "swiglu"] = "gelu"
     """Feed-forward non-linearity; ``swiglu`` adds a gate projection ``w3``."""
     dropout: float = 0.0
     """Dropout on attention probabilities and residual branches."""
     bias: bool = False
     """Bias terms in linear layers."""
+    qkv_bias: bool = False
+    """Bias on the query, key and value projections alone (Qwen2), whatever ``bias`` says."""
     tie_embeddings: bool = False
     """Share the input embedding with the output head."""
     input_injection: Literal["none", "add"] = "none"
@@ -77,17 +93,28 @@ class LoopedConfig:
             need(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
         for name in ("prelude_layers", "coda_layers"):
             need(getattr(self, name) >= 0, name, f"must be >= 0, got {getattr(self, name)}")
+        for name in ("n_kv_heads", "head_width"):
+            value = getattr(self, name)
+            need(value is None or value >= 1, name, f"must be >= 1 (or null), got {value}")
         need(
-            self.d_model % self.n_heads == 0,
+            self.n_kv_heads is None or self.n_heads % self.n_kv_heads == 0,
+            "n_kv_heads",
+            f"{self.n_kv_heads} does not divide n_heads={self.n_heads}; each key/value head serves a whole group "
+            f"of query heads: pick a divisor of {self.n_heads}",
+        )
+        need(self.norm_eps is None or self.norm_eps > 0, "norm_eps", f"must be > 0 (or null), got {self.norm_eps}")
+        self.check_rope_scaling(need)
+        need(
+            self.head_width is not None or self.d_model % self.n_heads == 0,
             "d_model",
             f"{self.d_model} is not divisible by n_heads={self.n_heads}; "
             f"pick d_model as a multiple of n_heads (e.g. {self.n_heads * max(1, round(self.d_model / self.n_heads))})",
         )
-        head_dim = self.d_model // self.n_heads
+        head_dim = self.head_dim
         need(
             self.pos_encoding != "rope" or head_dim % 2 == 0,
             "n_heads",
-            f"RoPE needs an even head width, but d_model/n_heads = {self.d_model}/{self.n_heads} = {head_dim}; "
+            f"RoPE needs an even head width, but the head width is {head_dim}; "
             "pick n_heads so that the head width is even, or set pos_encoding: learned",
         )
         need(0.0 <= self.dropout < 1.0, "dropout", f"must lie in [0, 1), got {self.dropout}")
@@ -99,9 +126,7 @@ class LoopedConfig:
             # Build each mixer once on the meta device (no memory, no compute): a bad
             # option fails here, when the recipe is parsed, not when the model is built.
             with torch.device("meta"):
-                build_mixer(
-                    name, self.d_model, self.n_heads, self.dropout, self.bias, **self.mixer_options.get(name, {})
-                )
+                build_mixer(name, self.d_model, self.n_heads, self.dropout, self.bias, **self.mixer_kwargs(name))
         for name in ("vocab_size", "max_seq_len"):
             value = getattr(self, name)
             need(value is None or value >= 1, name, f"must be >= 1, got {value}")
@@ -113,13 +138,43 @@ class LoopedConfig:
             "instead (already constant in size); use softmax or sparse attention, or kv_sharing: false",
         )
 
+    def check_rope_scaling(self, need) -> None:
+        if self.rope_scaling is None:
+            return
+        keys = {"factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}
+        scaling = self.rope_scaling
+        need(
+            scaling.get("rope_type", scaling.get("type")) == "llama3",
+            "rope_scaling",
+            f"rope_type {scaling.get('rope_type')!r} is not supported; only llama3 scaling is (or null: plain RoPE)",
+        )
+        missing = sorted(keys - set(scaling))
+        need(not missing, "rope_scaling", f"llama3 scaling needs {sorted(keys)}; missing {missing}")
+        need(
+            scaling["high_freq_factor"] > scaling["low_freq_factor"] and scaling["factor"] > 0,
+            "rope_scaling",
+            "needs factor > 0 and high_freq_factor > low_freq_factor (Llama 3.1: 8, 1, 4)",
+        )
+
+    def mixer_kwargs(self, name: str) -> dict:
+        """Keyword arguments of mixer ``name`` beyond the width, heads, dropout and bias: its ``mixer_options``
+        and, where they differ from plain multi-head attention, the head shape (GQA, head width, q/k norm)."""
+        shape = {
+            "n_kv_heads": self.n_kv_heads,
+            "head_dim": self.head_width,
+            "qkv_bias": self.qkv_bias,
+            "qk_norm": self.qk_norm,
+            "norm_eps": self.norm_eps,
+        }
+        return {**self.mixer_options.get(name, {}), **{k: v for k, v in shape.items() if v not in (None, False)}}
+
     @property
     def attention_pattern(self) -> list[str]:
         return [self.attention] if isinstance(self.attention, str) else list(self.attention)
 
     @property
     def head_dim(self) -> int:
-        return self.d_model // self.n_heads
+        return self.d_model // self.n_heads if self.head_width is None else self.head_width
 
     @property
     def effective_depth(self) -> int:

@@ -35,8 +35,10 @@ from looped.model.step import DecodeSlots, LoopStep, Slot
 
 def make_norm(config: LoopedConfig) -> nn.Module:
     if config.norm == "rmsnorm":
-        return nn.RMSNorm(config.d_model)
-    return nn.LayerNorm(config.d_model, bias=config.bias)
+        return nn.RMSNorm(config.d_model, eps=config.norm_eps)
+    return nn.LayerNorm(
+        config.d_model, bias=config.bias, **({} if config.norm_eps is None else {"eps": config.norm_eps})
+    )
 
 
 class FeedForward(nn.Module):
@@ -72,7 +74,7 @@ class TransformerLayer(nn.Module):
         super().__init__()
         self.attn_norm = make_norm(config)
         self.attn = build_mixer(
-            mixer, config.d_model, config.n_heads, config.dropout, config.bias, **config.mixer_options.get(mixer, {})
+            mixer, config.d_model, config.n_heads, config.dropout, config.bias, **config.mixer_kwargs(mixer)
         )
         self.ffn_norm = make_norm(config)
         self.ffn = FeedForward(config)
@@ -125,7 +127,7 @@ class LoopedTransformer(nn.Module):
         self.embed = nn.Embedding(config.vocab_size, config.d_model)
         self.pos_embed = nn.Embedding(config.max_seq_len, config.d_model) if config.pos_encoding == "learned" else None
         self.rope = (
-            RotaryEmbedding(config.head_dim, config.max_seq_len, config.rope_base)
+            RotaryEmbedding(config.head_dim, config.max_seq_len, config.rope_base, config.rope_scaling)
             if config.pos_encoding == "rope"
             else None
         )
@@ -336,14 +338,15 @@ class LoopedTransformer(nn.Module):
     def flops_per_token(self, seq_len: int, loops: int | None = None) -> int:
         """Matmul FLOPs of one *forward* pass per token, counting the block ``loops`` times.
 
-        Per layer application: Q, K, V, O (``8d²``), the FFN (``4df``, ``6df`` for
-        SwiGLU) and attention scores and values (``4td``, counted over the full
-        ``t × t`` square as SDPA's FLOP formula does). Plus the head (``2dv``).
+        Per layer application: Q, K, V, O (``8d²``; ``4d(h + g)e`` with h query and g key/value heads of
+        width e), the FFN (``4df``, ``6df`` for SwiGLU) and attention scores and values (``4td``, ``4the``,
+        counted over the full ``t × t`` square as SDPA's FLOP formula does). Plus the head (``2dv``).
         Training costs three times this (backward = 2 × forward).
         """
         c = self.config
         ffn = (6 if c.activation == "swiglu" else 4) * c.d_model * c.d_ff
-        per_layer = 8 * c.d_model**2 + ffn + 4 * seq_len * c.d_model
+        heads, kv = c.n_heads * c.head_dim, (c.n_kv_heads or c.n_heads) * c.head_dim  # d and d without GQA
+        per_layer = 4 * c.d_model * (heads + kv) + ffn + 4 * seq_len * heads
         return self.applications(loops) * per_layer + 2 * c.d_model * c.vocab_size
 
     def num_parameters(self) -> int:

@@ -17,6 +17,8 @@ h heads, e head width.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from einops import rearrange
@@ -52,9 +54,9 @@ class RotaryEmbedding(nn.Module):
     saved in checkpoints (``persistent=False``) because they follow from the config.
     """
 
-    def __init__(self, head_dim: int, max_seq_len: int, base: float = 10000.0) -> None:
+    def __init__(self, head_dim: int, max_seq_len: int, base: float = 10000.0, scaling: dict | None = None) -> None:
         super().__init__()
-        self.head_dim, self.base = head_dim, base
+        self.head_dim, self.base, self.scaling = head_dim, base, scaling
         self.register_buffer("cos", torch.empty(max_seq_len, head_dim // 2), persistent=False)
         self.register_buffer("sin", torch.empty(max_seq_len, head_dim // 2), persistent=False)
         self.reset_buffers()
@@ -66,6 +68,8 @@ class RotaryEmbedding(nn.Module):
             return
         device, e = self.cos.device, self.head_dim
         inv_freq = 1.0 / (self.base ** (torch.arange(0, e, 2, dtype=torch.float32, device=device) / e))
+        if self.scaling is not None:
+            inv_freq = llama3_frequencies(inv_freq, **{k: v for k, v in self.scaling.items() if k != "rope_type"})
         angles = torch.outer(torch.arange(self.cos.shape[0], dtype=torch.float32, device=device), inv_freq)  # [t e/2]
         self.cos.copy_(angles.cos())
         self.sin.copy_(angles.sin())
@@ -93,6 +97,28 @@ class RotaryEmbedding(nn.Module):
         return rotated.flatten(-2)
 
 
+def llama3_frequencies(
+    inv_freq: Tensor,
+    factor: float,
+    low_freq_factor: float,
+    high_freq_factor: float,
+    original_max_position_embeddings: int,
+) -> Tensor:
+    """Llama 3.1's RoPE scaling: frequencies whose wavelength exceeds ``original / low_freq_factor`` positions
+    are slowed by ``factor``, those shorter than ``original / high_freq_factor`` kept, and the band between
+    interpolated linearly in ``original / wavelength`` (the "llama3" ``rope_type`` of ``transformers``)."""
+    wavelength = 2 * math.pi / inv_freq
+    original = original_max_position_embeddings
+    ramp = ((original / wavelength - low_freq_factor) / (high_freq_factor - low_freq_factor)).clamp(0.0, 1.0)
+    return torch.where(
+        wavelength < original / high_freq_factor,
+        inv_freq,
+        torch.where(
+            wavelength > original / low_freq_factor, inv_freq / factor, (1 - ramp) * inv_freq / factor + ramp * inv_freq
+        ),
+    )
+
+
 class AttentionMixer(nn.Module):
     """Shared projections of every attention-style mixer.
 
@@ -111,14 +137,50 @@ class AttentionMixer(nn.Module):
     """Decoding keeps keys and values per position (False: a recurrent state), so they can be
     shared across loops and copied between slots."""
 
-    def __init__(self, d_model: int, n_heads: int, dropout: float = 0.0, bias: bool = False) -> None:
+    def __init__(
+        self,
+        d_model: int,
+        n_heads: int,
+        dropout: float = 0.0,
+        bias: bool = False,
+        *,
+        n_kv_heads: int | None = None,
+        head_dim: int | None = None,
+        qkv_bias: bool = False,
+        qk_norm: bool = False,
+        norm_eps: float | None = None,
+    ) -> None:
         super().__init__()
         self.n_heads = n_heads
+        self.n_kv_heads = n_heads if n_kv_heads is None else n_kv_heads
         self.dropout = dropout
-        self.q_proj = nn.Linear(d_model, d_model, bias=bias)
-        self.k_proj = nn.Linear(d_model, d_model, bias=bias)
-        self.v_proj = nn.Linear(d_model, d_model, bias=bias)
-        self.o_proj = nn.Linear(d_model, d_model, bias=bias)
+        e = d_model // n_heads if head_dim is None else head_dim
+        self.q_proj = nn.Linear(d_model, n_heads * e, bias=bias or qkv_bias)
+        self.k_proj = nn.Linear(d_model, self.n_kv_heads * e, bias=bias or qkv_bias)
+        self.v_proj = nn.Linear(d_model, self.n_kv_heads * e, bias=bias or qkv_bias)
+        self.o_proj = nn.Linear(n_heads * e, d_model, bias=bias)
+        # Qwen3's RMSNorm over each head's queries and keys, before RoPE (one scale of e numbers for all heads).
+        self.q_norm = nn.RMSNorm(e, eps=norm_eps) if qk_norm else None
+        self.k_norm = nn.RMSNorm(e, eps=norm_eps) if qk_norm else None
+
+    def queries(self, x: Tensor) -> Tensor:
+        """``[b h t e]`` queries of ``x`` ``[b t d]`` (q-normed when the model has q/k norm), before RoPE."""
+        q = rearrange(self.q_proj(x), "b t (h e) -> b h t e", h=self.n_heads)
+        return q if self.q_norm is None else self.q_norm(q)
+
+    def keys_values(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``[b h t e]`` keys (k-normed, before RoPE) and values, with grouped-query attention's kv heads
+        repeated so that query head i reads kv head ``i // (h / kv heads)``. Repeating here, before RoPE (which
+        acts on each head alike) and before any cache, keeps every attention path unchanged; the cache then
+        holds h heads, so GQA saves no decoding memory in this code yet."""
+        k = rearrange(self.k_proj(x), "b t (h e) -> b h t e", h=self.n_kv_heads)
+        v = rearrange(self.v_proj(x), "b t (h e) -> b h t e", h=self.n_kv_heads)
+        if self.k_norm is not None:
+            k = self.k_norm(k)
+        if self.n_kv_heads != self.n_heads:
+            group = self.n_heads // self.n_kv_heads
+            k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+        return k, v
 
     def forward(
         self,
@@ -128,19 +190,16 @@ class AttentionMixer(nn.Module):
         padding: Padding | None = None,
         shared: SharedKV | None = None,
     ) -> Tensor:
-        def heads(proj: nn.Linear) -> Tensor:
-            return rearrange(proj(x), "b t (h e) -> b h t e", h=self.n_heads)
-
         if isinstance(cache, RaggedSlot):
-            out = self.attend_ragged(heads(self.q_proj), heads(self.k_proj), heads(self.v_proj), rope, cache)
+            out = self.attend_ragged(self.queries(x), *self.keys_values(x), rope, cache)
             return self.o_proj(rearrange(out, "b h t e -> b t (h e)"))
         offset = 0 if cache is None else cache.offset  # absolute position of x's first token
         positions = None if padding is None else padding.new(offset, x.shape[1])
-        q = heads(self.q_proj) if rope is None else rope(heads(self.q_proj), offset, positions)
+        q = self.queries(x) if rope is None else rope(self.queries(x), offset, positions)
         if shared is not None and shared.kv is not None:
             k, v = shared.kv  # a later loop: loop 1's keys and values, already rotated
         else:
-            k, v = heads(self.k_proj), heads(self.v_proj)
+            k, v = self.keys_values(x)
             if rope is not None:
                 k = rope(k, offset, positions)
             if shared is not None:

@@ -67,8 +67,9 @@ class LinearAttention(AttentionMixer):
         feature_map: str = "elu",
         chunk_size: int = 64,
         eps: float = 1e-6,
+        **heads,
     ) -> None:
-        super().__init__(d_model, n_heads, dropout, bias)
+        super().__init__(d_model, n_heads, dropout, bias, **heads)
         if feature_map not in FEATURE_MAPS:
             raise InputError(
                 f"{MODEL_CONFIG}.mixer_options.linear.feature_map: {feature_map!r} is not a positive "

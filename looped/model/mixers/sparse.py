@@ -113,8 +113,9 @@ class SparseAttention(AttentionMixer):
         pattern: str = "local",
         window: int = 64,
         stride: int = 64,
+        **heads,
     ) -> None:
-        super().__init__(d_model, n_heads, dropout, bias)
+        super().__init__(d_model, n_heads, dropout, bias, **heads)
         if pattern not in PATTERNS:
             raise InputError(
                 f"{MODEL_CONFIG}.mixer_options.sparse.pattern: unknown {pattern!r}; choose one of {list(PATTERNS)}"
