@@ -28,6 +28,7 @@ from torch import Tensor
 
 from looped.errors import InputError
 from looped.model import LoopedConfig, LoopedTransformer
+from looped.model.lora import init_from_difference
 
 INITS = ("stepwise", "lower", "upper", "average", "random", "angular")
 
@@ -156,3 +157,14 @@ def angular_distances(
         cos = torch.nn.functional.cosine_similarity(outputs[start], outputs[start + span], dim=-1)
         distances[start] = float(torch.arccos(cos.clamp(-1.0, 1.0)).mean() / math.pi)
     return distances
+
+
+@torch.no_grad()
+def relax(model: LoopedTransformer, recursive: Recursive, layers: list[dict[str, Tensor]]) -> None:
+    """Initialise ``model``'s per-loop LoRA (``lora_rank > 0``) from the layers each application replaces:
+    loop n's adapters on block layer j make it ``layers[stands_for[n·k + j]]`` as far as the rank allows."""
+    k = model.config.block_layers
+    for n, per_layer in enumerate(model.lora.loops):
+        for j, relaxation in enumerate(per_layer):
+            shared = {name: p.detach() for name, p in model.block[j].named_parameters()}
+            init_from_difference(relaxation, shared, layers[recursive.stands_for[n * k + j]])

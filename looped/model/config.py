@@ -78,6 +78,10 @@ class LoopedConfig:
     exit_gate: bool = False
     """A learned halting gate: a linear layer giving each token an exit probability after every loop
     (``halt_logits``), trained by ``LoopedLM``'s ``exit`` objective (``looped.training.halting``)."""
+    lora_rank: int = 0
+    """Relaxation: a LoRA of rank r per loop on every linear weight of the shared block (clipped to each weight's
+    full rank min(in, out)), and each loop's own copy of the block's vectors (norms, biases); 0: none. Loops
+    beyond L reuse loop L's (``looped/model/lora.py``). ``looped retrofit --lora-rank`` initialises them."""
     kv_sharing: bool = False
     """Mixture-of-Recursions' recursive KV sharing: every loop of the block attends to the keys and
     values its layers computed in loop 1 (later loops project only queries). Decoding then caches the
@@ -91,7 +95,7 @@ class LoopedConfig:
 
         for name in ("d_model", "n_heads", "d_ff", "block_layers", "loops"):
             need(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
-        for name in ("prelude_layers", "coda_layers"):
+        for name in ("prelude_layers", "coda_layers", "lora_rank"):
             need(getattr(self, name) >= 0, name, f"must be >= 0, got {getattr(self, name)}")
         for name in ("n_kv_heads", "head_width"):
             value = getattr(self, name)

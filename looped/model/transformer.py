@@ -25,10 +25,12 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.func import functional_call
 
 from looped.decoding import greedy
 from looped.model.cache import DecodeCache, LayerCache, RaggedSlot, RowSlot, SharedKV
 from looped.model.config import LoopedConfig
+from looped.model.lora import LoopRelaxation
 from looped.model.mixers import Padding, RotaryEmbedding, build_mixer
 from looped.model.step import DecodeSlots, LoopStep, Slot
 
@@ -139,6 +141,8 @@ class LoopedTransformer(nn.Module):
         if config.tie_embeddings:
             self.head.weight = self.embed.weight
         self.exit_gate = nn.Linear(config.d_model, 1) if config.exit_gate else None
+        # per-loop LoRA and vectors on the block (relaxation), read by loop_step only
+        self.lora = LoopRelaxation(self.block, config.loops, config.lora_rank) if config.lora_rank > 0 else None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -149,6 +153,12 @@ class LoopedTransformer(nn.Module):
     def init_parameter(self, name: str, p: Tensor) -> None:
         """``p``'s initial value, by its name in this module: every parameter has one, so a checkpoint that
         lacks some (``transformers``' loader initialises each missing one alone) never leaves memory unset."""
+        if name.startswith("lora."):  # fresh adapters change nothing: B = 0, each loop's vectors the shared ones'
+            if ".vectors." in name:
+                nn.init.ones_(p) if name.endswith("norm__weight") else nn.init.zeros_(p)
+            else:
+                nn.init.zeros_(p) if ".b." in name else nn.init.normal_(p, std=self.config.init_std)
+            return
         if p.dim() < 2:  # norm scales start at 1, biases and norm shifts at 0 (their modules' own defaults)
             nn.init.ones_(p) if name.endswith("norm.weight") else nn.init.zeros_(p)
             return
@@ -247,8 +257,16 @@ class LoopedTransformer(nn.Module):
         step = LoopStep() if step is None else step
         if self.config.input_injection == "add":
             x = inject(x, step.loop_input, step.loop)
-        for layer, (slot, kv) in zip(self.block, step.layer_slots(len(self.block)), strict=True):
-            x = layer(x, self.rope, slot, step.padding, kv)
+        if self.lora is not None and not isinstance(step.loop, int):
+            raise ValueError("per-loop LoRA needs every row at the same loop: depth-wise decoding is not supported")
+        for j, (layer, (slot, kv)) in enumerate(zip(self.block, step.layer_slots(len(self.block)), strict=True)):
+            if self.lora is None:
+                x = layer(x, self.rope, slot, step.padding, kv)
+            else:  # loop n's weights W + B·A and vectors, the layer's own code (looped/model/lora.py)
+                if layer.gradient_checkpointing and torch.is_grad_enabled():
+                    raise ValueError("per-loop LoRA cannot be recomputed by gradient checkpointing; turn it off")
+                tensors = self.lora.tensors(step.loop, j, layer)
+                x = functional_call(layer, tensors, (x, self.rope, slot, step.padding, kv))
         return x
 
     def run_layers(
