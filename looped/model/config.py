@@ -67,8 +67,13 @@ class LoopedConfig:
     """Bias on the query, key and value projections alone (Qwen2), whatever ``bias`` says."""
     tie_embeddings: bool = False
     """Share the input embedding with the output head."""
-    input_injection: Literal["none", "add"] = "none"
-    """``none`` as in the paper; ``add`` re-adds the loop input before every loop after the first."""
+    input_injection: Literal["none", "add", "concat"] = "none"
+    """``none`` as in the paper; ``add`` re-adds the loop input before every loop after the first; ``concat``
+    (retrofitted recurrence, McLeish et al. 2025) maps ``[loop input; state]`` back to d with a linear adapter
+    (``adapter``, 2d → d) before every loop, initialised to pass the loop input: ``[I | 0]``."""
+    state_noise: float = 0.0
+    """Std of the Gaussian noise the loop state starts from (retrofitted recurrence, Huginn); 0: the prelude's
+    output. Needs ``input_injection`` add or concat, or the loop would never see the input."""
     attention: str | list[str] = "softmax"
     """Token mixer, or a per-layer pattern cycled within the prelude, the block and the coda."""
     mixer_options: dict = field(default_factory=dict)
@@ -122,6 +127,12 @@ class LoopedConfig:
             "pick n_heads so that the head width is even, or set pos_encoding: learned",
         )
         need(0.0 <= self.dropout < 1.0, "dropout", f"must lie in [0, 1), got {self.dropout}")
+        need(self.state_noise >= 0.0, "state_noise", f"must be >= 0, got {self.state_noise}")
+        need(
+            self.state_noise == 0.0 or self.input_injection != "none",
+            "state_noise",
+            "a loop state that starts as noise never sees the input without input_injection: set add or concat",
+        )
         for name in self.attention_pattern:
             need(name in MIXERS, "attention", f"unknown mixer {name!r}; choose from {sorted(MIXERS)}")
         for name in self.mixer_options:

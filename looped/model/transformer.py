@@ -141,6 +141,8 @@ class LoopedTransformer(nn.Module):
         if config.tie_embeddings:
             self.head.weight = self.embed.weight
         self.exit_gate = nn.Linear(config.d_model, 1) if config.exit_gate else None
+        concat = config.input_injection == "concat"
+        self.adapter = nn.Linear(2 * config.d_model, config.d_model, bias=False) if concat else None
         # per-loop LoRA and vectors on the block (relaxation), read by loop_step only
         self.lora = LoopRelaxation(self.block, config.loops, config.lora_rank) if config.lora_rank > 0 else None
         self.reset_parameters()
@@ -158,6 +160,10 @@ class LoopedTransformer(nn.Module):
                 nn.init.ones_(p) if name.endswith("norm__weight") else nn.init.zeros_(p)
             else:
                 nn.init.zeros_(p) if ".b." in name else nn.init.normal_(p, std=self.config.init_std)
+            return
+        if name == "adapter.weight":  # [I | 0]: every loop starts from the loop input, as without a state
+            d = self.config.d_model
+            p.copy_(torch.cat((torch.eye(d), torch.zeros(d, d)), dim=1))
             return
         if p.dim() < 2:  # norm scales start at 1, biases and norm shifts at 0 (their modules' own defaults)
             nn.init.ones_(p) if name.endswith("norm.weight") else nn.init.zeros_(p)
@@ -255,8 +261,12 @@ class LoopedTransformer(nn.Module):
         block's k layers with their cache slots, padding and shared keys. The only place the block is applied
         (``looped.model.step``); without a ``step``, one plain application (loop 1, no cache)."""
         step = LoopStep() if step is None else step
+        if self.config.state_noise > 0:  # the state starts as noise at loop 1 (retrofitted recurrence)
+            x = start_state(x, step.loop, self.config.state_noise)
         if self.config.input_injection == "add":
             x = inject(x, step.loop_input, step.loop)
+        elif self.config.input_injection == "concat":
+            x = self.adapter(torch.cat((step.loop_input, x), dim=-1))
         if self.lora is not None and not isinstance(step.loop, int):
             raise ValueError("per-loop LoRA needs every row at the same loop: depth-wise decoding is not supported")
         for j, (layer, (slot, kv)) in enumerate(zip(self.block, step.layer_slots(len(self.block)), strict=True)):
@@ -365,7 +375,9 @@ class LoopedTransformer(nn.Module):
         ffn = (6 if c.activation == "swiglu" else 4) * c.d_model * c.d_ff
         heads, kv = c.n_heads * c.head_dim, (c.n_kv_heads or c.n_heads) * c.head_dim  # d and d without GQA
         per_layer = 4 * c.d_model * (heads + kv) + ffn + 4 * seq_len * heads
-        return self.applications(loops) * per_layer + 2 * c.d_model * c.vocab_size
+        adapter = 4 * c.d_model**2 if c.input_injection == "concat" else 0  # [input; state] -> d, once per loop
+        loops = c.loops if loops is None else loops
+        return self.applications(loops) * per_layer + loops * adapter + 2 * c.d_model * c.vocab_size
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -377,3 +389,11 @@ def inject(x: Tensor, loop_input: Tensor | None, loop: int | Tensor) -> Tensor:
     if isinstance(loop, int):
         return x + loop_input if loop > 1 else x
     return torch.where((loop > 1)[:, None, None], x + loop_input, x)
+
+
+def start_state(x: Tensor, loop: int | Tensor, std: float) -> Tensor:
+    """``state_noise``: at loop 1 the state is Gaussian noise of std ``std`` instead of ``x`` (per row when ``loop``
+    is ``[a]``)."""
+    if isinstance(loop, int):
+        return torch.randn_like(x) * std if loop == 1 else x
+    return torch.where((loop == 1)[:, None, None], torch.randn_like(x) * std, x)

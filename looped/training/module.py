@@ -283,28 +283,27 @@ class LoopedLM(L.LightningModule):
         self._batch_shape = tuple(batch["input_ids"].shape)
         schedule = self.loop_schedule
         loops = schedule.sample(self.config.loops, self.global_step)
+        grad_loops = schedule.grad_loops_at(self.global_step)
         self._loops_this_step = loops
         labels = batch["labels"]
         if self.exit is not None:
-            loss = self.exit_loss(batch["input_ids"], labels, loops)
+            loss = self.exit_loss(batch["input_ids"], labels, loops, grad_loops)
         elif schedule.per_loop_loss_weight > 0:
-            logits, states = self.model(
-                batch["input_ids"], loops=loops, return_loop_states=True, grad_loops=schedule.grad_loops
-            )
+            logits, states = self.model(batch["input_ids"], loops=loops, return_loop_states=True, grad_loops=grad_loops)
             loss = self.compute_loss(logits, labels)
-            trained = states[-(schedule.grad_loops or loops) : -1]  # loops with gradients, but the last
+            trained = states[-(grad_loops or loops) : -1]  # loops with gradients, but the last
             if trained:
                 aux = torch.stack([self.compute_loss(self.model.readout(s), labels) for s in trained]).mean()
                 self.log("train/per_loop_loss", aux)
                 loss = loss + schedule.per_loop_loss_weight * aux
         else:
-            logits = self.model(batch["input_ids"], loops=loops, grad_loops=schedule.grad_loops)
+            logits = self.model(batch["input_ids"], loops=loops, grad_loops=grad_loops)
             loss = self.compute_loss(logits, labels)
         if self.regularizer is not None:
             penalty = self.regularizer.penalty(self.model.block)
             self.log("train/regularizer", penalty)
             loss = loss + self.regularizer.weight * penalty
-        if schedule.distribution != "fixed":
+        if schedule.distribution != "fixed" or schedule.curriculum != "none":
             self.log("train/loops", float(loops))
         if not torch.isfinite(loss):
             raise NonFiniteLossError(
@@ -317,12 +316,10 @@ class LoopedLM(L.LightningModule):
         self.log("train/loss", loss, prog_bar=True)
         return loss
 
-    def exit_loss(self, input_ids: Tensor, labels: Tensor, loops: int) -> Tensor:
+    def exit_loss(self, input_ids: Tensor, labels: Tensor, loops: int, grad_loops: int | None = None) -> Tensor:
         """The ``exit`` objective (``looped.training.halting``) from each loop's loss and halting logit at the
         labels."""
-        _, states = self.model(
-            input_ids, loops=loops, return_loop_states=True, grad_loops=self.loop_schedule.grad_loops
-        )
+        _, states = self.model(input_ids, loops=loops, return_loop_states=True, grad_loops=grad_loops)
         mask = labels != IGNORE
         target = labels[mask]
         losses = torch.stack(
