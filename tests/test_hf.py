@@ -39,6 +39,7 @@ VARIANTS = {
     "middle-1+2x2+1": dict(
         prelude_layers=1, block_layers=2, loops=2, coda_layers=1, pos_encoding="learned", tie_embeddings=True
     ),
+    "relaxed-2x2": dict(block_layers=2, loops=2, lora_rank=3, norm="rmsnorm", n_kv_heads=2, qk_norm=True),
     "linear-1x3": dict(block_layers=1, loops=3, attention="linear", mixer_options={"linear": {"chunk_size": 4}}),
     "sparse-fixed-2x2": dict(
         block_layers=2, loops=2, attention="sparse", mixer_options={"sparse": {"pattern": "fixed", "stride": 4}}
