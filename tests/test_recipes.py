@@ -21,9 +21,9 @@ from looped.cli import LoopedCLI
 
 GOLDEN = Path(__file__).resolve().parent / "golden" / "resolved_recipes"
 UPDATE = "python tests/test_recipes.py --update-golden"
-# Pile and LM recipes need prepared data (tests/test_pile_recipes.py builds the 1B models on the meta
+# Pile, LM and retrofit recipes need prepared data (tests/test_pile_recipes.py builds the 1B models on the meta
 # device, tests/test_lm_recipes.py trains each LM row on a small prepared folder).
-BUILD_ROWS = [p for p in RECIPE_ROWS if not p.relative_to(RECIPES).parts[0].startswith(("pile", "lm"))]
+BUILD_ROWS = [p for p in RECIPE_ROWS if not p.relative_to(RECIPES).parts[0].startswith(("pile", "lm", "retrofit"))]
 # Every YAML file under recipes/: rows, their bases and the sweep grids.
 ALL_FILES = sorted(RECIPES.rglob("*.yaml"))
 

@@ -48,6 +48,7 @@ TOOLS = {
     "export": "looped.tools.export",  # a trained run as a transformers model folder (the [hf] extra)
     "plan": "looped.tools.plan",  # memory per rank, fits or not, and days, before a cluster is booked
     "new": "looped.tools.new",  # the skeleton of a task in your own package: task, recipe, test
+    "retrofit": "looped.tools.retrofit",  # a pretrained plain model looped: Llama/Qwen or ours -> a (k⊗L) checkpoint
 }
 HELP = ("-h", "--help")
 

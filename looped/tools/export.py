@@ -12,6 +12,12 @@ directory an FSDP2 run saves, consolidated here in memory) and writes ``OUT_DIR`
 * ``README.md``, a model card written from the run: shape, data, steps, last logged metrics
   and the per-loop accuracy table when the run recorded one (``looped.tools.report``'s reader).
 
+``--as llama`` writes a plain ``(N⊗1)`` whose settings are Llama's (RMSNorm, SwiGLU, RoPE, softmax attention, no
+loop) as a stock ``LlamaForCausalLM`` folder instead (``looped.convert.llama``): any reader of Llama reads it, no
+``looped`` needed. Its tokenizer: ``--tokenizer`` (a ``transformers`` folder's tokenizer files, or a
+``tokenizer.json``), else the one ``looped retrofit`` stored from its source, else the run's; the model card
+names the source and its licence when the checkpoint came from ``looped retrofit``.
+
 Then, with ``looped`` installed: ``import looped`` and ``AutoModelForCausalLM.from_pretrained(OUT_DIR)``
 (see ``looped.hf`` for why the import). Needs the ``[hf]`` extra.
 """
@@ -229,6 +235,59 @@ def export_hf(checkpoint_path: str, out_dir: str, tokenizer: str | None = None, 
     return out
 
 
+def export_llama_folder(
+    checkpoint_path: str, out_dir: str, tokenizer: str | None = None, overwrite: bool = False
+) -> Path:
+    """``--as llama``: the checkpoint as a stock ``LlamaForCausalLM`` folder with tokenizer and model card."""
+    from looped.convert.llama import TOKENIZER_FILES, export_llama
+
+    source, out = Path(checkpoint_path), Path(out_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise InputError(f"OUT_DIR: {out} already exists; pass --overwrite to replace an export there, or a new folder")
+    checkpoint = read_checkpoint(source)
+    config, weights = looped_weights(checkpoint, source)
+    origin = checkpoint.get("retrofit") or {}
+    if overwrite and out.is_dir():
+        for name in (*WRITES, *TOKENIZER_FILES):
+            (out / name).unlink(missing_ok=True)
+    files: dict[str, bytes] = dict(origin.get("tokenizer_files") or {})
+    if tokenizer is not None:
+        path = Path(tokenizer)
+        if path.is_dir() and any((path / name).is_file() for name in TOKENIZER_FILES):
+            files = {name: (path / name).read_bytes() for name in TOKENIZER_FILES if (path / name).is_file()}
+        elif path.is_file():
+            files = {"tokenizer.json": path.read_bytes()}
+        else:
+            raise InputError(
+                f"--tokenizer: {tokenizer} holds no tokenizer files; pass a model folder or tokenizer.json"
+            )
+    special = {k: origin[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if origin.get(k) is not None}
+    export_llama(config, weights, out, **special)
+    for name, data in files.items():
+        (out / name).write_bytes(data)
+    if not files:
+        hf_tokenizer, _, _ = find_tokenizer(*data_section(run_directory(source)), config.max_seq_len)
+        if hf_tokenizer is not None:
+            hf_tokenizer.save_pretrained(out)
+    licence = origin.get("license") or "unknown"
+    shape = ModelShape(config.block_layers, config.loops, config.prelude_layers, config.coda_layers)
+    (out / "README.md").write_text(
+        f"---\nlibrary_name: transformers\npipeline_tag: text-generation\nlicense: {licence}\n---\n\n"
+        f"# {out.name}\n\nA stock `LlamaForCausalLM` exported by `looped export hf --as llama` from "
+        f"`{source.name}` (step {checkpoint.get('global_step', '?')}), a plain {shape.name} of "
+        f"{config.unique_layers} layers: d_model {config.d_model}, {config.n_heads} heads "
+        f"({config.n_kv_heads or config.n_heads} key/value heads), d_ff {config.d_ff}, "
+        f"vocabulary {config.vocab_size}.\n\n"
+        + (
+            f"Derived from `{origin['source']}` ({origin.get('architecture', '?')}), licence: {licence}; "
+            f"retrofitted by `looped retrofit` ({origin.get('summary', '')}). The source's licence applies.\n"
+            if origin.get("source")
+            else "No source model recorded: trained from scratch with the `looped` recipes.\n"
+        )
+    )
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="looped export", description="Export a trained run for other libraries.")
     formats = parser.add_subparsers(dest="format", required=True)
@@ -237,13 +296,20 @@ def main(argv: list[str] | None = None) -> None:
     hf.add_argument("out_dir", help="the folder to write")
     hf.add_argument("--tokenizer", help="tokenizer.json or a prepared data directory (default: the run's data)")
     hf.add_argument("--overwrite", action="store_true", help="replace an earlier export in OUT_DIR")
-    args = parser.parse_args(argv)
-    out = export_hf(args.checkpoint, args.out_dir, args.tokenizer, args.overwrite)
-    files = ", ".join(sorted(p.name for p in out.iterdir()))
-    print(
-        f"looped export: wrote {out}/ ({files})\n"
-        f"load it: import looped; AutoModelForCausalLM.from_pretrained({str(out)!r})"
+    hf.add_argument(
+        "--as",
+        dest="as_",
+        choices=("looped", "llama"),
+        default="looped",
+        help="looped: model_type looped (any shape; needs looped to load); llama: a stock LlamaForCausalLM "
+        "(a plain (N⊗1) with Llama's settings; loads without looped)",
     )
+    args = parser.parse_args(argv)
+    export = export_llama_folder if args.as_ == "llama" else export_hf
+    out = export(args.checkpoint, args.out_dir, args.tokenizer, args.overwrite)
+    files = ", ".join(sorted(p.name for p in out.iterdir()))
+    load = "" if args.as_ == "llama" else "import looped; "
+    print(f"looped export: wrote {out}/ ({files})\nload it: {load}AutoModelForCausalLM.from_pretrained({str(out)!r})")
 
 
 if __name__ == "__main__":
