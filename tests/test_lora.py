@@ -86,3 +86,22 @@ def test_lora_rank_must_not_be_negative():
 
     with pytest.raises(InputError, match="lora_rank: must be >= 0"):
         LoopedConfig(lora_rank=-1)
+
+
+def test_the_adapters_train_alone_with_train_only():
+    from looped.errors import InputError
+    from looped.training.module import LoopedLM
+
+    config = LoopedConfig(vocab_size=VOCAB, max_seq_len=16, d_model=16, n_heads=2, d_ff=32, loops=2, lora_rank=2)
+    module = LoopedLM(config=config, train_only=["lora."])
+    trained = {id(p) for group in module.parameter_groups() for p in group["params"]}
+    assert trained == {id(p) for p in module.model.lora.parameters()}
+    ids = torch.randint(0, VOCAB, (2, 8))
+    loss = module.compute_loss(module.model(ids), ids)
+    loss.backward()
+    assert module.model.block[0].attn.q_proj.weight.grad is None
+    assert module.model.lora.loops[1][0].a["attn__q_proj__weight"].grad is not None
+    with pytest.raises(InputError, match=r"train_only: \['lorra.'\] names no parameter"):
+        LoopedLM(config=config, train_only=["lorra."])
+    with pytest.raises(InputError, match="activation_checkpointing: cannot recompute a block applied with per-loop"):
+        LoopedLM(config=config, activation_checkpointing=True)

@@ -142,6 +142,12 @@ def check_options(
             "model.init_args.loop_schedule.per_loop_loss_weight: the exit objective already weights every "
             "loop's loss; set it to 0 (or remove model.init_args.exit)"
         )
+    if activation_checkpointing and config.lora_rank > 0:
+        # The checkpoint hooks recompute a layer with its own (shared) weights, not loop n's W + B·A.
+        raise InputError(
+            "model.init_args.activation_checkpointing: cannot recompute a block applied with per-loop LoRA "
+            f"({MODEL_CONFIG}.lora_rank: {config.lora_rank}); turn one of the two off"
+        )
     if activation_checkpointing and config.kv_sharing:
         # Recomputing loop 1's layers in backward would read the keys the first forward left in SharedKV.
         raise InputError(
@@ -195,6 +201,9 @@ class LoopedLM(L.LightningModule):
         init_weights: start training from this checkpoint's weights (a ``.ckpt`` file), not from a fresh
             initialisation — not its optimiser, step or data position (``--ckpt_path`` resumes those). For a
             second stage, e.g. Ouro's gate training on a first-stage model; the checkpoint may lack the exit gate.
+            A ``looped retrofit`` checkpoint starts a retrofitted model this way (docs/retrofit.md).
+        train_only: train only the transformer's parameters whose names start with one of these, every other
+            frozen, e.g. ``[lora.]``: a relaxed model's per-loop LoRA trained alone. None: all train.
     """
 
     def __init__(
@@ -211,6 +220,7 @@ class LoopedLM(L.LightningModule):
         compile: bool = False,
         exit: ExitObjective | None = None,
         init_weights: str | None = None,
+        train_only: list[str] | None = None,
     ) -> None:
         super().__init__()
         # A checkpoint's hyper-parameters are plain dicts (they load with torch.load(weights_only=True)).
@@ -233,6 +243,7 @@ class LoopedLM(L.LightningModule):
             compile=compile,
             exit=exit,
             init_weights=init_weights,
+            train_only=train_only,
         )
         self.save_hyperparameters({**subclass_arguments(self, inspect.currentframe(), skip={*own, "optimizer"}), **own})
         self.config, self.optimizer_factory, self.eos_id = config, optimizer, eos_id
@@ -246,6 +257,16 @@ class LoopedLM(L.LightningModule):
         if exit is not None and exit.trains_only_the_gate:
             for name, parameter in self.model.named_parameters():
                 parameter.requires_grad_(name.startswith("exit_gate."))
+        if train_only is not None:
+            names = [name for name, _ in self.model.named_parameters()]
+            unknown = [prefix for prefix in train_only if not any(n.startswith(prefix) for n in names)]
+            if unknown:
+                raise InputError(
+                    f"model.init_args.train_only: {unknown} names no parameter of this model; give prefixes of its "
+                    f"parameter names, such as {sorted({n.split('.')[0] + '.' for n in names})}"
+                )
+            for name, parameter in self.model.named_parameters():
+                parameter.requires_grad_(name.startswith(tuple(train_only)))
         if regularizer is not None:
             regularizer.check(self.model.block)
         self.val_metrics, self.test_metrics = self.make_metrics(), self.make_metrics()
