@@ -15,6 +15,8 @@ MIXERS = {
     "sparse-local": dict(attention="sparse", mixer_options={"sparse": {"pattern": "local", "window": 3}}),
     "sparse-strided": dict(attention="sparse", mixer_options={"sparse": {"pattern": "strided", "stride": 3}}),
     "sparse-fixed": dict(attention="sparse", mixer_options={"sparse": {"pattern": "fixed", "stride": 4}}),
+    # the Llama family's settings: grouped-query attention, heads wider than d/h, Qwen's q/k norm and bias
+    "softmax-gqa": dict(attention="softmax", n_kv_heads=2, head_width=16, qk_norm=True, qkv_bias=True),
     "hybrid": dict(
         attention=["linear", "sparse", "softmax"],
         mixer_options={"linear": {"chunk_size": 4}, "sparse": {"pattern": "local", "window": 5}},
@@ -24,10 +26,20 @@ SHAPES = {
     "plain-3x1": dict(block_layers=3, loops=1),
     "looped-2x3": dict(block_layers=2, loops=3),
     "middle-1+3x2+1": dict(prelude_layers=1, block_layers=3, loops=2, coda_layers=1),
+    "relaxed-2x2": dict(block_layers=2, loops=2, lora_rank=3),  # per-loop LoRA: each loop's own W + B·A
 }
 
 
 def make(mixer: str, shape: str, pos_encoding: str = "rope") -> LoopedTransformer:
+    model = build(mixer, shape, pos_encoding)
+    if model.lora is not None:  # adapters that change every loop (fresh ones, B = 0, would change nothing)
+        with torch.no_grad():
+            for p in model.lora.parameters():
+                p.add_(0.3 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    return model
+
+
+def build(mixer: str, shape: str, pos_encoding: str = "rope") -> LoopedTransformer:
     return tiny_model(
         vocab_size=VOCAB,
         max_seq_len=MAX_LEN,

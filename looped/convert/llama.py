@@ -190,6 +190,8 @@ def read_weights(source: Source) -> Source:
     layers: list[dict[str, Tensor]] = [{} for _ in range(source.num_layers)]
     for name, tensor in tensors.items():
         tensor = tensor.float()
+        if name.endswith("rotary_emb.inv_freq"):  # older checkpoints saved RoPE's frequencies: they follow from θ
+            continue
         if match := LAYER.match(name):
             index, inner = int(match.group(1)), match.group(2)
             if inner not in LAYER_NAMES:

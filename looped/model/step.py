@@ -6,7 +6,7 @@ our forward) — calls ``LoopedTransformer.loop_step(x, LoopStep(...))``, and th
 place the block's k layers run. A ``LoopStep`` is everything an application depends on besides the
 hidden state: which loop it is, the loop's input (for input injection), the cache slot of each block
 layer, the padding, loop 1's keys (KV sharing) and which rows of the batch are active. What depends
-on the loop belongs there, once: a loop-indexed weight adapter reads ``step.loop``; a router that
+on the loop belongs there, once: the per-loop LoRA (``looped/model/lora.py``) reads ``step.loop``; a router that
 picks tokens gathers them there (``rows`` narrows whole batch rows only; a token router also needs each
 kept token's position, as ``RaggedSlot.positions`` gives depth-wise decoding).
 
