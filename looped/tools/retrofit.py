@@ -199,7 +199,9 @@ def summarise(args: argparse.Namespace, result: Recursive, model: LoopedTransfor
     c = result.config
     shape = ModelShape(c.block_layers, c.loops, c.prelude_layers, c.coda_layers)
     n = source.num_layers
-    kept = {*range(c.prelude_layers), *range(n - c.coda_layers, n), *(s for f in result.block_from for s in f)}
+    copied = {*range(c.prelude_layers), *range(n - c.coda_layers, n), *(s for f in result.block_from for s in f)}
+    replaced = sorted(set(result.stands_for) - copied)  # an application stands for them; the shared layer replaces
+    dropped = sorted(set(range(n)) - copied - set(result.stands_for))  # nothing stands for them
     lora = sum(p.numel() for p in model.lora.parameters()) if model.lora is not None else 0
     source_params = sum(v.numel() for layer in source.layers for v in layer.values())
     source_params += sum(v.numel() for k, v in source.globals.items() if not (k == "head.weight" and c.tie_embeddings))
@@ -209,7 +211,8 @@ def summarise(args: argparse.Namespace, result: Recursive, model: LoopedTransfor
         f"{c.n_kv_heads or c.n_heads} kv heads, licence {source.license or 'not stated'})",
         f"shape: {shape.name}, {c.unique_layers} layer(s) of weights, {c.effective_depth} layer applications",
         f"init: {args.init}; block layer j from source layers {result.block_from}; "
-        f"applications stand for {result.stands_for}; dropped: {sorted(set(range(n)) - kept) or 'none'}",
+        f"applications stand for {result.stands_for}; replaced by the shared layers: {replaced or 'none'}; "
+        f"dropped: {dropped or 'none'}",
         f"parameters kept: {own:,} of the source's {source_params:,} ({100 * own / source_params:.1f}%)",
     ]
     if result.distances:
