@@ -1,4 +1,6 @@
-"""``looped retrofit SOURCE OUT.ckpt --prelude P --block K --loops L --coda C --init INIT [--lora-rank R|full]``.
+"""``looped retrofit SOURCE OUT.ckpt --block K [...]``: a pretrained plain model, looped.
+
+Usage: ``looped retrofit SOURCE OUT.ckpt --prelude P --block K --loops L --coda C --init INIT [--lora-rank R|full]``.
 
 Loops a model you already have: SOURCE is a ``transformers`` folder (``LlamaForCausalLM``, ``Qwen2ForCausalLM``,
 ``Qwen3ForCausalLM``: config.json, safetensors, tokenizer) or one of our checkpoints of a plain ``(N⊗1)``. Its
@@ -234,7 +236,7 @@ def summarise(args: argparse.Namespace, result: Recursive, model: LoopedTransfor
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="looped retrofit", description=__doc__.split("\n\n")[1])
+    parser = argparse.ArgumentParser(prog="looped retrofit", description=__doc__.split("\n\n")[2])
     parser.add_argument("source", help="a transformers folder (Llama, Qwen2, Qwen3) or a looped .ckpt of a plain model")
     parser.add_argument("out", help="the checkpoint to write (OUT.ckpt)")
     parser.add_argument("--prelude", type=int, default=0, help="p: unshared layers before the loop (the first p)")
