@@ -150,6 +150,7 @@ LOAD_WITHOUT_LOOPED = textwrap.dedent(
 )
 
 
+@pytest.mark.slow  # spawns a process
 @pytest.mark.parametrize("name", ["smollm2-like", "llama3-like"])
 def test_llama_export_loads_without_looped_and_round_trips(name, tmp_path):
     save_source(tmp_path / "source", name)

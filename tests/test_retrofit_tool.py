@@ -102,6 +102,7 @@ def test_bad_flags_are_one_line_before_any_weight_is_read(smollm, tmp_path, monk
     assert "\n" not in str(err.value)
 
 
+@pytest.mark.slow  # spawns a process
 def test_an_unsupported_architecture_exits_2_with_one_line(tmp_path):
     (tmp_path / "config.json").write_text('{"architectures": ["GPT2LMHeadModel"]}')
     done = subprocess.run(
