@@ -60,12 +60,14 @@ def looped_fit(recipe: Path, launcher: list[str]) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("recipe")
-    parser.add_argument("overrides", nargs="*", help="recipe overrides, after --")
     parser.add_argument("--kills", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--first-step", type=int, default=1)
     parser.add_argument("--dir", default=None, help="where the two runs go (default: a temporary folder)")
-    args = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    overrides = argv[argv.index("--") + 1 :] if "--" in argv else []  # the recipe's overrides, after --
+    args = parser.parse_args(argv[: len(argv) - len(overrides) - ("--" in argv)])
+    args.overrides = overrides
 
     with tempfile.TemporaryDirectory() as scratch:
         out = Path(args.dir or scratch).absolute()

@@ -335,6 +335,12 @@ def test_a_chunk_lost_mid_training_is_named_with_the_command_that_prepares_it(tm
         PileDataModule(
             path=str(data_dir), seq_len=16, batch_size=2, num_workers=0, val_batches=1, primitives_size=0
         ).train_dataloader()
+    # a chunk cut short (a copy interrupted) is named with its size, before any step
+    again = prepared_pile(tmp_path / "again", shards=2, per_shard=60, val_fraction=0.1, workers=1)
+    chunk = sorted((again / "train").glob("chunk-*.bin"))[2]
+    chunk.write_bytes(chunk.read_bytes()[:100])
+    with pytest.raises(InputError, match=rf"chunk {chunk} is truncated \(100 of \d+ bytes\); prepare the data"):
+        PileDataModule(path=str(again), seq_len=16, batch_size=2, val_batches=1, primitives_size=0).train_dataloader()
 
 
 def test_simulated_faults_plan_is_seeded_and_increasing():

@@ -13,8 +13,11 @@ then has rank 0 publish it with a rename. The checkpoint it replaces stays on di
 Lightning writes a single file through an fsspec transaction whose temporary file lives in the
 system's temporary folder, so the final ``shutil.move`` is a copy when that is another filesystem;
 and ``ModelParallelStrategy`` writes its shards *into* an existing folder. Neither survives a kill in
-the middle (issue 34); both survive it here. Files are fsync'ed before they are published, so a lost
-node does not publish a checkpoint that was still in its page cache.
+the middle (issue 34); both survive it here. A kill (SIGKILL, the OOM killer, a pre-emption) leaves
+the operating system's page cache to finish the write; a power loss or a kernel crash does not, and
+``fsync=True`` syncs the files before they are published for that (torch.distributed.checkpoint already
+syncs its shards; a single file costs 1.7x Lightning's save time with it on this machine's disk, 1.07x
+without: docs/benchmarks.md).
 
 A full disk during a save (ENOSPC) removes the partial write and raises ``CheckpointWriteError`` (an
 ``InputError``: one line, exit status 2) naming the checkpoint that is still intact.
@@ -58,11 +61,18 @@ def kept_name(step: int) -> str:
     return f"last-step={step:07d}.ckpt"
 
 
-def save_checkpoint(trainer: Any, path: str | Path, weights_only: bool = False, keep_as: str | Path | None = None):
+def save_checkpoint(
+    trainer: Any,
+    path: str | Path,
+    weights_only: bool = False,
+    keep_as: str | Path | None = None,
+    fsync: bool = False,
+) -> None:
     """``trainer.save_checkpoint(path)``, crash-safe: written as ``.NAME.partial``, renamed once every rank is done.
 
-    ``keep_as``: rename the checkpoint ``path`` held until now to this name instead of deleting it. Every rank
-    calls this (as it calls ``trainer.save_checkpoint``).
+    ``keep_as``: rename the checkpoint ``path`` held until now to this name instead of deleting it. ``fsync``:
+    sync the files to the disk before publishing (survives a power loss too). Every rank calls this (as it calls
+    ``trainer.save_checkpoint``).
     """
     path = Path(path)
     partial = partial_path(path)
@@ -88,13 +98,14 @@ def save_checkpoint(trainer: Any, path: str | Path, weights_only: bool = False, 
     if trainer.is_global_zero:
         for logger in trainer.loggers:  # what was logged up to here reaches the disk with the checkpoint
             logger.save()
-        publish(partial, path, keep_as)
+        publish(partial, path, keep_as, fsync)
     strategy.barrier("looped.save_checkpoint:published")
 
 
-def publish(partial: Path, path: Path, keep_as: str | Path | None = None) -> None:
+def publish(partial: Path, path: Path, keep_as: str | Path | None = None, fsync: bool = False) -> None:
     """Give the complete ``partial`` the name ``path``; the old ``path`` is kept as ``keep_as`` or deleted."""
-    sync(partial)
+    if fsync:
+        sync(partial)
     if keep_as is not None and path.exists():
         os.replace(path, keep_as)
     if partial.is_dir() or path.is_dir():
@@ -103,11 +114,11 @@ def publish(partial: Path, path: Path, keep_as: str | Path | None = None) -> Non
         if path.exists():
             os.replace(path, previous)
         os.replace(partial, path)
-        sync_folder(path.parent)
         remove(previous)
     else:
         os.replace(partial, path)  # atomic: the name holds the old checkpoint or the new one
-        sync_folder(path.parent)
+    if fsync:
+        sync_folder(path.parent)  # the renames, on the disk
 
 
 def remove(path: Path) -> None:
