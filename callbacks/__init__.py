@@ -2,6 +2,8 @@
 
 from looped.callbacks.adaptive_exit import AdaptiveExit
 from looped.callbacks.block_cosine import BlockCosineSimilarity
+from looped.callbacks.checkpoint import Checkpoint
+from looped.callbacks.faults import SimulatedFaults
 from looped.callbacks.interrupt import InterruptCheckpoint
 from looped.callbacks.isoplot import IsoplotRecorder
 from looped.callbacks.loop_dynamics import LoopDynamics
@@ -11,9 +13,11 @@ from looped.callbacks.stacking import GradualStacking
 __all__ = [
     "AdaptiveExit",
     "BlockCosineSimilarity",
+    "Checkpoint",
     "GradualStacking",
     "InterruptCheckpoint",
     "IsoplotRecorder",
     "LoopDynamics",
     "PerLoopAccuracy",
+    "SimulatedFaults",
 ]

@@ -11,6 +11,9 @@ Lightning's ``OnExceptionCheckpoint`` does the saving but needs its directory
 when the recipe is parsed — before the run's versioned directory exists — and
 its presence turns ``fit(ckpt_path=None)`` into ``fit(ckpt_path="last")``.
 This callback finds the directory at train start instead and changes nothing else.
+
+The save is crash-safe (``looped.training.saving``): a second kill during it leaves the checkpoints
+before it intact. After a full disk (``CheckpointWriteError``) it does not try to write again.
 """
 
 from __future__ import annotations
@@ -20,6 +23,9 @@ import os
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info
+
+from looped.errors import exception_chain
+from looped.training.saving import CheckpointWriteError, save_checkpoint
 
 
 class InterruptCheckpoint(L.Callback):
@@ -52,7 +58,9 @@ class InterruptCheckpoint(L.Callback):
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         if trainer.state.fn != "fit" or self.ckpt_path is None or trainer.global_step == 0:
             return
-        trainer.save_checkpoint(self.ckpt_path)
+        if any(isinstance(e, CheckpointWriteError) for e in exception_chain(exception)):
+            return  # the disk is full: a second write would fail too, and hide the first error
+        save_checkpoint(trainer, self.ckpt_path)
         rank_zero_info(
             f"Training stopped ({type(exception).__name__}) at step {trainer.global_step}; saved {self.ckpt_path}. "
             f"Resume with --ckpt_path {self.ckpt_path}"

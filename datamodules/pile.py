@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from itertools import islice
 from typing import Any
 
@@ -160,6 +161,10 @@ class PileDataModule(L.LightningDataModule):
         from litdata import StreamingDataset
         from litdata.streaming.item_loader import TokensLoader
 
+        if "://" not in self.path:  # a chunk lost or cut short since `looped prepare`: say which, before any step
+            damaged = damaged_chunks(f"{self.path}/{split}")
+            if damaged:
+                raise InputError(chunk_message(damaged[0], self.path, more=len(damaged) - 1))
         try:
             return StreamingDataset(
                 f"{self.path}/{split}",
@@ -242,6 +247,43 @@ class PileDataModule(L.LightningDataModule):
             self._train_loader.load_state_dict(state)
         else:
             self._pending_state = state
+
+
+def damaged_chunks(folder: str) -> list[str]:
+    """The chunks litdata's ``index.json`` in ``folder`` lists that are missing or shorter than it says, as
+    ``"PATH is missing"`` / ``"PATH is truncated (N of M bytes)"``; empty when every chunk is whole."""
+    index_path = os.path.join(folder, "index.json")
+    if not os.path.isfile(index_path):
+        return []  # litdata names a folder without its index itself
+    damaged = []
+    for chunk in json.loads(read_text(index_path)).get("chunks", []):
+        path = os.path.join(folder, chunk["filename"])
+        if not os.path.exists(path):
+            damaged.append(f"{path} is missing")
+        elif os.path.getsize(path) < chunk.get("chunk_bytes", 0):
+            damaged.append(f"{path} is truncated ({os.path.getsize(path)} of {chunk['chunk_bytes']} bytes)")
+    return damaged
+
+
+def chunk_message(damaged: str, data_path: str, more: int = 0) -> str:
+    """One line for a damaged chunk: which file, and the command that prepares its split again."""
+    also = f" (and {more} more)" if more else ""
+    return (
+        f"data.path: the prepared chunk {damaged}{also}; prepare the data again with the command that wrote it, "
+        f"`looped prepare pile --input SHARDS --output {data_path}` (or `looped prepare text ...`): it rewrites a "
+        "damaged split. A resumed run continues from its checkpoint's data position"
+    )
+
+
+def chunk_error(error: BaseException) -> str | None:
+    """The line for litdata's failure to read a chunk mid-training (a worker's error names it), else None."""
+    found = re.search(r"waiting for chunk (\S+?\.bin)", str(error))
+    if found is None:
+        return None
+    path = found.group(1)
+    folder = os.path.dirname(path)
+    damaged = [d for d in damaged_chunks(folder) if d.startswith(path + " ")]
+    return chunk_message(damaged[0] if damaged else f"{path} could not be read", os.path.dirname(folder))
 
 
 def shifted_pairs(blocks: list[torch.Tensor]) -> dict[str, torch.Tensor]:

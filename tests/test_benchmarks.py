@@ -119,6 +119,7 @@ def test_gpu_check_dry_run_runs_every_path_on_the_cpu():
 # added without a row here fails test_every_benchmark_has_a_toy_run, so none can rot unseen.
 TOY_RUNS = {
     "attention_scaling.py": ["--d-model", "32", "--seq-lens", "16", "32", "--repeats", "1"],
+    "checkpoint_save.py": ["--d-model", "32", "--layers", "1", "--rounds", "2"],
     "cot_generation.py": [],
     "datagen.py": ["--seconds", "0.2", "--floor-steps", "20", "--only", "NaryAddition"],
     "decode.py": ["--d-model", "32", "--prompt-len", "4", "--new-tokens", "4", "--vocab", "11", "--rounds", "1"],
@@ -127,6 +128,19 @@ TOY_RUNS = {
     "loop_overhead.py": ["--d-model", "32", "--seq-len", "16", "--batch", "2", "--rounds", "2"],
     "per_loop_eval.py": ["--d-model", "32", "--seq-len", "16", "--batch", "2", "--vocab", "11", "--rounds", "2"],
     "plan_pile.py": ["--only", "pile/4x1.yaml"],
+    "soak.py": [
+        str(ROOT / "recipes" / "quickstart.yaml"),
+        "--kills",
+        "2",
+        "--first-step",
+        "3",
+        "--",
+        "--trainer.max_steps=12",
+        "--trainer.val_check_interval=6",
+        "--model.init_args.config.d_model=32",
+        "--data.init_args.val_size=64",
+        "--data.init_args.test_size=64",
+    ],
     "self_speculative.py": ["--d-model", "32", "--prompt-len", "4", "--new-tokens", "8", "--loops", "3", "--hf"],
 }
 NEEDS = {"lm_throughput.py": "litgpt"}  # compared against a library that is not a dependency of the project

@@ -29,6 +29,7 @@ import yaml
 from lightning.pytorch.accelerators import CUDAAccelerator, MPSAccelerator
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.strategies import ModelParallelStrategy
+from lightning.pytorch.utilities import rank_zero_info
 
 from looped.cli.errors import one_line_errors, take_debug_flag, user_message
 from looped.cli.help import lightning_help, looped_help, run_help
@@ -36,8 +37,10 @@ from looped.cli.user_code import user_class_error, user_code_importable
 from looped.contract import DataModuleContract, check_data_module
 from looped.errors import InputError, exception_chain
 from looped.tools.eval_table import print_eval_table
-from looped.training.checkpoint import check_same_data, check_same_model, is_local_path, read_checkpoint
+from looped.training.checkpoint import AUTO, check_same_data, check_same_model, is_local_path, read_checkpoint
 from looped.training.module import LoopedLM, transformer_on_meta
+from looped.training.parallel import join_after_restart
+from looped.training.saving import find_resume
 
 # ``looped TOOL ...`` subcommands beside LightningCLI's own: the module whose ``main(argv)`` runs each.
 TOOLS = {
@@ -81,13 +84,39 @@ class LoopedCLI(LightningCLI):
         super().parse_arguments(parser, args)
         subcommand = self.config.get("subcommand")
         config = self.config.get(subcommand) if subcommand else None
-        if config is None or not is_local_path(config.get("ckpt_path")):
+        if config is None:
             return
-        self.checkpoint = read_checkpoint(config["ckpt_path"])
         model_config = config.get("model", {}).get("init_args", {}).get("config")
         if model_config is not None:
-            as_dict = model_config.as_dict() if hasattr(model_config, "as_dict") else dict(model_config)
-            check_same_model(self.checkpoint, as_dict, config["ckpt_path"])
+            model_config = model_config.as_dict() if hasattr(model_config, "as_dict") else dict(model_config)
+        if config.get("ckpt_path") == AUTO:
+            self._resume_automatically(config, model_config)
+        if not is_local_path(config.get("ckpt_path")):
+            return
+        self.checkpoint = read_checkpoint(config["ckpt_path"])
+        if model_config is not None:
+            check_same_model(self.checkpoint, model_config, config["ckpt_path"])
+
+    def _resume_automatically(self, config, model_config: dict[str, Any] | None) -> None:
+        """``--ckpt_path auto``: the run's newest complete checkpoint, in the run's own ``version_N`` and log.
+
+        A restarted job (``torchrun --max-restarts``, SLURM's requeue) re-runs the same command; this makes that
+        command continue the run it restarts instead of starting a new ``version_N+1`` from step 0.
+        """
+        trainer = config.get("trainer") or {}
+        run_dir, logger_args, folders = run_location(trainer)
+        found = find_resume(run_dir, model_config, folders)
+        for line in found.skipped:
+            rank_zero_info(f"--ckpt_path auto: passed over {line}")
+        if found.path is None:
+            config["ckpt_path"] = None
+            rank_zero_info(f"--ckpt_path auto: no complete checkpoint of {run_dir} yet; starting a fresh run")
+            return
+        config["ckpt_path"] = str(found.path)
+        if found.version is not None and logger_args is not None:
+            logger_args["version"] = found.version  # the same version_N folder: its log continues
+        self.save_config_kwargs["overwrite"] = True  # that run's config.yaml, rewritten by the same command
+        rank_zero_info(f"--ckpt_path auto: resuming {found.path} (step {found.step})")
 
     def instantiate_classes(self) -> None:
         """Under ``ModelParallelStrategy``, build the transformer on the meta device (``transformer_on_meta``).
@@ -121,6 +150,9 @@ class LoopedCLI(LightningCLI):
     def after_instantiate_classes(self) -> None:
         if self.checkpoint is not None and isinstance(self.model, LoopedLM):
             check_same_data(self.checkpoint, self.datamodule, self.model.config)
+
+    def before_fit(self) -> None:
+        join_after_restart(self.trainer.strategy)  # torchrun --max-restarts: the restarted job's own group
 
     def instantiate_trainer(self, **kwargs):
         if self.subcommand is not None:  # a run, not a recipe built to be inspected (run=False)
@@ -167,6 +199,30 @@ def evaluate(trainer: L.Trainer, fn: str, verbose: bool = True, **kwargs) -> lis
             title=f"{fn}: " + (f"checkpoint {ckpt}" if ckpt else "the weights in memory"),
         )
     return results
+
+
+def run_location(trainer: dict[str, Any]) -> tuple[Path, Any, list[Path]]:
+    """Where a recipe's run keeps its versions (``save_dir/name`` of its logger), the logger's arguments (to set its
+    ``version``; None without a logger of that kind) and the checkpoint folders its callbacks name themselves."""
+    root = Path(trainer.get("default_root_dir") or ".")
+    logger = trainer.get("logger")
+    logger_args = logger.get("init_args") if hasattr(logger, "get") else None
+    if logger_args is not None:
+        run_dir = Path(logger_args.get("save_dir") or root) / str(logger_args.get("name") or "")
+        version = logger_args.get("version")
+        if version is not None:  # a version the recipe fixes: only that one
+            folder = f"version_{version}" if isinstance(version, int) else str(version)
+            return run_dir, None, [run_dir / folder / "checkpoints"]
+    else:  # Lightning's default logger (runs in default_root_dir/lightning_logs), or none (default_root_dir)
+        run_dir = root / "lightning_logs" if logger is None or logger is True else root
+    folders = []
+    for callback in trainer.get("callbacks") or []:
+        dirpath = callback.get("init_args", {}).get("dirpath") if hasattr(callback, "get") else None
+        if dirpath:
+            folders.append(Path(dirpath))
+    if logger is False:
+        folders.append(root / "checkpoints")
+    return run_dir, logger_args, folders
 
 
 def data_eos_id(data: DataModuleContract) -> int | None:

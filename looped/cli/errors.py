@@ -39,6 +39,7 @@ import jsonargparse
 import yaml
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 
+from looped.datamodules.pile import chunk_error
 from looped.errors import InputError, exception_chain, find_input_error
 
 PROG = "looped"
@@ -106,6 +107,9 @@ def user_message(error: BaseException, argv: list[str]) -> str | None:
     misconfigured = next((e for e in chain if isinstance(e, MisconfigurationException)), None)
     if misconfigured is not None:
         return str(misconfigured)
+    chunk = next((line for line in map(chunk_error, chain) if line), None)
+    if chunk is not None:  # litdata could not read a prepared chunk mid-training (lost or cut short)
+        return chunk
     if not isinstance(error, argparse.ArgumentError):
         return None
     # jsonargparse reports every exception raised while it checks a value as a parse error;

@@ -144,6 +144,8 @@ def prepare_dataset(
     import litdata
     from litdata.streaming.item_loader import TokensLoader
 
+    from looped.datamodules.pile import damaged_chunks
+
     if not 0.0 < val_fraction < 1.0:
         raise ValueError(f"--val-fraction must be in (0, 1), got {val_fraction}")
     tokenizer = load_tokenizer(tokenizer_path)
@@ -184,6 +186,12 @@ def prepare_dataset(
     for split in SPLITS:
         done = manifest["splits"][split]["sources"]
         todo = [s for s in sources if s not in done]
+        damaged = damaged_chunks(str(out / split)) if not todo else []
+        if damaged:  # a chunk lost or cut short since: litdata numbers chunks across a split, so redo all of it
+            more = f" (and {len(damaged) - 1} more)" if len(damaged) > 1 else ""
+            print(f"{split}: {damaged[0]}{more}; preparing the split again")
+            done.clear()
+            todo = list(sources)
         if not todo:
             print(f"{split}: all {len(sources)} sources already prepared in {out / split}")
             continue

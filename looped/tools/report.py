@@ -114,6 +114,16 @@ def read_scalars(version_dir: Path) -> dict[str, list[tuple[int, float]]]:
     return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
 
 
+def logged_by_step(run_dir: Path, tag: str) -> dict[int, list[float]]:
+    """Every value of ``tag`` the versions of ``run_dir`` logged, by step; a run restarted from a checkpoint logs the
+    steps it redoes again, so a step may hold several values (in the order they were logged)."""
+    found: dict[int, list[float]] = {}
+    for version_dir in sorted(Path(run_dir).glob("version_*")):
+        for step, value in read_scalars(version_dir).get(tag, []):
+            found.setdefault(step, []).append(value)
+    return found
+
+
 def training_variant(model_args: dict) -> str:
     """How a run's training departs from plain looping, in words ('' when it does not)."""
     parts = []

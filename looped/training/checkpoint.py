@@ -28,8 +28,11 @@ import torch
 
 from looped.errors import MODEL_CONFIG, InputError
 
-SPECIAL_PATHS = ("last", "best", "hpc")
-"""``ckpt_path`` values Lightning resolves itself (and ``registry:...``); nothing to read here."""
+AUTO = "auto"
+"""``--ckpt_path auto``: the run's newest complete checkpoint (``looped.training.saving.find_resume``)."""
+SPECIAL_PATHS = ("last", "best", "hpc", AUTO)
+"""``ckpt_path`` values resolved elsewhere (Lightning resolves all but ``auto``; and ``registry:...``): nothing to
+read here."""
 SHARDED_META = "meta.pt"
 """Lightning's non-tensor state in a sharded checkpoint folder (``lightning.fabric.utilities.load``)."""
 SHARDED_INDEX = ".metadata"

@@ -131,3 +131,42 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         name: (t.full_tensor() if isinstance(t, DTensor) else t).detach().cpu().clone()
         for name, t in model.state_dict().items()
     }
+
+
+def join_after_restart(strategy) -> bool:
+    """Form the process group of a job ``torchrun --max-restarts`` restarted, under a key prefix of its own.
+
+    torchrun's c10d rendezvous (``--standalone``, ``--rdzv-backend c10d``) keeps one store for the whole job
+    and tells the workers to use it (``TORCHELASTIC_USE_AGENT_STORE``). After a restart, the new workers can
+    read the addresses the dead workers published there, and gloo then waits forever to connect to them
+    (seen with torch 2.14: both ranks stuck in ``connectFullMesh`` after one rank was killed). Lightning
+    initialises the group with those defaults; this initialises it first, the same way but with the
+    restart's own prefix (``looped/restart_N``), and Lightning then uses it. Returns whether it did.
+    """
+    import os
+    from datetime import timedelta
+
+    import torch.distributed as dist
+    from lightning.fabric.utilities.distributed import _get_default_process_group_backend_for_device
+
+    restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if restart == 0 or world_size < 2 or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return False
+    if not dist.is_available() or dist.is_initialized() or not hasattr(strategy, "root_device"):
+        return False
+    timeout = getattr(strategy, "_timeout", None) or timedelta(minutes=30)
+    store = dist.TCPStore(
+        os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size, is_master=False, timeout=timeout
+    )
+    backend = getattr(strategy, "process_group_backend", None) or _get_default_process_group_backend_for_device(
+        strategy.root_device
+    )
+    dist.init_process_group(
+        backend,
+        store=dist.PrefixStore(f"looped/restart_{restart}", store),
+        rank=int(os.environ["RANK"]),
+        world_size=world_size,
+        timeout=timeout,
+    )
+    return True
