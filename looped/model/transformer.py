@@ -30,6 +30,7 @@ from looped.decoding import greedy
 from looped.model.cache import DecodeCache, LayerCache, RaggedSlot, RowSlot, SharedKV
 from looped.model.config import LoopedConfig
 from looped.model.mixers import Padding, RotaryEmbedding, build_mixer
+from looped.model.router import Router
 from looped.model.step import DecodeSlots, LoopStep, Slot
 
 
@@ -137,6 +138,7 @@ class LoopedTransformer(nn.Module):
         if config.tie_embeddings:
             self.head.weight = self.embed.weight
         self.exit_gate = nn.Linear(config.d_model, 1) if config.exit_gate else None
+        self.router = Router(config) if config.router != "none" else None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -225,8 +227,10 @@ class LoopedTransformer(nn.Module):
         loop_input, shared = x, self.shared_kv()
         loop_states, read = [], x
         first_with_grad = 0 if grad_loops is None else max(0, loops - grad_loops)
+        routing = None if self.router is None else self.router.begin(padding, loops)
         for n in range(1, loops + 1):
-            step = LoopStep(n, loop_input, None if slots is None else slots.loops[n - 1], padding, shared)
+            slot = None if slots is None else slots.loops[n - 1]
+            step = LoopStep(n, loop_input, slot, padding, shared, routing=routing)
             with torch.set_grad_enabled(torch.is_grad_enabled() and n > first_with_grad):
                 x = self.loop_step(x, step)
             if return_loop_states:
@@ -243,11 +247,15 @@ class LoopedTransformer(nn.Module):
         block's k layers with their cache slots, padding and shared keys. The only place the block is applied
         (``looped.model.step``); without a ``step``, one plain application (loop 1, no cache)."""
         step = LoopStep() if step is None else step
+        full, selection = x, None
+        if step.routing is not None:  # a router's tokens only: gathered, run, scattered back weighted
+            selection = step.routing.select(x, step.loop)
+            x, step = selection.gather(x), selection.narrow(step)
         if self.config.input_injection == "add":
             x = inject(x, step.loop_input, step.loop)
         for layer, (slot, kv) in zip(self.block, step.layer_slots(len(self.block)), strict=True):
             x = layer(x, self.rope, slot, step.padding, kv)
-        return x
+        return x if selection is None else selection.scatter(full, x)
 
     def run_layers(
         self, layers: nn.ModuleList, x: Tensor, slots: Sequence[Slot] | None, padding: Padding | None = None
@@ -333,18 +341,49 @@ class LoopedTransformer(nn.Module):
     # Greedy decoding with a cache, every token at full depth or stopping at its own loop (its docstring says how).
     generate = greedy.generate
 
-    def flops_per_token(self, seq_len: int, loops: int | None = None) -> int:
+    def flops_per_token(self, seq_len: int, loops: int | None = None) -> float:
         """Matmul FLOPs of one *forward* pass per token, counting the block ``loops`` times.
 
         Per layer application: Q, K, V, O (``8d²``), the FFN (``4df``, ``6df`` for
         SwiGLU) and attention scores and values (``4td``, counted over the full
         ``t × t`` square as SDPA's FLOP formula does). Plus the head (``2dv``).
         Training costs three times this (backward = 2 × forward).
+
+        With a router (``LoopedConfig.router``) loop n runs on ``m_n`` of the ``t`` tokens, attention over
+        those ``m_n`` (``routed_tokens``), plus the routers' own ``2d`` per scored token and output.
         """
         c = self.config
+        loops = c.loops if loops is None else loops
         ffn = (6 if c.activation == "swiglu" else 4) * c.d_model * c.d_ff
-        per_layer = 8 * c.d_model**2 + ffn + 4 * seq_len * c.d_model
-        return self.applications(loops) * per_layer + 2 * c.d_model * c.vocab_size
+
+        def per_layer(t: int) -> int:
+            return 8 * c.d_model**2 + ffn + 4 * t * c.d_model
+
+        unshared = (c.prelude_layers + c.coda_layers) * per_layer(seq_len) + 2 * c.d_model * c.vocab_size
+        if self.router is None:
+            return unshared + c.block_layers * loops * per_layer(seq_len)
+        tokens = self.routed_tokens(seq_len, loops)
+        block = sum(c.block_layers * m * per_layer(m) for m in tokens)
+        if c.router == "expert_choice":  # loop n scores the tokens loop n-1 kept (a second router: twice)
+            scorers = 1 if c.router_aux_loss == "bce" else 2
+            routers = scorers * 2 * c.d_model * sum([seq_len, *tokens[:-1]])
+        else:  # one logit per depth, once, for every token
+            routers = 2 * c.d_model * c.loops * seq_len
+        return unshared + (block + routers) / seq_len
+
+    def routed_tokens(self, seq_len: int, loops: int | None = None) -> list[int]:
+        """Tokens each loop runs on per sequence: expert-choice's ``ceil(c_n · t)`` from the capacity schedule
+        (as warmed up now); token-choice's from the last forward (its depths depend on the data)."""
+        loops = self.config.loops if loops is None else loops
+        if self.router is None:
+            return [seq_len] * loops
+        if self.config.router == "token_choice":
+            return self.router.tokens_per_loop[:loops]
+        tokens, kept = [], seq_len
+        for capacity in self.router.capacities()[:loops]:
+            kept = min(kept, max(1, math.ceil(capacity * seq_len)))
+            tokens.append(kept)
+        return tokens
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
