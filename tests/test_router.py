@@ -13,6 +13,7 @@ from conftest import tiny_model, tiny_module
 from looped import LoopedConfig, LoopedTransformer
 from looped.errors import InputError
 from looped.model import mixers
+from looped.model.cache import DecodeCache
 
 SHAPE = dict(max_seq_len=16, d_model=32, n_heads=4, d_ff=64, block_layers=2, loops=3)
 
@@ -260,3 +261,86 @@ def test_a_mixer_that_cannot_take_gathered_tokens_is_refused(monkeypatch):
 def test_the_router_changes_nothing_by_default():
     assert LoopedConfig(vocab_size=7, max_seq_len=16).router == "none"
     assert make().router is None and "router." not in "".join(make().state_dict())
+
+
+ROUTERS = [
+    {"router": "expert_choice", "router_capacity": [1.0, 0.5, 0.25]},
+    {"router": "expert_choice", "router_aux_loss": "stop_grad", "prelude_layers": 1, "coda_layers": 1},
+    {"router": "token_choice", "input_injection": "add"},
+]
+
+
+def deciding(fields: dict) -> LoopedTransformer:
+    """A routed model whose causal decisions keep some tokens and drop others at every loop."""
+    model = make(**fields)
+    with torch.no_grad():
+        for scorer in (model.router.score, model.router.causal):
+            for name, p in [] if scorer is None else scorer.named_parameters():
+                p.zero_() if name.endswith("bias") else p.normal_(generator=torch.Generator().manual_seed(5))
+    return model
+
+
+@pytest.mark.parametrize("fields", ROUTERS)
+def test_causal_routing_never_looks_ahead(fields):
+    """With the causal decisions, changing tokens after t changes no logit at t, though the tokens differ
+    in which loops they run (some kept, some not)."""
+    model = deciding(fields)
+    x = tokens(model)
+    y = x.clone()
+    y[:, 9:] = (y[:, 9:] + 1) % model.config.vocab_size
+    with model.router.deciding("causal"):
+        a, b = model(x), model(y)
+        kept = model.router.tokens_per_loop
+    torch.testing.assert_close(a[:, :9], b[:, :9], rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(a[:, 9:], b[:, 9:])
+    assert any(0 < m < 16 for m in kept), kept
+
+
+@pytest.mark.parametrize("fields", ROUTERS)
+@pytest.mark.parametrize("padded", [False, True])
+def test_decoding_with_the_router_gives_the_tokens_of_a_full_forward_per_step(fields, padded):
+    """``generate(exit='router')`` over the cache (each loop's slots show only its tokens' keys) against the
+    causal full forward re-run over the whole sequence for every new token."""
+    model = deciding(fields)
+    prompt = tokens(model, batch=3, length=6)
+    mask = None
+    if padded:  # the first row left-padded by two
+        mask = torch.ones_like(prompt)
+        mask[0, :2] = 0
+    out = model.generate(prompt, max_new_tokens=8, exit="router", attention_mask=mask)
+    seq = prompt
+    with model.router.deciding("causal"):
+        for _ in range(8):
+            seq = torch.cat([seq, model(seq, attention_mask=grown(mask, seq))[:, -1:].argmax(-1)], dim=1)
+        assert torch.equal(out, seq)
+        # the logits too, position by position: the cache's prefill and steps against one full forward
+        cache = DecodeCache(out.shape[1])
+        steps = [model(prompt, cache=cache, attention_mask=mask)]
+        for i in range(6, out.shape[1] - 1):
+            steps.append(model(out[:, i : i + 1], cache=cache, attention_mask=grown(mask, out[:, : i + 1])))
+        full = model(out[:, :-1], attention_mask=grown(mask, out[:, :-1]))
+        kept = cache.routed[:, :, : out.shape[1] - 1].float().mean().item()
+    real = slice(None) if mask is None else grown(mask, out[:, :-1]).bool()
+    torch.testing.assert_close(torch.cat(steps, 1)[real], full[real], rtol=1e-5, atol=1e-5)
+    assert 0.1 < kept < 0.9  # loops ran on some tokens and not on others
+
+
+def grown(mask: torch.Tensor | None, seq: torch.Tensor) -> torch.Tensor | None:
+    """A prompt's padding mask extended with ones over the tokens after it."""
+    return None if mask is None else F.pad(mask, (0, seq.shape[1] - mask.shape[1]), value=1)
+
+
+def test_decoding_a_routed_model_takes_the_router_exit_and_expert_choice_needs_its_causal_router():
+    model = make(router="expert_choice", router_capacity=0.5)
+    prompt = tokens(model, length=4)
+    with pytest.raises(ValueError, match="exit='router'"):
+        model.generate(prompt, max_new_tokens=2)
+    with pytest.raises(ValueError, match="exit='router'"):
+        model.generate(prompt, max_new_tokens=2, exit="entropy_0.5")
+    with pytest.raises(ValueError, match="exit='router'"):  # the top-k forward refuses a decode cache itself
+        model(prompt, cache=DecodeCache(8))
+    with pytest.raises(ValueError, match="has none"):
+        make().generate(prompt, max_new_tokens=2, exit="router")
+    untrained = make(router="expert_choice", router_aux_weight=0.0)
+    with pytest.raises(InputError, match=r"^model\.init_args\.config\.router_aux_weight: .*router_aux_weight > 0"):
+        untrained.generate(prompt, max_new_tokens=2, exit="router")

@@ -227,7 +227,7 @@ class LoopedTransformer(nn.Module):
         loop_input, shared = x, self.shared_kv()
         loop_states, read = [], x
         first_with_grad = 0 if grad_loops is None else max(0, loops - grad_loops)
-        routing = None if self.router is None else self.router.begin(padding, loops)
+        routing = None if self.router is None else self.router.begin(padding, loops, cache)
         for n in range(1, loops + 1):
             slot = None if slots is None else slots.loops[n - 1]
             step = LoopStep(n, loop_input, slot, padding, shared, routing=routing)
