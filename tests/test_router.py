@@ -344,3 +344,17 @@ def test_decoding_a_routed_model_takes_the_router_exit_and_expert_choice_needs_i
     untrained = make(router="expert_choice", router_aux_weight=0.0)
     with pytest.raises(InputError, match=r"^model\.init_args\.config\.router_aux_weight: .*router_aux_weight > 0"):
         untrained.generate(prompt, max_new_tokens=2, exit="router")
+
+
+@pytest.mark.parametrize("fields", ROUTERS)
+def test_loops_past_the_trained_depth_reuse_the_last_loop_decision(fields):
+    """Evaluation's extra loops: the first L loops' states are those of the trained depth; later loops still
+    run on routed tokens only (expert-choice: the last loop's router and capacity again)."""
+    model = deciding(fields)
+    x = tokens(model)
+    _, trained = model(x, return_loop_states=True)
+    _, deeper = model(x, loops=5, return_loop_states=True)
+    for a, b in zip(trained, deeper[:3], strict=False):
+        torch.testing.assert_close(a, b)
+    tokens_run = model.router.tokens_per_loop
+    assert tokens_run[2:] == [tokens_run[2]] * 3  # the last loop's share, again

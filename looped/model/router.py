@@ -17,6 +17,9 @@ A kept token's update is weighted by its router score: ``x + w · (block(x) − 
 its logit (expert-choice) or the softmax probability of its depth (token-choice), which is how the
 router's choice gets a gradient. Both add a z-loss (the squared log-sum-exp of the logits).
 
+Run past the trained L (``forward(loops=...)``, evaluation's extra loops), expert-choice reuses its last
+loop's router and capacity, and a token-choice token of depth L takes every further loop.
+
 ``Routing`` is one forward's state (what is active, the losses so far); ``LoopedTransformer.loop_step``
 asks it for a ``Selection`` per loop, runs the block on the gathered tokens and scatters them back.
 
@@ -93,10 +96,6 @@ class Router(nn.Module):
 
     def begin(self, padding: Padding | None, loops: int, cache: DecodeCache | None = None) -> Routing:
         """One forward's ``Routing`` (``cache``: decoding, which must not look ahead)."""
-        if loops > self.loops:
-            raise ValueError(
-                f"a router trained for loops={self.loops} has no decision for loop {loops}; run at most {self.loops}"
-            )
         if cache is not None and self.kind == "expert_choice" and self.decide != "causal":
             raise ValueError(
                 "expert-choice routing takes the top-k of a whole sequence, which decoding has not seen yet; "
@@ -213,15 +212,16 @@ class Routing:
         router = self.router
         active = self.active
         candidates = x if active is None else take(x, active, False)  # [b m d]
-        logits = router.score[loop - 1](candidates).squeeze(-1).float()  # [b m]
+        n = min(loop, router.loops) - 1  # past the trained L (evaluation's extra loops): the last loop's router
+        logits = router.score[n](candidates).squeeze(-1).float()  # [b m]
         t, m = x.shape[1], candidates.shape[1]
-        k = min(m, max(1, math.ceil(router.capacities()[loop - 1] * t)))
+        k = min(m, max(1, math.ceil(router.capacities()[n] * t)))
         top = logits.topk(k, dim=-1).indices.sort(dim=-1).values  # [b k] into the candidates, causal order
         index = top if active is None else active.gather(1, top)
         member = torch.zeros_like(logits).scatter(1, top, 1.0)
         learner = logits
         if router.causal is not None:  # a second router learns the decision from states it cannot change
-            learner = router.causal[loop - 1](candidates.detach()).squeeze(-1).float()
+            learner = router.causal[n](candidates.detach()).squeeze(-1).float()
         self.aux.append(F.binary_cross_entropy_with_logits(learner, member))
         self.z.append(logits.square().mean())  # log-sum-exp of one logit is the logit
         self.disagreement.append(((learner > 0) != member.bool()).float().mean().detach())
@@ -233,8 +233,9 @@ class Routing:
     def causal_choice(self, x: Tensor, loop: int) -> tuple[Tensor, Tensor]:
         """Expert-choice without looking ahead: a still-active token goes on when its learning router says so."""
         router = self.router
-        logits = router.score[loop - 1](x).squeeze(-1).float()  # [b t]
-        learner = logits if router.causal is None else router.causal[loop - 1](x).squeeze(-1).float()
+        n = min(loop, router.loops) - 1  # past the trained L: the last loop's router
+        logits = router.score[n](x).squeeze(-1).float()  # [b t]
+        learner = logits if router.causal is None else router.causal[n](x).squeeze(-1).float()
         keep = learner > 0 if self.alive is None else self.alive & (learner > 0)
         self.alive = keep
         return keep, torch.sigmoid(logits)
@@ -250,7 +251,7 @@ class Routing:
             share = F.one_hot(choice, router.loops).float().flatten(0, 1).mean(0)  # f_j: tokens given depth j
             self.aux.append(router.loops * (share * probs.flatten(0, 1).mean(0)).sum())  # Switch's balancing loss
             self.z.append(torch.logsumexp(logits, -1).square().mean())
-        return self.depth >= loop, self.gate
+        return self.depth >= min(loop, router.loops), self.gate  # depth L: every loop there is (L or more)
 
     def gathered(self, keep: Tensor, weight: Tensor) -> Selection:
         self.kept.append(keep)

@@ -380,7 +380,8 @@ class LoopedTransformer(nn.Module):
         if self.config.router == "token_choice":
             return self.router.tokens_per_loop[:loops]
         tokens, kept = [], seq_len
-        for capacity in self.router.capacities()[:loops]:
+        schedule = self.router.capacities()
+        for capacity in schedule[:loops] + schedule[-1:] * (loops - len(schedule)):  # past L: the last loop's
             kept = min(kept, max(1, math.ceil(capacity * seq_len)))
             tokens.append(kept)
         return tokens
