@@ -358,3 +358,21 @@ def test_loops_past_the_trained_depth_reuse_the_last_loop_decision(fields):
         torch.testing.assert_close(a, b)
     tokens_run = model.router.tokens_per_loop
     assert tokens_run[2:] == [tokens_run[2]] * 3  # the last loop's share, again
+
+
+def test_the_disagreement_of_causal_and_top_k_decisions_is_counted_per_loop():
+    """Per loop, over the tokens the router scored: causal decision (logit > 0) vs top-k membership, by hand."""
+    model = deciding({"router": "expert_choice", "router_capacity": [1.0, 0.5, 0.25]})
+    logits = []
+    for n in range(3):
+        model.router.score[n].register_forward_hook(lambda m, a, out: logits.append(out.squeeze(-1)))
+    model(tokens(model))
+    expected = []
+    for n, k in enumerate([16, 8, 4]):
+        differ = 0
+        for row in logits[n].tolist():
+            top = set(sorted(range(len(row)), key=lambda i: -row[i])[:k])
+            differ += sum((s > 0) != (i in top) for i, s in enumerate(row))
+        expected.append(differ / logits[n].numel())
+    assert model.router.disagreement.tolist() == pytest.approx(expected)
+    assert 0 < sum(expected)

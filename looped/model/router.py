@@ -69,6 +69,9 @@ class Router(nn.Module):
         """Weight a kept token's update by its router score (False: by 1, the plain block's update)."""
         self.losses: dict[str, Tensor] = {}
         """The last forward's auxiliary and z-losses (means over its loops), unweighted."""
+        self.disagreement: Tensor | None = None
+        """Expert-choice, the last top-k forward's ``[loops]``: per loop, the share of the tokens it scored whose
+        causal decision (the learning router's logit > 0) differs from top-k membership, on the same states."""
         self.tokens_per_loop: list[int] = []
         """The last forward's tokens per row that each loop ran on (ragged rows: the longest row's)."""
 
@@ -205,6 +208,8 @@ class Routing:
         self.router.tokens_per_loop = self.router.tokens_per_loop[: loop - 1] + [ran]
         if loop == self.loops and self.aux:  # the losses of the whole forward: means over its loops
             self.router.losses = {"aux": torch.stack(self.aux).mean(), "z": torch.stack(self.z).mean()}
+        if loop == self.loops and self.disagreement:
+            self.router.disagreement = torch.stack(self.disagreement)
         return selection
 
     def top_k(self, x: Tensor, loop: int) -> Selection:
