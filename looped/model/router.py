@@ -91,6 +91,8 @@ class Router(nn.Module):
     @contextmanager
     def deciding(self, decide: str) -> Iterator[None]:
         """Route by ``decide`` (``top_k`` or ``causal``) inside the block, as before after it."""
+        if decide not in ("top_k", "causal"):
+            raise ValueError(f"a router decides by top_k or causal, not {decide!r}")
         before, self.decide = self.decide, decide
         try:
             yield
