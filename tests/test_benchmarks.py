@@ -126,6 +126,7 @@ TOY_RUNS = {
     "eval_pass.py": ["--d-model", "32", "--samples", "64", "--rounds", "1"],
     "lm_throughput.py": ["--vocab", "64", "--seq-len", "16", "--batch", "2", "--rounds", "2"],
     "loop_overhead.py": ["--d-model", "32", "--seq-len", "16", "--batch", "2", "--rounds", "2"],
+    "mor_step_time.py": ["--d-model", "32", "--seq-len", "16", "--batch", "2", "--vocab", "11", "--rounds", "2"],
     "per_loop_eval.py": ["--d-model", "32", "--seq-len", "16", "--batch", "2", "--vocab", "11", "--rounds", "2"],
     "plan_pile.py": ["--only", "pile/4x1.yaml"],
     "soak.py": [

@@ -18,7 +18,10 @@ ROWS = {
     "cpu_1x4_exit": (0, 1, 4, 0, None, "ouro", False),
     "cpu_1x4_kv_shared": (0, 1, 4, 0, None, None, True),
     "cpu_4x4_exit_bytes": (0, 4, 4, 0, None, "ouro", False),
+    "cpu_1x4_mor_expert": (0, 1, 4, 0, None, None, False),
+    "cpu_1x4_mor_token": (0, 1, 4, 0, None, None, False),
 }
+ROUTED = {"cpu_1x4_mor_expert": "expert_choice", "cpu_1x4_mor_token": "token_choice"}  # the rest: router none
 SMALL = {
     "--trainer.max_steps": "2",
     "--trainer.val_check_interval": "2",
@@ -55,6 +58,7 @@ def test_row_trains_two_steps_and_logs_per_loop_perplexity(row, text_data, run_d
     exit = cli.model.exit
     assert (None if exit is None else exit.objective, c.kv_sharing) == ROWS[row][5:]
     assert c.exit_gate == (exit is not None)
+    assert c.router == ROUTED.get(row, "none")
     assert c.vocab_size == 300 and cli.trainer.global_step == 2
     assert cli.trainer.logger.name == f"lm/{row}"
     metrics = {k: float(v) for k, v in cli.trainer.callback_metrics.items()}

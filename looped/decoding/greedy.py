@@ -20,6 +20,7 @@ from looped.decoding.depthwise import DepthwiseDecoder
 from looped.decoding.exit_rules import ExitRule, OnlineExit
 from looped.decoding.per_token import AdaptiveDecoder, AdaptiveDecoding
 from looped.decoding.speculative import SelfSpeculativeDecoder
+from looped.errors import MODEL_CONFIG, InputError
 from looped.model.cache import DecodeCache
 
 
@@ -53,6 +54,10 @@ def generate(
     stopped rows leave) or ``depthwise`` (each row at its own token and loop, ``looped.decoding.depthwise``);
     the tokens are the same.
 
+    ``exit='router'`` decodes a model with a Mixture-of-Recursions router (``LoopedConfig.router``; the only
+    exit such a model takes): every token runs the loops its router's causal decisions give it (expert-choice:
+    its logit > 0 at each loop, token-choice: its depth), each loop's cache holding only its tokens' keys.
+
     ``draft_loops=n`` (``n < loops``) decodes the same tokens faster when the first n loops often predict
     what all of them do: each round the model drafts ``draft_tokens`` tokens with n loops and checks them
     with the remaining loops in one pass (``looped.decoding.speculative``).
@@ -70,13 +75,44 @@ def generate(
         )
     if draft_loops is not None and (exit is not None or return_loops):
         raise ValueError("draft_loops decodes every token at full depth: drop exit/return_loops, or draft_loops")
+    router = getattr(model, "router", None)
+    if exit == "router" or router is not None:
+        if router is None:
+            raise ValueError("exit='router' decodes with a Mixture-of-Recursions router; this model has none")
+        if exit != "router" or return_loops or draft_loops is not None:
+            raise ValueError(
+                f"this model routes tokens through its loops ({model.config.router}): decode with exit='router' "
+                "(the router's causal decisions), without return_loops or draft_loops"
+            )
+        if model.config.router == "expert_choice" and model.config.router_aux_weight == 0:
+            raise InputError(
+                f"{MODEL_CONFIG}.router_aux_weight: is 0, so no router learned the causal decision expert-choice "
+                "decodes with (its top-k looks ahead); train with router_aux_weight > 0 (e.g. 0.01)"
+            )
+        with router.deciding("causal"):  # every forward below: each token's own decision, never a look ahead
+            return decode_cached(model, prompt, max_new_tokens, eos_id, loops, attention_mask)
     if exit is not None or return_loops:
         decoding = generate_adaptive(
             model, prompt, max_new_tokens, exit or "fixed", eos_id, loops, attention_mask, schedule
         )
         return decoding if return_loops else decoding.tokens
+    return decode_cached(model, prompt, max_new_tokens, eos_id, loops, attention_mask, draft_loops, draft_tokens)
+
+
+def decode_cached(
+    model,
+    prompt: Tensor,
+    max_new_tokens: int,
+    eos_id: int | None,
+    loops: int | None,
+    attention_mask: Tensor | None,
+    draft_loops: int | None = None,
+    draft_tokens: int = 4,
+) -> Tensor:
+    """``generate`` with every token at the model's own depth: one forward per token over the ``DecodeCache``."""
     if max_new_tokens == 0:
         return prompt
+    p = prompt.shape[1]
     cache = DecodeCache(capacity=p + max_new_tokens)
     if attention_mask is not None and bool(attention_mask.all()):
         attention_mask = None  # nothing padded: no mask to extend

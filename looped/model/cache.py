@@ -157,6 +157,9 @@ class DecodeCache:
         self.capacity = capacity
         self._length = 0
         self.layers: list[LayerCache] = []
+        self.routed: Tensor | None = None
+        """``[L b capacity]`` bool, a router's decoding (``looped.model.router``): the positions each loop ran on,
+        the only keys that loop's slots show (recursion-wise caching)."""
 
     @property
     def length(self) -> int:

@@ -93,6 +93,24 @@ class LoopedConfig:
     block once, not L times (``looped/model/cache.py``), and a token that exits early leaves no slot to fill.
     Changes the model's function: train with it. Needs KV-cache mixers (softmax, sparse)."""
 
+    # Mixture-of-Recursions routers (Bae et al. 2025, ``looped/model/router.py``): the block runs, loop by
+    # loop, on the tokens a router keeps, gathered in causal order, so a loop costs what its tokens cost.
+    router: Literal["none", "expert_choice", "token_choice"] = "none"
+    """``expert_choice``: before every loop a per-loop router keeps the top ``router_capacity`` of the
+    tokens still active; ``token_choice``: one router gives every token its depth (1..L) up front."""
+    router_capacity: float | list[float] = 1.0
+    """Expert-choice: the fraction of each sequence's tokens loop n keeps, in (0, 1]; one value for every
+    loop or one per loop, not growing with depth (MoR keeps ``(L-n+1)/L``: ``[1.0, 0.67, 0.33]``)."""
+    router_warmup_steps: int = 0
+    """Expert-choice: training steps over which every loop's capacity falls linearly from 1 to its value."""
+    router_aux_loss: Literal["bce", "stop_grad"] = "bce"
+    """Expert-choice: ``bce`` trains the router's own logits toward top-k membership (its sigmoid > 0.5 is
+    then the causal decision when decoding); ``stop_grad`` trains a second router on detached states instead."""
+    router_aux_weight: float = 0.01
+    """Weight of the auxiliary loss in ``LoopedLM``'s loss (expert-choice: the BCE; token-choice: balancing)."""
+    router_z_weight: float = 0.001
+    """Weight of the router z-loss (the squared log-sum-exp of its logits), which keeps the logits small."""
+
     def __post_init__(self) -> None:
         def need(ok: bool, field: str, msg: str) -> None:
             if not ok:  # named as a recipe sets it: model.init_args.config.<field>
@@ -152,6 +170,56 @@ class LoopedConfig:
             f"shares keys and values across loops, but {recurrent[:1]} attention keeps a recurrent state "
             "instead (already constant in size); use softmax or sparse attention, or kv_sharing: false",
         )
+        if self.router != "none":
+            self.check_router(need)
+
+    def check_router(self, need) -> None:
+        """The router's fields: a capacity schedule the loops can follow, mixers that take gathered tokens."""
+        need(
+            self.router in ("expert_choice", "token_choice"),
+            "router",
+            f"unknown router {self.router!r}; choose none, expert_choice or token_choice",
+        )
+        capacity = self.router_capacity
+        if isinstance(capacity, list | tuple):
+            need(
+                len(capacity) == self.loops,
+                "router_capacity",
+                f"gives {len(capacity)} capacities for loops={self.loops}; give one per loop or a single float",
+            )
+        schedule = self.capacity_schedule
+        need(
+            all(0.0 < c <= 1.0 for c in schedule),
+            "router_capacity",
+            f"every capacity must lie in (0, 1] (a fraction of the tokens), got {capacity}",
+        )
+        need(
+            all(a >= b for a, b in zip(schedule, schedule[1:])),
+            "router_capacity",
+            f"{capacity} grows with depth, but a loop keeps only tokens the loop before kept; make it non-increasing",
+        )
+        need(self.router_warmup_steps >= 0, "router_warmup_steps", f"must be >= 0, got {self.router_warmup_steps}")
+        for name in ("router_aux_weight", "router_z_weight"):
+            need(getattr(self, name) >= 0, name, f"must be >= 0, got {getattr(self, name)}")
+        cannot = [name for name in self.attention_pattern if not MIXERS[name].gathers]
+        need(
+            not cannot,
+            "router",
+            f"runs the block on gathered tokens, but {cannot[:1]} attention cannot take a gathered sub-sequence; "
+            "use softmax, linear or sparse attention, or router: none",
+        )
+        need(
+            not self.kv_sharing,
+            "kv_sharing",
+            "is not yet combined with a router (later loops' tokens would attend to loop 1's gathered keys); "
+            "set kv_sharing: false or router: none",
+        )
+
+    @property
+    def capacity_schedule(self) -> list[float]:
+        """Expert-choice: the fraction of tokens each loop 1..L keeps (all 1.0 without a router)."""
+        c = self.router_capacity
+        return [float(v) for v in c] if isinstance(c, list | tuple) else [float(c)] * self.loops
 
     def check_rope_scaling(self, need) -> None:
         if self.rope_scaling is None:

@@ -7,8 +7,8 @@ place the block's k layers run. A ``LoopStep`` is everything an application depe
 hidden state: which loop it is, the loop's input (for input injection), the cache slot of each block
 layer, the padding, loop 1's keys (KV sharing) and which rows of the batch are active. What depends
 on the loop belongs there, once: the per-loop LoRA (``looped/model/lora.py``) reads ``step.loop``; a router that
-picks tokens gathers them there (``rows`` narrows whole batch rows only; a token router also needs each
-kept token's position, as ``RaggedSlot.positions`` gives depth-wise decoding).
+picks tokens gathers them there (``routing``: ``looped.model.router`` selects the tokens, the step gathers
+them with their positions, runs the block and scatters the weighted updates back).
 
 ``DecodeSlots`` lays a ``DecodeCache``'s slots out as the forward uses them: the prelude's, one list
 of k per loop, the coda's (``LoopedTransformer.decode_slots``).
@@ -25,6 +25,7 @@ from torch import Tensor
 
 from looped.model.cache import LayerCache, RaggedSlot, RowSlot, SharedKV
 from looped.model.mixers import Padding
+from looped.model.router import Routing
 
 Slot = LayerCache | RowSlot | RaggedSlot | None  # what one layer application reads and extends
 
@@ -46,6 +47,9 @@ class LoopStep:
     rows: Tensor | None = None
     """The active rows (indices into the batch; None: every row). ``x`` holds just those rows; the step
     narrows ``slots`` and ``shared`` to them, so a row that stopped looping costs nothing."""
+    routing: Routing | None = None
+    """This forward's token router (``LoopedConfig.router``): the block then runs on the tokens it selects
+    for this loop, gathered in causal order, and their weighted updates are scattered back."""
 
     def layer_slots(self, k: int) -> list[tuple[Slot, SharedKV | None]]:
         """Per block layer: its cache slot and shared keys, narrowed to the active rows."""

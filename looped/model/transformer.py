@@ -32,6 +32,7 @@ from looped.model.cache import DecodeCache, LayerCache, RaggedSlot, RowSlot, Sha
 from looped.model.config import LoopedConfig
 from looped.model.lora import LoopRelaxation
 from looped.model.mixers import Padding, RotaryEmbedding, build_mixer
+from looped.model.router import Router
 from looped.model.step import DecodeSlots, LoopStep, Slot
 
 
@@ -145,6 +146,7 @@ class LoopedTransformer(nn.Module):
         self.adapter = nn.Linear(2 * config.d_model, config.d_model, bias=False) if concat else None
         # per-loop LoRA and vectors on the block (relaxation), read by loop_step only
         self.lora = LoopRelaxation(self.block, config.loops, config.lora_rank) if config.lora_rank > 0 else None
+        self.router = Router(config) if config.router != "none" else None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -243,8 +245,10 @@ class LoopedTransformer(nn.Module):
         loop_input, shared = x, self.shared_kv()
         loop_states, read = [], x
         first_with_grad = 0 if grad_loops is None else max(0, loops - grad_loops)
+        routing = None if self.router is None else self.router.begin(padding, loops, cache)
         for n in range(1, loops + 1):
-            step = LoopStep(n, loop_input, None if slots is None else slots.loops[n - 1], padding, shared)
+            slot = None if slots is None else slots.loops[n - 1]
+            step = LoopStep(n, loop_input, slot, padding, shared, routing=routing)
             with torch.set_grad_enabled(torch.is_grad_enabled() and n > first_with_grad):
                 x = self.loop_step(x, step)
             if return_loop_states:
@@ -261,6 +265,10 @@ class LoopedTransformer(nn.Module):
         block's k layers with their cache slots, padding and shared keys. The only place the block is applied
         (``looped.model.step``); without a ``step``, one plain application (loop 1, no cache)."""
         step = LoopStep() if step is None else step
+        full, selection = x, None
+        if step.routing is not None:  # a router's tokens only: gathered, run, scattered back weighted
+            selection = step.routing.select(x, step.loop)
+            x, step = selection.gather(x), selection.narrow(step)
         if self.config.state_noise > 0:  # the state starts as noise at loop 1 (retrofitted recurrence)
             x = start_state(x, step.loop, self.config.state_noise)
         if self.config.input_injection == "add":
@@ -277,7 +285,7 @@ class LoopedTransformer(nn.Module):
                     raise ValueError("per-loop LoRA cannot be recomputed by gradient checkpointing; turn it off")
                 tensors = self.lora.tensors(step.loop, j, layer)
                 x = functional_call(layer, tensors, (x, self.rope, slot, step.padding, kv))
-        return x
+        return x if selection is None else selection.scatter(full, x)
 
     def run_layers(
         self, layers: nn.ModuleList, x: Tensor, slots: Sequence[Slot] | None, padding: Padding | None = None
@@ -363,21 +371,52 @@ class LoopedTransformer(nn.Module):
     # Greedy decoding with a cache, every token at full depth or stopping at its own loop (its docstring says how).
     generate = greedy.generate
 
-    def flops_per_token(self, seq_len: int, loops: int | None = None) -> int:
+    def flops_per_token(self, seq_len: int, loops: int | None = None) -> float:
         """Matmul FLOPs of one *forward* pass per token, counting the block ``loops`` times.
 
         Per layer application: Q, K, V, O (``8d²``; ``4d(h + g)e`` with h query and g key/value heads of
         width e), the FFN (``4df``, ``6df`` for SwiGLU) and attention scores and values (``4td``, ``4the``,
         counted over the full ``t × t`` square as SDPA's FLOP formula does). Plus the head (``2dv``).
         Training costs three times this (backward = 2 × forward).
+
+        With a router (``LoopedConfig.router``) loop n runs on ``m_n`` of the ``t`` tokens, attention over
+        those ``m_n`` (``routed_tokens``), plus the routers' own ``2d`` per scored token and output.
         """
         c = self.config
+        loops = c.loops if loops is None else loops
         ffn = (6 if c.activation == "swiglu" else 4) * c.d_model * c.d_ff
         heads, kv = c.n_heads * c.head_dim, (c.n_kv_heads or c.n_heads) * c.head_dim  # d and d without GQA
-        per_layer = 4 * c.d_model * (heads + kv) + ffn + 4 * seq_len * heads
         adapter = 4 * c.d_model**2 if c.input_injection == "concat" else 0  # [input; state] -> d, once per loop
-        loops = c.loops if loops is None else loops
-        return self.applications(loops) * per_layer + loops * adapter + 2 * c.d_model * c.vocab_size
+
+        def per_layer(t: int) -> int:
+            return 4 * c.d_model * (heads + kv) + ffn + 4 * t * heads
+
+        if self.router is None:
+            return self.applications(loops) * per_layer(seq_len) + loops * adapter + 2 * c.d_model * c.vocab_size
+        unshared = (c.prelude_layers + c.coda_layers) * per_layer(seq_len) + 2 * c.d_model * c.vocab_size
+        tokens = self.routed_tokens(seq_len, loops)
+        block = sum(c.block_layers * m * per_layer(m) + m * adapter for m in tokens)
+        if c.router == "expert_choice":  # loop n scores the tokens loop n-1 kept (a second router: twice)
+            scorers = 1 if c.router_aux_loss == "bce" else 2
+            routers = scorers * 2 * c.d_model * sum([seq_len, *tokens[:-1]])
+        else:  # one logit per depth, once, for every token
+            routers = 2 * c.d_model * c.loops * seq_len
+        return unshared + (block + routers) / seq_len
+
+    def routed_tokens(self, seq_len: int, loops: int | None = None) -> list[int]:
+        """Tokens each loop runs on per sequence: expert-choice's ``ceil(c_n · t)`` from the capacity schedule
+        (as warmed up now); token-choice's from the last forward (its depths depend on the data)."""
+        loops = self.config.loops if loops is None else loops
+        if self.router is None:
+            return [seq_len] * loops
+        if self.config.router == "token_choice":
+            return self.router.tokens_per_loop[:loops]
+        tokens, kept = [], seq_len
+        schedule = self.router.capacities()
+        for capacity in schedule[:loops] + schedule[-1:] * (loops - len(schedule)):  # past L: the last loop's
+            kept = min(kept, max(1, math.ceil(capacity * seq_len)))
+            tokens.append(kept)
+        return tokens
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

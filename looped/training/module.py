@@ -307,6 +307,9 @@ class LoopedLM(L.LightningModule):
         grad_loops = schedule.grad_loops_at(self.global_step)
         self._loops_this_step = loops
         labels = batch["labels"]
+        router = self.model.router
+        if router is not None:
+            router.step = self.global_step  # the capacity warm-up's clock
         if self.exit is not None:
             loss = self.exit_loss(batch["input_ids"], labels, loops, grad_loops)
         elif schedule.per_loop_loss_weight > 0:
@@ -320,6 +323,9 @@ class LoopedLM(L.LightningModule):
         else:
             logits = self.model(batch["input_ids"], loops=loops, grad_loops=grad_loops)
             loss = self.compute_loss(logits, labels)
+        if router is not None:  # Mixture-of-Recursions' auxiliary and z-losses of this forward
+            self.log_dict({f"train/router_{name}": value.detach() for name, value in router.losses.items()})
+            loss = loss + router.loss()
         if self.regularizer is not None:
             penalty = self.regularizer.penalty(self.model.block)
             self.log("train/regularizer", penalty)

@@ -38,9 +38,23 @@ class Padding:
     token attends to them.
     """
 
+    complete = False
+    """Every key is a token and positions rise in index order (a router's gathered tokens with no gaps): a
+    mixer whose ``visible`` is plain causality may then run its unpadded kernel at these positions."""
+
     def __init__(self, attention_mask: Tensor) -> None:
         self.keys = attention_mask.bool()  # [b s]
         self.positions = (self.keys.long().cumsum(-1) - 1).clamp(min=0)  # [b s]; padding before any token: 0
+
+    @classmethod
+    def gathered(cls, positions: Tensor, keys: Tensor | None = None) -> Padding:
+        """Tokens gathered from a longer sequence in causal order (``looped.model.router``): each at its own
+        ``positions`` ``[b s]``; ``keys`` ``[b s]`` marks the real ones (None: all are)."""
+        gathered = cls.__new__(cls)
+        gathered.positions = positions
+        gathered.keys = torch.ones_like(positions, dtype=torch.bool) if keys is None else keys
+        gathered.complete = keys is None
+        return gathered
 
     def new(self, offset: int, t: int) -> Tensor:
         """Positions ``[b t]`` of the ``t`` new tokens after ``offset`` cached ones."""
@@ -136,6 +150,9 @@ class AttentionMixer(nn.Module):
     kv_cache = True
     """Decoding keeps keys and values per position (False: a recurrent state), so they can be
     shared across loops and copied between slots."""
+    gathers = True
+    """Runs on a gathered sub-sequence: tokens in causal order, each at its own position
+    (``Padding.gathered``), as a router's loop gives it (``LoopedConfig.router``)."""
 
     def __init__(
         self,
@@ -204,7 +221,7 @@ class AttentionMixer(nn.Module):
                 k = rope(k, offset, positions)
             if shared is not None:
                 shared.kv = (k, v)
-        if padding is not None:
+        if padding is not None and not (padding.complete and cache is None and self.plainly_causal):
             out = self.attend_padded(q, k, v, padding, cache)
         elif cache is None:
             out = self.attend(q, k, v)
@@ -214,6 +231,12 @@ class AttentionMixer(nn.Module):
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:  # pragma: no cover - interface
         raise NotImplementedError
+
+    @property
+    def plainly_causal(self) -> bool:
+        """``visible`` is causality alone: order, not distance, decides, so gathered tokens in causal order
+        need no mask beyond the unpadded kernel's."""
+        return type(self).visible is AttentionMixer.visible
 
     def visible(self, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
         """Boolean mask: may the query at absolute position ``q_idx`` see the key at ``kv_idx``."""
