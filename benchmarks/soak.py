@@ -11,7 +11,7 @@ Two runs of the same recipe (and overrides), in one folder:
 It prints every kill (step, place), how many landed inside a save, the losses both runs logged at their
 last step, and whether every loss the killed run logged equals the reference's at the same step.
 
-    python benchmarks/soak.py recipes/quickstart.yaml --kills 20 --seed 0 -- --trainer.max_steps 300
+    python benchmarks/soak.py recipes/quickstart.yaml --kills 20 --seed 0 --last-every 10 -- --trainer.max_steps 300
 
 The last line is the killed run's final loss over the reference's (1.000000 when nothing was lost).
 """
@@ -32,10 +32,16 @@ from looped.cli.app import resolve_recipe
 from looped.tools.report import logged_by_step
 
 
-def recipe_with_faults(recipe: str, overrides: list[str], out: Path, name: str, faults: dict | None) -> Path:
-    """A recipe file: RECIPE and the overrides, its runs under ``out/runs/NAME``, SimulatedFaults added."""
+def recipe_with_faults(
+    recipe: str, overrides: list[str], out: Path, name: str, faults: dict | None, last_every: int | None
+) -> Path:
+    """A recipe file: RECIPE and the overrides, its runs under ``out/runs/NAME``, SimulatedFaults added, and
+    ``looped.callbacks.Checkpoint``'s ``last_every_n_steps`` set to ``last_every`` (when given)."""
     resolved = yaml.safe_load(resolve_recipe(recipe, *overrides))
     callbacks = resolved["trainer"].get("callbacks") or []
+    for callback in callbacks:
+        if callback.get("class_path") == "looped.callbacks.Checkpoint" and last_every is not None:
+            callback["init_args"]["last_every_n_steps"] = last_every
     if faults is not None:
         callbacks.append({"class_path": "looped.callbacks.SimulatedFaults", "init_args": faults})
     resolved["trainer"]["callbacks"] = callbacks
@@ -63,6 +69,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--kills", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--first-step", type=int, default=1)
+    parser.add_argument(
+        "--last-every",
+        type=int,
+        default=None,
+        help="Checkpoint's last_every_n_steps (a kill loses at most this many steps; default: the recipe's)",
+    )
     parser.add_argument("--dir", default=None, help="where the two runs go (default: a temporary folder)")
     argv = list(sys.argv[1:] if argv is None else argv)
     overrides = argv[argv.index("--") + 1 :] if "--" in argv else []  # the recipe's overrides, after --
@@ -73,10 +85,10 @@ def main(argv: list[str] | None = None) -> None:
         out = Path(args.dir or scratch).absolute()
         out.mkdir(parents=True, exist_ok=True)
         faults = {"kills": args.kills, "seed": args.seed, "first_step": args.first_step}
-        looped_fit(recipe_with_faults(args.recipe, args.overrides, out, "reference", None), [])
+        looped_fit(recipe_with_faults(args.recipe, args.overrides, out, "reference", None, args.last_every), [])
         torchrun = [str(Path(sys.executable).with_name("torchrun")), "--standalone", "--nproc-per-node=1"]
         torchrun += [f"--max-restarts={args.kills}", "--no-python"]
-        looped_fit(recipe_with_faults(args.recipe, args.overrides, out, "killed", faults), torchrun)
+        looped_fit(recipe_with_faults(args.recipe, args.overrides, out, "killed", faults, args.last_every), torchrun)
 
         kills = recorded(out / "runs" / "killed" / "faults.jsonl")
         for kill in kills:

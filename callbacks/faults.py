@@ -122,10 +122,10 @@ class SimulatedFaults(L.Callback):
         trainer.save_checkpoint = save_checkpoint
         original_publish = saving.publish
 
-        def publish(partial, path, keep_as=None):
+        def publish(partial, path, keep_as=None, fsync=False):
             moment = self._due(trainer, ("publishing",))
             if moment is None:
-                return original_publish(partial, path, keep_as)
+                return original_publish(partial, path, keep_as, fsync)
             renames = 0
             replace = os.replace
 
@@ -137,7 +137,7 @@ class SimulatedFaults(L.Callback):
                     self._kill(moment, trainer, f"between the renames publishing {path.name}")
 
             saving.os.replace = replace_then_die  # this process dies inside the call: nothing to restore
-            original_publish(partial, path, keep_as)
+            original_publish(partial, path, keep_as, fsync)
 
         saving.publish = publish
 
