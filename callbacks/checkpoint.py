@@ -34,7 +34,7 @@ class Checkpoint(ModelCheckpoint):
         keep_last: how many last states to keep (``last.ckpt`` and the ``K - 1`` before it; ``-1``: all of them).
         fsync: sync every checkpoint to the disk before publishing it, so that it survives a power loss or a
             kernel crash as well as a kill (a kill leaves the page cache to the operating system). Costs a
-            disk flush per save: 1.7x Lightning's save time for a single file here (docs/benchmarks.md).
+            disk flush per save: up to 1.7x Lightning's save time for a single file here (docs/benchmarks.md).
         **kwargs: ``ModelCheckpoint``'s arguments (``monitor``, ``mode``, ``save_top_k``, ``every_n_train_steps``,
             ``dirpath``...); ``save_last`` defaults to true.
     """

@@ -16,8 +16,8 @@ and ``ModelParallelStrategy`` writes its shards *into* an existing folder. Neith
 the middle (issue 34); both survive it here. A kill (SIGKILL, the OOM killer, a pre-emption) leaves
 the operating system's page cache to finish the write; a power loss or a kernel crash does not, and
 ``fsync=True`` syncs the files before they are published for that (torch.distributed.checkpoint already
-syncs its shards; a single file costs 1.7x Lightning's save time with it on this machine's disk, 1.07x
-without: docs/benchmarks.md).
+syncs its shards; measured on this machine's disk, a single file with it took 0.7-1.7x Lightning's save
+time, as the page cache's writeback allowed, and 0.86-1.07x without: docs/benchmarks.md).
 
 A full disk during a save (ENOSPC) removes the partial write and raises ``CheckpointWriteError`` (an
 ``InputError``: one line, exit status 2) naming the checkpoint that is still intact.
