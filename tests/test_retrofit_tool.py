@@ -12,6 +12,7 @@ import torch
 pytest.importorskip("transformers")
 
 from test_llama_family import batch, save_source  # noqa: E402
+from test_lm_recipes import SMALL  # noqa: E402  (the LM rows' toy size: the retrofit rows are LM rows)
 
 from conftest import RECIPES, console_script  # noqa: E402
 from looped.errors import InputError  # noqa: E402
@@ -126,20 +127,6 @@ ROWS = {  # row -> the retrofit flags that make its shape
     "cpu_2x2_lora": ["--block", "2", "--loops", "2", "--lora-rank", "full"],
     # converted at L = 1 (p + k + c = 4 layers); the row trains at a mean recurrence ramped up to 4
     "cpu_recurrence": "--prelude 1 --block 2 --loops 1 --coda 1 --init upper --adapter concat --state-noise 1".split(),
-}
-SMALL = {
-    "--trainer.max_steps": "2",
-    "--trainer.val_check_interval": "2",
-    "--trainer.enable_progress_bar": "false",
-    "--model.init_args.config.d_model": "32",
-    "--model.init_args.config.n_heads": "2",
-    "--model.init_args.config.d_ff": "64",
-    "--data.seq_len": "32",
-    "--data.batch_size": "2",
-    "--data.num_workers": "0",
-    "--data.val_batches": "2",
-    "--data.primitives_size": "2",
-    "--model.init_args.warmup_steps": "1",
 }
 
 
