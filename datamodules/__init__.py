@@ -13,6 +13,7 @@ from looped.datamodules.lis import LongestIncreasingSubsequence
 from looped.datamodules.phop import PHop
 from looped.datamodules.pile import PileDataModule
 from looped.datamodules.primitives import ReasoningPrimitives
+from looped.datamodules.sudoku import Sudoku
 
 __all__ = [
     "SyntheticTask",
@@ -26,4 +27,6 @@ __all__ = [
     "ModularArithmetic",
     "LongestIncreasingSubsequence",
     "EditDistance",
+    # Puzzles of the recursive reasoners (TRM, HRM)
+    "Sudoku",
 ]
