@@ -10,6 +10,7 @@ from looped.datamodules.edit_distance import EditDistance
 from looped.datamodules.groups import GroupComposition
 from looped.datamodules.igsm import IGSM
 from looped.datamodules.lis import LongestIncreasingSubsequence
+from looped.datamodules.maze import Maze
 from looped.datamodules.phop import PHop
 from looped.datamodules.pile import PileDataModule
 from looped.datamodules.primitives import ReasoningPrimitives
@@ -29,4 +30,5 @@ __all__ = [
     "EditDistance",
     # Puzzles of the recursive reasoners (TRM, HRM)
     "Sudoku",
+    "Maze",
 ]

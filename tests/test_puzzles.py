@@ -1,10 +1,12 @@
-"""Sudoku: every puzzle checked by a solver written here, not the modules' own, and their data contract."""
+"""Sudoku and mazes: every puzzle checked by a solver written here, not the modules' own, and their data contract."""
+
+from collections import deque
 
 import numpy as np
 import pytest
 
 from looped.contract import IGNORE
-from looped.datamodules import Sudoku
+from looped.datamodules import Maze, Sudoku
 from looped.datamodules.base import rows_as_keys
 from looped.datamodules.sudoku import augment
 from looped.errors import InputError
@@ -114,6 +116,55 @@ def test_hardness_counts_guesses_and_the_hard_mode_keeps_hard_puzzles():
         check_pair(g, s, (2, 3))
 
 
+def bfs(grid: np.ndarray, source: tuple[int, int]) -> tuple[dict, dict]:
+    """Distances from ``source`` over non-wall cells, and the number of shortest paths to each cell."""
+    dist, paths, queue = {source: 0}, {source: 1}, deque([source])
+    while queue:
+        i, j = queue.popleft()
+        for a, b in ((i + 1, j), (i - 1, j), (i, j + 1), (i, j - 1)):
+            if 0 <= a < grid.shape[0] and 0 <= b < grid.shape[1] and grid[a, b] != 1:
+                if (a, b) not in dist:
+                    dist[a, b], paths[a, b] = dist[i, j] + 1, 0
+                    queue.append((a, b))
+                if dist[a, b] == dist[i, j] + 1:
+                    paths[a, b] += paths[i, j]
+    return dist, paths
+
+
+def check_maze(grid: np.ndarray, path: np.ndarray, min_path: int = 0) -> None:
+    assert set(np.unique(grid).tolist()) <= {0, 1, 2, 3}
+    assert (grid == 2).sum() == 1 and (grid == 3).sum() == 1
+    start = tuple(np.argwhere(grid == 2)[0])
+    goal = tuple(np.argwhere(grid == 3)[0])
+    dist, paths = bfs(grid, start)
+    assert paths[goal] == 1  # the shortest path is unique
+    walk = [goal]  # back from the goal, one step nearer the start each time
+    while walk[-1] != start:
+        i, j = walk[-1]
+        walk.append(next(c for c in ((i + 1, j), (i - 1, j), (i, j + 1), (i, j - 1)) if dist.get(c) == dist[i, j] - 1))
+    assert len(walk) == dist[goal] + 1 >= max(min_path, 2)
+    marked = {tuple(c) for c in np.argwhere(path)}
+    assert marked == set(walk)  # start and goal included, every cell connected to the next
+
+
+@pytest.mark.parametrize("size, min_path", [(9, 0), (10, 0), (15, 25)])
+def test_every_maze_path_is_the_unique_shortest(size, min_path):
+    task = small(Maze, size=size, min_path=min_path)
+    for split in ("train", "val", "test"):
+        grids, paths = task.puzzles(split, 12)
+        assert grids.shape == paths.shape == (12, size, size) and paths.dtype == bool
+        for grid, path in zip(grids, paths):
+            check_maze(grid, path, min_path)
+
+
+def test_maze_splits_are_disjoint():
+    task = small(Maze, size=7)
+    val, test = (set(rows_as_keys(task.puzzles(s)[0].reshape(12, -1))) for s in ("val", "test"))
+    assert len(val) == len(test) == 12 and not val & test
+    for index in range(10):
+        assert not (val | test) & set(rows_as_keys(task.train_batch(0, index)[0]))
+
+
 @pytest.mark.parametrize(
     "make, key",
     [
@@ -121,6 +172,9 @@ def test_hardness_counts_guesses_and_the_hard_mode_keeps_hard_puzzles():
         (lambda: Sudoku(size=9, box=[3, 2]), "data.box"),
         (lambda: Sudoku(size=4, givens=17), "data.givens"),
         (lambda: Sudoku(size=9, givens=16), "data.givens"),
+        (lambda: Maze(size=9, min_path=40), "data.min_path"),
+        (lambda: Maze(size=30, min_path=300), "data.min_path"),
+        (lambda: Maze(size=4), "data.size"),
         (lambda: small(Sudoku, size=4).puzzles("dev"), "split"),
     ],
 )
@@ -131,7 +185,9 @@ def test_bad_input_is_one_line_naming_the_key(make, key):
     assert key in message and "\n" not in message
 
 
-@pytest.mark.parametrize("task, n", [(small(Sudoku, size=4, givens=6, train_puzzles=16), 16)])
+@pytest.mark.parametrize(
+    "task, n", [(small(Sudoku, size=4, givens=6, train_puzzles=16), 16), (small(Maze, size=9), 81)]
+)
 def test_batches_have_the_contract_shapes(task, n):
     task.setup("fit")
     for batch in (next(iter(task.train_dataloader())), next(iter(task.val_dataloader()))):
