@@ -178,6 +178,9 @@ def test_maze_splits_are_disjoint():
         (lambda: Maze(size=30, min_path=300), "data.min_path"),
         (lambda: Maze(size=4), "data.size"),
         (lambda: small(Sudoku, size=4).puzzles("dev"), "split"),
+        (lambda: small(Sudoku, size=4).puzzles("val", 13), "data.val_size"),
+        (lambda: Sudoku(size=5), "data.size"),
+        (lambda: small(Sudoku, size=6, givens=8).puzzles("val"), "data.givens"),  # legal, but digging stalls
     ],
 )
 def test_bad_input_is_one_line_naming_the_key(make, key):
