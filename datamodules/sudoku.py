@@ -265,7 +265,7 @@ class Sudoku(SyntheticTask):
                     f"{self.size}×{self.size} come out of random digging; raise data.givens or lower data.min_guesses"
                 )
             dug = self.solver.dig(self.givens, shuffle)
-            if dug is None or self.solver.search(dug[0], limit=2)[1] < self.min_guesses:
+            if dug is None or self.min_guesses and self.solver.search(dug[0], limit=2)[1] < self.min_guesses:
                 continue
             key = np.asarray(dug[0], dtype=np.int64).tobytes()
             if key in exclude:
