@@ -18,10 +18,9 @@ distance to the goal, one per distance exactly when it is unique (checked: a sam
 it is dropped).
 
 ``maze-dataset`` (PyPI), the field's maze library, is not used: it builds one Python object per
-maze with a serial generator, 2.5× (its DFS) to 50× (Wilson's, uniform like this) slower than
-this at 15×15 and 30×30 (``docs/puzzles.md``),
-its 1.4.2 fails to import with the newest ``muutils`` (0.9), and it brings jupyter, ipython and
-~70 other packages with it.
+maze with a serial generator, 2.5× (its DFS) to 50× (Wilson's, uniform like this) slower than this
+at 15×15 and 30×30 (``docs/puzzles.md``); its 1.4.2 fails to import with the newest ``muutils``
+(0.9); and it brings jupyter, ipython and ~70 other packages with it.
 """
 
 from __future__ import annotations
