@@ -10,9 +10,11 @@ from looped.datamodules.edit_distance import EditDistance
 from looped.datamodules.groups import GroupComposition
 from looped.datamodules.igsm import IGSM
 from looped.datamodules.lis import LongestIncreasingSubsequence
+from looped.datamodules.maze import Maze
 from looped.datamodules.phop import PHop
 from looped.datamodules.pile import PileDataModule
 from looped.datamodules.primitives import ReasoningPrimitives
+from looped.datamodules.sudoku import Sudoku
 
 __all__ = [
     "SyntheticTask",
@@ -26,4 +28,7 @@ __all__ = [
     "ModularArithmetic",
     "LongestIncreasingSubsequence",
     "EditDistance",
+    # Puzzles of the recursive reasoners (TRM, HRM)
+    "Sudoku",
+    "Maze",
 ]
