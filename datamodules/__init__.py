@@ -1,6 +1,7 @@
 """Data modules: one file per task family, built on ``SyntheticTask``; ``PileDataModule`` streams prepared text."""
 
 from looped.datamodules.addition import NaryAddition
+from looped.datamodules.arc import Arc
 
 # Chain-of-thought DP tasks (Feng et al. 2023), direct and cot formats
 from looped.datamodules.arithmetic import ModularArithmetic
@@ -31,4 +32,5 @@ __all__ = [
     # Puzzles of the recursive reasoners (TRM, HRM)
     "Sudoku",
     "Maze",
+    "Arc",
 ]

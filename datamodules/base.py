@@ -237,6 +237,11 @@ class SyntheticTask(FixedTrainingSet, L.LightningDataModule):
             return inputs[rows].astype(np.int64), labels[rows].astype(np.int64)
         return self.fresh_batch(self.rng(_TRAIN, rank, index), self.batch_size)
 
+    def train_tensors(self, rank: int, index: int) -> dict[str, torch.Tensor]:
+        """Training batch ``index`` of ``rank`` as the loader delivers it (a task may add keys, e.g. ``puzzle_ids``)."""
+        x, y = self.train_batch(rank, index)
+        return {"input_ids": torch.from_numpy(x), "labels": torch.from_numpy(y)}
+
     def fresh_batch(self, rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
         """``n`` newly generated training samples; any that occur in val/test are redrawn."""
         x, y = self.generate(rng, n)
@@ -324,8 +329,7 @@ class TrainStream(IterableDataset):
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         index = self.start + worker
         while True:
-            x, y = self.task.train_batch(self.rank, index)
-            yield {"input_ids": torch.from_numpy(x), "labels": torch.from_numpy(y)}
+            yield self.task.train_tensors(self.rank, index)
             index += workers
 
 
