@@ -272,11 +272,19 @@ class SyntheticTask(FixedTrainingSet, L.LightningDataModule):
             return 0
         return trainer.global_step * trainer.accumulate_grad_batches
 
+    @property
+    def serves_rows(self) -> bool:
+        """The training loader hands over fixed-set row indices (gathered on the device), not whole batches.
+
+        True with ``train_size``; a task that transforms each batch of rows (an augmentation) streams them instead.
+        """
+        return self.train_size is not None
+
     def train_dataloader(self) -> DataLoader | TrainRows:
         trainer = self.trainer
         rank = trainer.global_rank if trainer is not None else 0
         start = self._consumed_batches()
-        if self.train_size is not None:
+        if self.serves_rows:
             # Only the row indices travel: on_after_batch_transfer gathers them on the device.
             # A plain iterable: a DataLoader would only add its per-batch bookkeeping.
             return TrainRows(self, rank=rank, start=start)

@@ -17,6 +17,10 @@ distances from the start and from the goal are breadth-first searches over the w
 distance to the goal, one per distance exactly when it is unique (checked: a sample that fails
 it is dropped).
 
+Augmentation (``augment``, TRM's for Maze-Hard): each training maze and its labels moved by one
+of the 8 symmetries of the square (``grids.py``); ``move(..., inverse=True)`` moves a prediction on
+a moved maze back onto the maze itself.
+
 ``maze-dataset`` (PyPI), the field's maze library, is not used: it builds one Python object per
 maze with a serial generator, 2.5× (its DFS) to 50× (Wilson's, uniform like this) slower than this
 at 15×15 and 30×30 (``docs/puzzles.md``); its 1.4.2 fails to import with the newest ``muutils``
@@ -27,12 +31,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from looped.datamodules.base import SyntheticTask, draw_kept
+from looped.datamodules.base import SyntheticTask, draw_kept, rows_as_keys
+from looped.datamodules.grids import INVERSE, dihedral_batch
 from looped.datamodules.train_set import _TEST, _TRAIN_SET, _VAL
 from looped.errors import InputError
 
 OPEN, WALL, START, GOAL, PATH = 0, 1, 2, 3, 4
 STEPS = np.array([[-1, 0], [1, 0], [0, -1], [0, 1]])
+_AUGMENT = 4  # the seed purpose of the augmentations' draws (base's are 0..3)
 
 
 def spanning_tree_mazes(rng: np.random.Generator, n: int, size: int) -> np.ndarray:
@@ -100,6 +106,12 @@ def mark_shortest_path(grids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return path, (length >= 0) & (path.sum(axis=(1, 2)) == length + 1)
 
 
+def move(grids: np.ndarray, t: np.ndarray, inverse: bool = False) -> np.ndarray:
+    """Square grids ``[n N N]`` (mazes, labels or paths) moved by dihedral transforms ``t`` ``[n]`` (``grids.py``),
+    or with ``inverse`` moved back: a prediction on a moved maze, moved back, is one on the maze itself."""
+    return dihedral_batch(grids, INVERSE[t] if inverse else t)
+
+
 def pick(rng: np.random.Generator, allowed: np.ndarray) -> np.ndarray:
     """A uniformly random allowed cell of each grid ``[n H W]``, as a flat index ``[n]`` (0 where none is)."""
     n = len(allowed)
@@ -120,12 +132,17 @@ class Maze(SyntheticTask):
         size: N, the grid's side (>= 5; the papers: 30).
         min_path: hard mode, keep only mazes whose shortest path has at least this many cells, start
             and goal included (the papers' Maze-Hard: > 110 on 30×30, i.e. 111); 0 keeps every maze.
+        augment: move each training maze and its labels by one of the 8 symmetries of the square, drawn
+            per sample (TRM's Maze-Hard: 1,000 mazes, ``train_size: 1000``, × 8); a moved maze that equals
+            a validation or test maze is left unmoved. With ``train_size`` the rows are then moved in the
+            loader (numpy) instead of gathered on the device.
         **kwargs: batch sizes, eval set sizes, seed, workers, ``train_size`` (see ``SyntheticTask``).
             Validation and test draw from their own seeds and are disjoint from each other and training.
     """
 
-    def __init__(self, size: int = 15, min_path: int = 0, **kwargs) -> None:
+    def __init__(self, size: int = 15, min_path: int = 0, augment: bool = False, **kwargs) -> None:
         super().__init__(**kwargs)
+        self.augment = augment
         if size < 5:
             raise InputError(f"data.size must be >= 5 (a maze needs two cells and the walls around), got {size}")
         m = (size - 1) // 2
@@ -192,6 +209,22 @@ class Maze(SyntheticTask):
         grids, path = self.draw_mazes(rng, n)
         labels = np.where(path & (grids == OPEN), PATH, grids)
         return grids.reshape(n, -1), labels.reshape(n, -1)
+
+    @property
+    def serves_rows(self) -> bool:
+        return self.train_size is not None and not self.augment
+
+    def train_batch(self, rank: int, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """Batch ``index`` of ``rank`` (``SyntheticTask``), each maze moved by its own symmetry when ``augment``."""
+        x, y = super().train_batch(rank, index)
+        if not self.augment:
+            return x, y
+        n, shape = len(x), (len(x), self.size, self.size)
+        t = self.rng(_AUGMENT, rank, index).integers(0, 8, size=n)
+        moved = move(x.reshape(shape), t).reshape(n, -1)
+        clash = np.array([key in self.eval_keys for key in rows_as_keys(moved)])
+        t = np.where(clash, 0, t)  # the unmoved maze was checked against the evaluation sets already
+        return move(x.reshape(shape), t).reshape(n, -1), move(y.reshape(shape), t).reshape(n, -1)
 
     def puzzles(self, split: str, n: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """``(grids, paths)`` of ``split``: grids int64 ``[n N N]`` (0 open, 1 wall, 2 start, 3 goal), paths bool.

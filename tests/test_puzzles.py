@@ -8,6 +8,7 @@ import pytest
 from looped.contract import IGNORE
 from looped.datamodules import Maze, Sudoku
 from looped.datamodules.base import rows_as_keys
+from looped.datamodules.maze import move
 from looped.datamodules.sudoku import augment
 from looped.errors import InputError
 
@@ -165,6 +166,53 @@ def test_maze_splits_are_disjoint():
     assert len(val) == len(test) == 12 and not val & test
     for index in range(10):
         assert not (val | test) & set(rows_as_keys(task.train_batch(0, index)[0]))
+
+
+# The 8 symmetries of the square as numpy writes them (HRM's ids), and how to undo each
+SYMMETRIES = [
+    (lambda g: g, lambda g: g),
+    (lambda g: np.rot90(g, 1), lambda g: np.rot90(g, -1)),
+    (lambda g: np.rot90(g, 2), lambda g: np.rot90(g, -2)),
+    (lambda g: np.rot90(g, 3), lambda g: np.rot90(g, -3)),
+    (np.fliplr, np.fliplr),
+    (np.flipud, np.flipud),
+    (np.transpose, np.transpose),
+    (lambda g: np.fliplr(np.rot90(g, 1)), lambda g: np.rot90(np.fliplr(g), -1)),
+]
+
+
+@pytest.mark.parametrize("size", [9, 10])  # an even side: its wall row and column move too
+def test_maze_symmetries_map_mazes_to_mazes_and_invert_exactly(size):
+    grids, paths = small(Maze, size=size).puzzles("val", 8)
+    for t, (turn, undo) in enumerate(SYMMETRIES):
+        moved, moved_paths = move(grids, np.full(8, t)), move(paths, np.full(8, t))
+        for grid, path, new, new_path in zip(grids, paths, moved, moved_paths):
+            np.testing.assert_array_equal(new, turn(grid))
+            np.testing.assert_array_equal(new_path, turn(path))
+            check_maze(new, new_path)
+            np.testing.assert_array_equal(undo(new), grid)
+        np.testing.assert_array_equal(move(moved, np.full(8, t), inverse=True), grids)
+
+
+@pytest.mark.parametrize("train_size", [None, 16])
+def test_augmented_maze_batches_are_moved_mazes(train_size):
+    task = small(Maze, size=9, augment=True, train_size=train_size)
+    task.setup("fit")
+    plain = small(Maze, size=9, train_size=train_size)  # the same batches, unmoved
+    used = set()
+    for index in range(6):
+        x, y = task.train_batch(0, index)
+        px, py = plain.train_batch(0, index)
+        for grid, label, before, before_label in zip(x, y, px, py):
+            grid, label = grid.reshape(9, 9), label.reshape(9, 9)
+            t = next(t for t, (turn, _) in enumerate(SYMMETRIES) if (turn(before.reshape(9, 9)) == grid).all())
+            np.testing.assert_array_equal(SYMMETRIES[t][0](before_label.reshape(9, 9)), label)
+            check_maze(grid, label >= 2)
+            used.add(t)
+        assert not task.eval_keys & set(rows_as_keys(x))
+    assert len(used) >= 6
+    batch = next(iter(task.train_dataloader()))  # streamed whole (a fixed set's rows are moved in the loader)
+    np.testing.assert_array_equal(batch["input_ids"].numpy(), task.train_batch(0, 0)[0])
 
 
 @pytest.mark.parametrize(
