@@ -15,6 +15,7 @@ from looped.datamodules.maze import Maze
 from looped.datamodules.phop import PHop
 from looped.datamodules.pile import PileDataModule
 from looped.datamodules.primitives import ReasoningPrimitives
+from looped.datamodules.published import PublishedPuzzles
 from looped.datamodules.sudoku import Sudoku
 
 __all__ = [
@@ -33,4 +34,5 @@ __all__ = [
     "Sudoku",
     "Maze",
     "Arc",
+    "PublishedPuzzles",
 ]
