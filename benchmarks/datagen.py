@@ -1,8 +1,9 @@
 """Can one CPU dataloader worker feed an H100? Training-sample generation vs consumption, per task.
 
 For each synthetic task (one row of ``TASKS``: a recipe names the task's settings
-and the model), this measures the samples/s of its two training paths, each the
-real one:
+and the model; the puzzles, which no recipe trains yet, name both in ``PUZZLES``,
+with TRM's network and one supervision step as the model), this measures the
+samples/s of its two training paths, each the real one:
 
 * generated: fresh samples, ``TrainStream`` in a ``DataLoader`` with one worker
   process, collisions with the evaluation sets redrawn;
@@ -74,20 +75,62 @@ TASKS: list[tuple[str, str, int | None, int | None]] = [
     ("ModularArithmetic cot", "recipes/cot/arithmetic/cot_3x1.yaml", None, None),
     ("LIS cot", "recipes/cot/lis/cot_3x1.yaml", None, None),
     ("EditDistance cot", "recipes/cot/edit_distance/cot_3x1.yaml", None, None),
+    # The recursive reasoners' puzzles at the papers' GPU settings (global batch 768). No recipe trains on them
+    # yet, so the row names the data module and the model inline (PUZZLES).
+    ("Sudoku 9x9 (1k, augmented)", "sudoku", None, None),
+    ("Maze-Hard 30x30 (1k)", "maze", None, 1000),
+    ("Maze-Hard 30x30 (1k, augmented)", "maze_augmented", None, 1000),
+    ("ARC-AGI-1 (1000 variants)", "arc", None, None),
 ]
+
+
+def trm(loops: int) -> dict:
+    """TRM's network (2 layers, width 512, 8 heads, SwiGLU of expansion 4 rounded up to 1536) applied ``loops``
+    times: one supervision step is T·(n+1) applications (Sudoku T=3, n=6; mazes and ARC n=4). Deep supervision
+    replaces a row's sample only when it halts, so a step eats at most ``batch`` new samples: the bound here."""
+    return dict(d_model=512, n_heads=8, d_ff=1536, activation="swiglu", norm="rmsnorm", block_layers=2, loops=loops)
+
+
+def puzzle(class_path: str, loops: int, **init_args) -> dict:
+    return {"data": {"class_path": class_path, "init_args": init_args}, "model": {"init_args": {"config": trm(loops)}}}
+
+
+HARD_MAZE = dict(size=30, min_path=111, batch_size=768, val_size=64, test_size=64)
+PUZZLES = {
+    "sudoku": puzzle(
+        "looped.datamodules.Sudoku",
+        21,
+        size=9,
+        givens=36,
+        train_puzzles=1000,
+        batch_size=768,
+        val_size=64,
+        test_size=64,
+    ),
+    "maze": puzzle("looped.datamodules.Maze", 15, **HARD_MAZE),
+    "maze_augmented": puzzle("looped.datamodules.Maze", 15, augment=True, **HARD_MAZE),
+    "arc": puzzle("looped.datamodules.Arc", 15, version="arc1", augmentations=1000, batch_size=768),
+}
 FIXED_SET_CAP = 200_000  # rows of a recipe's fixed training set built here (drawing speed does not depend on it)
 
 
 def build(recipe: str, batch_size: int | None, train_size: int | None, fixed_set: bool):
     """The recipe's data module (small eval sets: they only feed the collision check) and its model.
 
-    ``fixed_set``: with the recipe's ``train_size`` (capped), else generating fresh samples.
+    ``recipe``: a recipe's path, or a key of ``PUZZLES``. ``fixed_set``: with the recipe's ``train_size``
+    (capped), else generating fresh samples; ``(None, None)`` when it has none.
     """
-    config = yaml.safe_load(resolve_recipe(str(ROOT / recipe)))  # the recipe's base and defaults included
+    if recipe in PUZZLES:
+        config, sizes = PUZZLES[recipe], {}  # their own evaluation sets: puzzle pools are drawn serially
+    else:
+        config = yaml.safe_load(resolve_recipe(str(ROOT / recipe)))  # the recipe's base and defaults included
+        sizes = dict(val_size=1024, test_size=1024)
     module, _, name = config["data"]["class_path"].rpartition(".")
     train_size = train_size or config["data"]["init_args"].get("train_size")
+    if fixed_set and not train_size:
+        return None, None
     train_size = min(train_size, FIXED_SET_CAP) if (fixed_set and train_size) else None
-    args = dict(config["data"]["init_args"], val_size=1024, test_size=1024, num_workers=1, train_size=train_size)
+    args = dict(config["data"]["init_args"], **sizes, num_workers=1, train_size=train_size)
     if batch_size is not None:
         args["batch_size"] = batch_size
     task = getattr(importlib.import_module(module), name)(**args)
@@ -211,10 +254,12 @@ def main() -> None:
         made = generated_per_second(task, args.seconds)
         fixed_task, _ = build(recipe, batch_size, train_size, fixed_set=True)
         drawn = host = None
-        if fixed_task.train_size is not None:
+        if fixed_task is not None:
             fixed_task.setup("fit")  # draws the set, as in training
             drawn = fixed_set_per_second(fixed_task, args.seconds)
-            host = host_rows_per_second(fixed_task, args.seconds)
+            # Rows gathered on the device: the host makes their indices; rows moved by an augmentation
+            # (Maze's) are made whole on the host, as measured.
+            host = host_rows_per_second(fixed_task, args.seconds) if fixed_task.serves_rows else drawn
         flop_bound = flop_bound_per_second(model, task.seq_len)
         loop_bound = task.batch_size / floor
         delivered = drawn or made  # what the recipe's training loop gets
@@ -227,7 +272,7 @@ def main() -> None:
         drawn_text = f"{drawn:>12,.0f}" if drawn else f"{'(streams)':>12}"
         host_text = f"{host:>13,.0f}" if host else f"{'(streams)':>13}"
         print(
-            f"{label:28} {task.batch_size:>6} {task.seq_len:>5} {made:>12,.0f} {drawn_text} {flop_bound:>13,.0f} "
+            f"{label:32} {task.batch_size:>6} {task.seq_len:>5} {made:>12,.0f} {drawn_text} {flop_bound:>13,.0f} "
             f"{loop_bound:>13,.0f} {ratios['headroom']:>8.3g}x {ratios['vs FLOPs']:>8.3g}x {host_text} "
             f"{ratios['host vs FLOPs']:>12.3g}x"
         )

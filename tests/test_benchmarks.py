@@ -15,7 +15,7 @@ def _number(text: str) -> float:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("label", ["PHop p=16", "NaryAddition"])  # a fixed training set; a generated stream
+@pytest.mark.parametrize("label", ["PHop p=16", "NaryAddition", "ARC-AGI-1"])  # fixed set; stream; puzzles
 def test_datagen_prints_consistent_headroom(label):
     out = subprocess.run(
         [
