@@ -245,7 +245,7 @@ def main() -> None:
     floor = loop_floor_seconds(args.floor_steps)
     print(f"Lightning loop floor: {floor * 1e6:.0f} µs per step on this host")
     print(
-        f"{'task':28} {'batch':>6} {'seq':>5} {'generated/s':>12} {'fixed set/s':>12} {'FLOP bound/s':>13} "
+        f"{'task':32} {'batch':>6} {'seq':>5} {'generated/s':>12} {'fixed set/s':>12} {'FLOP bound/s':>13} "
         f"{'loop bound/s':>13} {'headroom':>9} {'vs FLOPs':>9} {'host/s':>13} {'host vs FLOPs':>13}"
     )
     worst: dict[str, tuple[float, str]] = {}

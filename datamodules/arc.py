@@ -155,9 +155,10 @@ class Arc(SyntheticTask):
         # Variant k of task t: transform[t, k] and colour map colours[t, k] (0 fixed); variant 0 is the identity.
         rng = np.random.default_rng([self.seed, 11])
         shape = (len(self.task_ids), self.augmentations + 1)
-        self.transform = rng.integers(0, 8, size=shape)
+        self.transform = rng.integers(0, 8, size=shape).astype(np.int8)  # int8: ARC-1 has 800,800 variants
         self.colours = np.concatenate(
-            [np.zeros(shape + (1,), np.int64), np.argsort(rng.random(shape + (9,)), axis=-1) + 1], axis=-1
+            [np.zeros(shape + (1,), np.int8), (np.argsort(rng.random(shape + (9,)), axis=-1) + 1).astype(np.int8)],
+            axis=-1,
         )
         self.transform[:, 0] = 0
         self.colours[:, 0] = np.arange(10)

@@ -172,6 +172,11 @@ def test_exact_predictions_score_one_and_the_vote_decides(toy):
     assert np.array_equal(attempts[0], answers[0]) and np.array_equal(attempts[1], np.zeros((2, 2)))
 
 
+def test_both_versions_load_from_the_wheel():
+    assert [len(tasks) for tasks in arc_module.load_tasks("arc1")] == [400, 400]
+    assert [len(tasks) for tasks in arc_module.load_tasks("arc2")] == [1000, 120]
+
+
 def test_real_arc_tasks_load_with_their_ids():
     task = Arc(tasks=["007bbfb7", "00576224"], augmentations=2, test_views=3, batch_size=4)
     task.setup("fit")
