@@ -127,7 +127,6 @@ class Arc(SyntheticTask):
         self.version, self.augmentations, self.test_views = version, augmentations, test_views
         self.translate = translate
         self.task_ids = sorted(training) + sorted(evaluation)  # puzzle ids are by this order
-        self.eval_task_ids = sorted(evaluation)
         self._build_tables(training, evaluation)
 
     def _build_tables(self, training: dict, evaluation: dict) -> None:
