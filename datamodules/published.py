@@ -38,7 +38,7 @@ SUDOKU_CHARS, MAZE_CHARS = ".123456789", " #SGo"
 BUILT_FILES = ("inputs", "labels", "puzzle_identifiers", "puzzle_indices", "group_indices")
 METADATA_KEYS = ("seq_len", "vocab_size", "pad_id", "ignore_label_id", "num_puzzle_identifiers", "total_groups")
 # HRM's token (index) → ours: Sudoku 1 blank, 2..10 digits; mazes 1 '#', 2 ' ', 3 'S', 4 'G', 5 'o'; -1: PAD.
-FROM_BUILT = {"sudoku": np.arange(11) - 1, "maze": np.array([-1, 1, 0, 2, 3, 4])}
+FROM_BUILT = {"sudoku": np.arange(11, dtype=np.int8) - 1, "maze": np.array([-1, 1, 0, 2, 3, 4], np.int8)}
 
 
 def fail(path: Path, what: str, fix: str) -> InputError:
@@ -48,7 +48,7 @@ def fail(path: Path, what: str, fix: str) -> InputError:
 def read_split(root: Path, split: str) -> tuple[str, np.ndarray, np.ndarray, np.ndarray]:
     """``(kind, inputs, labels, groups)`` of ``split`` (``train``/``test``) under ``root``, in either form.
 
-    ``kind`` is ``sudoku`` or ``maze``; inputs and labels ``[n N N]`` int64 in this repository's
+    ``kind`` is ``sudoku`` or ``maze``; inputs and labels ``[n N N]`` int8 in this repository's
     tokens; ``groups`` ``[n]`` the group of each row (HRM's: a puzzle and its augmentations; a CSV row is its own).
     """
     if (root / f"{split}.csv").is_file():
@@ -63,33 +63,54 @@ def read_split(root: Path, split: str) -> tuple[str, np.ndarray, np.ndarray, np.
     )
 
 
+CSV_CHUNK = 100_000  # rows turned into an array at a time: Sudoku-Extreme's train.csv has 3.8M
+
+
 def read_csv(path: Path) -> tuple[str, np.ndarray, np.ndarray, np.ndarray]:
     try:
         with open(path, newline="") as f:
-            rows = list(csv.reader(f))
+            reader = csv.reader(f)
+            if next(reader, [])[:3] != ["source", "question", "answer"]:
+                raise fail(path, "does not start with the header source,question,answer,rating", "download it again")
+            chunks, rows, kind = [], [], None
+            for row in reader:
+                if len(row) < 3:
+                    raise fail(
+                        path, f"has a row without question and answer: {','.join(row)[:40]}", "download it again"
+                    )
+                rows.append(row)
+                if kind is None:
+                    kind, grid_text = ("sudoku" if set(row[1]) <= set(SUDOKU_CHARS) else "maze"), row[1]
+                if len(rows) == CSV_CHUNK:
+                    chunks.append(csv_grids(path, rows, kind, len(grid_text)))
+                    rows = []
+            if rows:
+                chunks.append(csv_grids(path, rows, kind, len(grid_text)))
     except (OSError, UnicodeDecodeError, csv.Error) as error:
         raise fail(path, f"cannot be read as CSV ({type(error).__name__})", "download it again") from None
-    if not rows or rows[0][:3] != ["source", "question", "answer"]:
-        raise fail(path, "does not start with the header source,question,answer,rating", "download it again")
-    body = rows[1:]
-    if not body or any(len(row) < 3 for row in body):
-        raise fail(path, "has no puzzles or a row without question and answer", "download it again")
-    kind = "sudoku" if set(body[0][1]) <= set(SUDOKU_CHARS) else "maze"
+    if not chunks:
+        raise fail(path, "holds no puzzles", "download it again")
+    questions, answers = (np.concatenate(part) for part in zip(*chunks))
+    return kind, questions, answers, np.arange(len(questions))
+
+
+def csv_grids(path: Path, rows: list[list[str]], kind: str, cells: int) -> tuple[np.ndarray, np.ndarray]:
+    """Questions and answers of CSV ``rows`` as int8 grids ``[n N N]`` in this repository's tokens."""
+    side = int(round(cells**0.5))
+    if side * side != cells:
+        raise fail(path, f"has a question of {cells} characters, not a square grid", "download it again")
     chars = SUDOKU_CHARS if kind == "sudoku" else MAZE_CHARS
-    side = int(round(len(body[0][1]) ** 0.5))
-    if side * side != len(body[0][1]):
-        raise fail(path, f"has a question of {len(body[0][1])} characters, not a square grid", "download it again")
-    table = np.full(256, -1, np.int64)
+    table = np.full(256, -1, np.int8)
     table[np.frombuffer(chars.encode(), np.uint8)] = np.arange(len(chars))
     grids = []
     for column in (1, 2):
-        text = "".join(row[column] for row in body)
-        if len(text) != len(body) * side * side:
+        text = "".join(row[column] for row in rows)
+        if len(text) != len(rows) * cells:
             raise fail(path, f"has a {kind} that is not {side}×{side} like the first one", "download it again")
-        grids.append(table[np.frombuffer(text.encode(), np.uint8)].reshape(len(body), side, side))
+        grids.append(table[np.frombuffer(text.encode(), np.uint8)].reshape(len(rows), side, side))
     if (grids[0] < 0).any() or (grids[1] < 0).any():
         raise fail(path, f"has characters outside {chars!r} for a {kind}", "download it again")
-    return kind, grids[0], grids[1], np.arange(len(body))
+    return grids[0], grids[1]
 
 
 def read_built(folder: Path) -> tuple[str, np.ndarray, np.ndarray, np.ndarray]:
@@ -231,7 +252,7 @@ class PublishedPuzzles(SyntheticTask):
         flat = lambda grids: grids.reshape(len(grids), -1)
         for purpose, size in ((_VAL, self.val_size), (_TEST, self.test_size)):
             x, y = self.test_inputs[:size], self.test_labels[:size]
-            self._eval_sets[purpose, None] = (flat(x), flat(y))
+            self._eval_sets[purpose, None] = (flat(x).astype(np.int64), flat(y).astype(np.int64))
         self._eval_keys = set(rows_as_keys(self._eval_sets[_TEST, None][0]))
 
     def puzzles(self, split: str, n: int | None = None) -> tuple[np.ndarray, np.ndarray]:

@@ -6,8 +6,10 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from test_puzzles import check_maze, check_pair
 
+import looped.datamodules.published as published
 from looped.datamodules import Maze, PublishedPuzzles, Sudoku
 from looped.datamodules.sudoku import augment
 from looped.errors import InputError
@@ -94,6 +96,16 @@ def test_sudoku_csv_and_hrm_build_read_back_to_the_puzzles(tmp_path, sudokus):
     assert len(set(chosen)) == 2  # two whole groups of the file, an original with its augmentations each
 
 
+def test_a_csv_read_in_chunks_is_the_same(tmp_path, sudokus, monkeypatch):
+    test, train, _ = sudokus
+    write_csv(tmp_path / "train.csv", *train, sudoku_text)
+    write_csv(tmp_path / "test.csv", *test, sudoku_text)
+    whole = PublishedPuzzles(str(tmp_path), val_size=2, batch_size=4).puzzles("test")
+    monkeypatch.setattr(published, "CSV_CHUNK", 4)  # 6 test rows: a chunk of 4, then 2
+    for got, expected in zip(PublishedPuzzles(str(tmp_path), val_size=2, batch_size=4).puzzles("test"), whole):
+        np.testing.assert_array_equal(got, expected)
+
+
 def test_maze_csv_and_hrm_build_read_back_to_the_puzzles(tmp_path, mazes):
     (grids, labels), (train_grids, train_labels) = mazes
     write_csv(tmp_path / "train.csv", train_grids, train_labels, maze_text)
@@ -121,6 +133,8 @@ def test_batches_fixed_rows_or_augmented(tmp_path, sudokus, mazes):
     rows = next(iter(data.train_dataloader()))
     batch = data.on_after_batch_transfer(rows, 0)  # the fixed set's rows, gathered
     np.testing.assert_array_equal(batch["input_ids"].numpy(), train[0].reshape(4, -1)[rows["rows"].numpy()])
+    val = next(iter(data.val_dataloader()))
+    assert val["input_ids"].dtype == val["labels"].dtype == batch["input_ids"].dtype == torch.int64
     moved = PublishedPuzzles(str(tmp_path), val_size=2, batch_size=4, augment=True)
     x, y = (t.numpy() for t in next(iter(moved.train_dataloader())).values())
     assert not any((row == train[0].reshape(4, -1)).all(axis=1).any() for row in x)  # moved, not the file's rows
