@@ -77,6 +77,8 @@ class Router(nn.Module):
         causal decision (the learning router's logit > 0) differs from top-k membership, on the same states."""
         self.tokens_per_loop: list[int] = []
         """The last forward's tokens per row that each loop ran on (ragged rows: the longest row's)."""
+        self.depths: Tensor | None = None
+        """The last forward's ``[b t]``: how many loops each token ran (its depth; 0: routed past every loop)."""
 
     def capacities(self) -> list[float]:
         """Each loop's capacity now: warmed up linearly from 1 while training, the schedule's otherwise."""
@@ -216,6 +218,8 @@ class Routing:
         self.router.tokens_per_loop = self.router.tokens_per_loop[: loop - 1] + [ran]
         if loop == self.loops and self.aux:  # the losses of the whole forward: means over its loops
             self.router.losses = {"aux": torch.stack(self.aux).mean(), "z": torch.stack(self.z).mean()}
+        if loop == self.loops:
+            self.router.depths = torch.stack(self.kept).sum(0)
         if loop == self.loops and self.disagreement:
             self.router.disagreement = torch.stack(self.disagreement)
         return selection
