@@ -6,7 +6,9 @@ parameter then picks each sample's exit loop from it. Logged per rule: ``test/ad
 and ``.../mean_loops`` over all test sets, and with the data module's ``eval_names``
 also per set (``.../exact_match_<name>``, ``.../mean_loops_<name>``); printed as a
 table next to fixed loop counts; drawn as a Pareto plot (``test/adaptive/pareto``)
-with a ``TensorBoardLogger``.
+with a ``TensorBoardLogger``. A model with a Mixture-of-Recursions router is also scored by the depths its
+router gave each sample's labelled tokens (rules ``router_top_k`` and ``router_causal``, ``routed_exits``):
+the known-depth table's "does the router send deeper problems deeper?".
 """
 
 from __future__ import annotations
@@ -22,10 +24,12 @@ from torch import Tensor
 from looped.callbacks.per_loop import log_figure
 from looped.errors import InputError
 from looped.evaluation.exits import (
+    ROUTER_RULES,
     Point,
     adaptive_exits,
     correct_at_exit,
     format_adaptive_table,
+    routed_exits,
     rule_name,
 )
 from looped.evaluation.loop_readout import loop_predictions
@@ -69,6 +73,7 @@ class AdaptiveExit(L.Callback):
         self.gate_sample = gate_sample
         self._draws: torch.Generator | None = None  # gate_sample's draws, reseeded at every test start
         self._gate = False  # whether the model under test has a learned exit gate (set at test start)
+        self._router = False  # whether it has a Mixture-of-Recursions router (its depths: rules router_*)
         # Per test dataloader: [right at each fixed loop count..., samples, (right, loops used) per rule...].
         self._counts: dict[int, Tensor] = {}
 
@@ -87,18 +92,23 @@ class AdaptiveExit(L.Callback):
             + [rule_name("entropy", t) for t in self.entropy_thresholds]
             + [rule_name("gate", q) for q in self.gate_quantiles if self._gate]
             + (["gate_sample"] if self._gate and self.gate_sample else [])
+            + (list(ROUTER_RULES) if self._router else [])
         )
 
     def on_test_epoch_start(self, trainer, pl_module) -> None:
         self._counts = {}
         self._gate = getattr(pl_module.model, "exit_gate", None) is not None
+        self._router = getattr(pl_module.model, "router", None) is not None
         self._draws = torch.Generator().manual_seed(0) if self._gate and self.gate_sample else None
 
     def on_test_batch_end(self, trainer, pl_module, outputs: Any, batch, batch_idx, dataloader_idx=0) -> None:
         pred = loop_predictions(pl_module, batch, self.loops_to_eval(pl_module))
         gates = self.gate_quantiles if self._gate else ()
         exits = adaptive_exits(pred, self.patience, self.kl_thresholds, self.entropy_thresholds, gates, self._draws)
-        per_rule = [torch.stack([correct_at_exit(pred, exits[r]).sum(), exits[r].sum()]).float() for r in self.rules]
+        scored = {r: (correct_at_exit(pred, e), e) for r, e in exits.items()}
+        if self._router:  # the router's own depths, from forwards of their own
+            scored |= routed_exits(pl_module.model, batch["input_ids"], batch["labels"])
+        per_rule = [torch.stack([scored[r][0].sum(), scored[r][1].sum()]).float() for r in self.rules]
         samples = torch.tensor([float(pred.batch_size)], device=pred.correct.device)
         row = torch.cat([pred.correct.sum(dim=1).float(), samples, *per_rule])
         self._counts[dataloader_idx] = self._counts.get(dataloader_idx, 0) + row

@@ -33,7 +33,10 @@ def data() -> PHop:
     return PHop(alphabet_size=4, length=12, hops=2, batch_size=4, val_size=8, test_size=8)
 
 
-def config(vocab_size: int, seq_len: int) -> LoopedConfig:
+ROUTED = {"router": "expert_choice", "router_capacity": [1.0, 0.5, 0.25]}  # --router: Mixture-of-Recursions
+
+
+def config(vocab_size: int, seq_len: int, **fields) -> LoopedConfig:
     # (2⊗3) with one unshared prelude layer: the shared block is used three times per forward.
     return LoopedConfig(
         vocab_size=vocab_size,
@@ -44,6 +47,7 @@ def config(vocab_size: int, seq_len: int) -> LoopedConfig:
         block_layers=2,
         loops=3,
         prelude_layers=1,
+        **fields,
     )
 
 
@@ -118,6 +122,8 @@ def main() -> None:
     parser.add_argument(
         "--adafactor", action="store_true", help="looped.training.optim.Adafactor (the Pile recipes') instead of AdamW"
     )
+    parser.add_argument("--router", action="store_true", help="an expert-choice router (tokens gathered per loop)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile every layer (LoopedLM compile)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     L.seed_everything(0)
@@ -140,10 +146,11 @@ def main() -> None:
     # Built on the meta device: configure_model shards it, then each rank materialises its shards.
     with trainer.init_module(empty_init=True):
         module = LoopedLM(
-            config(datamodule.vocab_size, datamodule.seq_len),
+            config(datamodule.vocab_size, datamodule.seq_len, **(ROUTED if args.router else {})),
             warmup_steps=2,
             decay_steps=DECAY_STEPS,
-            activation_checkpointing=True,
+            activation_checkpointing=not args.compile,
+            compile=args.compile,
             **({"optimizer": functools.partial(Adafactor, lr=0.01)} if args.adafactor else {}),
         )
     assert next(module.model.parameters()).is_meta

@@ -180,3 +180,50 @@ def test_callback_logs_what_the_functions_compute(data, tmp_path):
             )
     events = EventAccumulator(str(trainer.logger.log_dir), size_guidance={"images": 0}).Reload()
     assert "test/adaptive/pareto" in events.Tags()["images"]
+
+
+def test_a_routed_model_is_scored_by_the_depths_its_router_gives_the_labelled_tokens(tmp_path):
+    """Rules ``router_top_k`` and ``router_causal``: a token-choice router's depth for a token is the argmax of its
+    scores on the state entering loop 1 (here the embeddings: no prelude), computed slowly, position by position;
+    a sample's exit is the deepest of its labelled tokens, its answer the trained L's."""
+    data = NaryAddition(**NAMED_SETS)
+    module = tiny_module(
+        vocab_size=data.vocab_size,
+        max_seq_len=data.seq_len,
+        d_model=32,
+        n_heads=4,
+        d_ff=64,
+        loops=3,
+        init_std=0.3,
+        router="token_choice",
+    )
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        callbacks=[AdaptiveExit(patience=(1,), kl_thresholds=(), entropy_thresholds=())],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+    )
+    trainer.test(module, datamodule=data, verbose=False)
+    logged, model = trainer.callback_metrics, module.model
+    depths_seen = set()
+    for set_name, loader in zip(data.eval_names, data.test_dataloader(), strict=True):
+        right = used = total = 0
+        with torch.no_grad():
+            for b in loader:
+                x, labels = b["input_ids"], b["labels"]
+                prediction = model(x).argmax(-1)
+                for row in range(len(x)):
+                    positions = [t for t in range(x.shape[1]) if labels[row, t] != -100]
+                    scores = [model.router.score(model.embed_tokens(x[row : row + 1])[0, t]) for t in positions]
+                    depth = max(int(s.argmax()) + 1 for s in scores)
+                    depths_seen.add(depth)
+                    used += depth
+                    right += all(prediction[row, t] == labels[row, t] for t in positions)
+                    total += 1
+        for rule in ("router_top_k", "router_causal"):
+            assert logged[f"test/adaptive/{rule}/mean_loops_{set_name}"].item() == pytest.approx(used / total)
+            assert logged[f"test/adaptive/{rule}/exact_match_{set_name}"].item() == pytest.approx(right / total)
+    assert len(depths_seen) > 1  # the samples' depths differ: the check above means something

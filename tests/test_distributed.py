@@ -159,11 +159,14 @@ def assert_gradients_match_one_process(run: dict) -> None:
     gradient of one plain model on the global batch (2 ranks × 4 samples, one label each)."""
     import fsdp_run
 
-    module = LoopedLM(fsdp_run.config(run["start"]["embed.weight"].shape[0], 13))
+    routed = any(name.startswith("router.") for name in run["start"])
+    module = LoopedLM(fsdp_run.config(run["start"]["embed.weight"].shape[0], 13, **(fsdp_run.ROUTED if routed else {})))
     module.model.load_state_dict(run["start"])
     batch = {k: torch.cat([b[k] for b in run["batch"]]) for k in ("input_ids", "labels")}
     assert ((batch["labels"] != -100).sum(1) == 1).all()  # equal label counts: mean of means = global mean
+    # A router's auxiliary and z-losses are means over each row's tokens too (top-k is per row): the same holds.
     loss = module.compute_loss(module.model(batch["input_ids"]), batch["labels"])
+    loss = loss + (module.model.router.loss() if routed else 0.0)
     assert loss.item() == pytest.approx(sum(run["losses"][0]) / 2, rel=1e-5)
     loss.backward()
     for name, p in module.model.named_parameters():
@@ -207,3 +210,13 @@ def test_fsdp2_training_gradients_and_sharded_resume(tmp_path):
     hsdp = launch(tmp_path, "hsdp", "--devices", "2", "--max-steps", "1", "--hsdp")
     assert hsdp["mesh"] == [1, 2]
     assert_gradients_match_one_process(hsdp)
+
+
+@pytest.mark.slow
+def test_fsdp2_trains_a_routed_model_with_compiled_layers(tmp_path):
+    """A Mixture-of-Recursions expert-choice router under FSDP2 on 2 ranks, every layer ``torch.compile``d (the
+    routed loops run on 13, 7 and 4 gathered tokens: three shapes): the gradients, router's included, are one
+    eager process's on the global batch."""
+    run = launch(tmp_path, "routed", "--devices", "2", "--max-steps", "1", "--router", "--compile")
+    assert run["grads"]["router.score.1.weight"].abs().sum() > 0
+    assert_gradients_match_one_process(run)

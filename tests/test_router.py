@@ -14,6 +14,7 @@ from looped import LoopedConfig, LoopedTransformer
 from looped.errors import InputError
 from looped.model import mixers
 from looped.model.cache import DecodeCache
+from looped.model.step import LoopStep
 
 SHAPE = dict(max_seq_len=16, d_model=32, n_heads=4, d_ff=64, block_layers=2, loops=3)
 
@@ -57,6 +58,7 @@ def block_inputs(model: LoopedTransformer) -> list[torch.Tensor]:
         {"attention": "sparse", "mixer_options": {"sparse": {"pattern": "local", "window": 4}}},
         {"pos_encoding": "learned"},
         {"lora_rank": 2, "input_injection": "concat", "n_kv_heads": 2, "qk_norm": True},  # with issue 31's settings
+        {"kv_sharing": True, "prelude_layers": 1, "n_kv_heads": 2},
     ],
 )
 def test_expert_choice_at_capacity_one_unweighted_is_the_plain_looped_model(fields):
@@ -66,7 +68,9 @@ def test_expert_choice_at_capacity_one_unweighted_is_the_plain_looped_model(fiel
     torch.testing.assert_close(routed(x), plain_twin(routed)(x), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("fields", [{}, {"prelude_layers": 1, "input_injection": "add"}, {"attention": "linear"}])
+@pytest.mark.parametrize(
+    "fields", [{}, {"prelude_layers": 1, "input_injection": "add"}, {"attention": "linear"}, {"kv_sharing": True}]
+)
 def test_token_choice_assigning_depth_l_unweighted_is_the_plain_looped_model(fields):
     routed = make(router="token_choice", **fields)
     routed.router.weighted = False
@@ -207,6 +211,8 @@ def test_looped_lm_adds_the_router_losses_and_warms_the_capacity_up():
         {"router": "expert_choice", "router_capacity": 0.5, "attention": "sparse", "prelude_layers": 1},
         {"router": "token_choice", "coda_layers": 1},
         {"router": "expert_choice", "router_capacity": 0.5, "n_kv_heads": 2, "input_injection": "concat"},
+        {"router": "expert_choice", "router_capacity": [1.0, 0.5, 0.25], "kv_sharing": True, "prelude_layers": 1},
+        {"router": "token_choice", "kv_sharing": True},
     ],
 )
 def test_flops_of_a_routed_training_step_follow_the_capacity_schedule(fields):
@@ -241,7 +247,7 @@ def test_flops_of_a_routed_training_step_follow_the_capacity_schedule(fields):
         ({"router_capacity": [0.5, 1.0, 0.5]}, "router_capacity", "non-increasing"),
         ({"router_warmup_steps": -1}, "router_warmup_steps", ">= 0"),
         ({"router_aux_weight": -1.0}, "router_aux_weight", ">= 0"),
-        ({"kv_sharing": True}, "kv_sharing", "router: none"),
+        ({"kv_sharing": True, "router_capacity": [0.5, 0.5, 0.25]}, "router_capacity", "loop 1 must run every"),
         ({"router": "top_k"}, "router", "expert_choice"),
     ],
 )
@@ -269,6 +275,8 @@ ROUTERS = [
     {"router": "expert_choice", "router_capacity": [1.0, 0.5, 0.25]},
     {"router": "expert_choice", "router_aux_loss": "stop_grad", "prelude_layers": 1, "coda_layers": 1},
     {"router": "token_choice", "input_injection": "add"},
+    {"router": "expert_choice", "router_capacity": [1.0, 0.5, 0.25], "kv_sharing": True, "prelude_layers": 1},
+    {"router": "token_choice", "kv_sharing": True},
 ]
 
 
@@ -327,6 +335,43 @@ def test_decoding_with_the_router_gives_the_tokens_of_a_full_forward_per_step(fi
     assert 0.1 < kept < 0.9  # loops ran on some tokens and not on others
 
 
+@pytest.mark.parametrize("fields", [f for f in ROUTERS if f.get("kv_sharing")])
+@pytest.mark.parametrize("padded", [False, True])
+def test_kv_sharing_with_a_router_is_the_dense_block_over_loop_one_keys_masked_to_the_routed_tokens(fields, padded):
+    """Recursive KV sharing under a router: a routed token's loop n attends to loop 1's keys of every position up
+    to its own. The reference runs the router-free twin's dense block on *every* token each loop (its queries
+    over loop 1's keys, which do not depend on which queries run) and keeps the update only where the causal
+    decisions route, weighted as the router weights it: the gathered forward must agree."""
+    model = deciding(fields)
+    router, plain = model.router, plain_twin(model)
+    x = tokens(model)
+    mask = None
+    if padded:
+        mask = torch.ones_like(x)
+        mask[0, :3] = 0
+    with router.deciding("causal"):
+        routed = model(x, attention_mask=mask)
+    padding = plain.padding(mask, *x.shape)
+    h = plain.run_layers(plain.prelude, plain.embed_tokens(x, 0, padding), None, padding)
+    loop_input, shared, alive, depth = h, plain.shared_kv(), None, None
+    for n in range(1, 4):
+        if model.config.router == "expert_choice":
+            logits = router.score[n - 1](h).squeeze(-1)
+            keep = torch.ones_like(logits, dtype=torch.bool) if n == 1 else alive & (logits > 0)
+            weight, alive = torch.sigmoid(logits), keep
+        else:
+            if depth is None:
+                probs = router.score(h).softmax(-1)
+                depth, weight = probs.argmax(-1) + 1, probs.max(-1).values
+            keep = depth >= n
+        assert n == 1 or 0 < keep.sum() < keep.numel()  # some tokens routed, some not
+        out = plain.loop_step(h, LoopStep(n, loop_input, None, padding, shared))
+        h = torch.where(keep[..., None], h + weight[..., None] * (out - h), h)
+    reference = plain.readout(h, padding=padding)
+    real = slice(None) if mask is None else mask.bool()
+    torch.testing.assert_close(routed[real], reference[real], rtol=1e-5, atol=1e-5)
+
+
 def grown(mask: torch.Tensor | None, seq: torch.Tensor) -> torch.Tensor | None:
     """A prompt's padding mask extended with ones over the tokens after it."""
     return None if mask is None else F.pad(mask, (0, seq.shape[1] - mask.shape[1]), value=1)
@@ -378,3 +423,21 @@ def test_the_disagreement_of_causal_and_top_k_decisions_is_counted_per_loop():
         expected.append(differ / logits[n].numel())
     assert model.router.disagreement.tolist() == pytest.approx(expected)
     assert 0 < sum(expected)
+
+
+def test_looped_lm_counts_the_training_flops_it_spent_and_keeps_the_count_in_checkpoints():
+    """``train/flops`` is MoR's equal-training-FLOPs axis: the sum of every step's ``flops_per_batch`` (a token-choice
+    router's loops as that batch routed them), carried across a resume."""
+    module = tiny_module(**SHAPE, router="token_choice", vocab_size=7).train()
+    spent = []
+    for seed in range(3):
+        x = torch.randint(0, 7, (4, 16), generator=torch.Generator().manual_seed(seed))
+        module.training_step({"input_ids": x, "labels": x}, seed)
+        spent.append(module.flops_per_batch)
+    assert len(set(spent)) > 1  # the batches routed differently, so the count follows each one
+    assert module.training_flops == pytest.approx(sum(spent))
+    checkpoint = {}
+    module.on_save_checkpoint(checkpoint)
+    resumed = tiny_module(**SHAPE, router="token_choice", vocab_size=7)
+    resumed.on_load_checkpoint(checkpoint)
+    assert resumed.training_flops == module.training_flops

@@ -16,6 +16,10 @@ answer is stable, and the cost is the *mean* loops used. The rules:
   labelled position (``looped.training.halting``; q = 0.5 is PonderNet's median depth).
 * ``gate_sample``: PonderNet's sampling at inference — the exit loop drawn from the gate's exit
   distribution, i.e. rule ``gate`` with a fresh q ~ U(0, 1) per sample.
+* ``router_top_k``, ``router_causal`` (a model with a Mixture-of-Recursions router, ``looped.model.router``):
+  no rule reads the loops' predictions; the router decided each token's depth inside the forward. A
+  sample exits at the deepest loop any of its labelled tokens ran, with the trained L's answer: the top-k
+  routing training used (it looks ahead) and the causal decisions decoding makes (``routed_exits``).
 
 A sequence that never settles runs to ``max_loops``. Exiting at loop n costs n
 loops: the rule reads loop n's own prediction, which the exit then returns.
@@ -38,6 +42,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from looped.contract import IGNORE
 from looped.decoding.exit_rules import ExitRule, exit_loops
 from looped.evaluation.loop_readout import LoopPredictions, per_sample_all, per_sample_max
 
@@ -146,3 +151,19 @@ def format_adaptive_table(fixed: list[float], adaptive: list[Point], trained_loo
     for p in fixed_points + adaptive:
         lines.append(f"  {p.name:<14} {p.mean_loops:>10.2f} {100 * p.accuracy:>7.1f} {'*' if p in front else ''}")
     return "\n".join(lines)
+
+
+ROUTER_RULES = ("router_top_k", "router_causal")
+
+
+def routed_exits(model, input_ids: Tensor, labels: Tensor) -> dict[str, tuple[Tensor, Tensor]]:
+    """``{rule: (right [b], loops [b])}`` for ``ROUTER_RULES``: one forward at the trained L per routing; a sample
+    is right when every labelled position is, and used the most loops any of its labelled tokens ran."""
+    labelled = labels != IGNORE
+    exits = {}
+    for rule in ROUTER_RULES:
+        with model.router.deciding(rule.removeprefix("router_")):
+            logits = model(input_ids)
+        right = ((logits.argmax(-1) == labels) | ~labelled).all(-1)
+        exits[rule] = right, model.router.depths.masked_fill(~labelled, 0).amax(-1)
+    return exits

@@ -209,10 +209,10 @@ class LoopedConfig:
             "use softmax, linear or sparse attention, or router: none",
         )
         need(
-            not self.kv_sharing,
-            "kv_sharing",
-            "is not yet combined with a router (later loops' tokens would attend to loop 1's gathered keys); "
-            "set kv_sharing: false or router: none",
+            not (self.kv_sharing and self.router == "expert_choice" and schedule[0] < 1.0),
+            "router_capacity",
+            f"starts at {schedule[0]}, but with kv_sharing every loop attends to loop 1's keys, so loop 1 must run "
+            "every token: make the first capacity 1.0 (MoR's [1.0, 0.75, 0.5, 0.25]) or set kv_sharing: false",
         )
 
     @property

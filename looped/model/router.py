@@ -58,6 +58,9 @@ class Router(nn.Module):
             self.score = nn.Linear(d, config.loops)  # a logit per depth 1..L
             self.causal = None
         self.schedule = config.capacity_schedule
+        self.first_loop_runs_all = config.kv_sharing
+        """``kv_sharing``: every later loop attends to loop 1's keys, so loop 1 runs every token (expert-choice's
+        first capacity is 1.0, checked by ``LoopedConfig``; the causal rule keeps every token there too)."""
         self.warmup_steps = config.router_warmup_steps
         self.aux_weight, self.z_weight = config.router_aux_weight, config.router_z_weight
         self.step = 0
@@ -74,6 +77,8 @@ class Router(nn.Module):
         causal decision (the learning router's logit > 0) differs from top-k membership, on the same states."""
         self.tokens_per_loop: list[int] = []
         """The last forward's tokens per row that each loop ran on (ragged rows: the longest row's)."""
+        self.depths: Tensor | None = None
+        """The last forward's ``[b t]``: how many loops each token ran (its depth; 0: routed past every loop)."""
 
     def capacities(self) -> list[float]:
         """Each loop's capacity now: warmed up linearly from 1 while training, the schedule's otherwise."""
@@ -134,9 +139,12 @@ class Selection:
         return self.inputs
 
     def narrow(self, step):
-        """The loop step for the selected tokens: their loop input, their positions and padding."""
-        if step.shared is not None or step.rows is not None:
-            raise ValueError("a routed loop step runs every row of a forward: no KV sharing or row subset")
+        """The loop step for the selected tokens: their loop input, their positions and padding (and, with
+        ``kv_sharing``, loop 1's keys of every position for them to attend to)."""
+        if step.rows is not None:
+            raise ValueError("a routed loop step runs every row of a forward, not a row subset")
+        for shared in step.shared or []:
+            shared.routed = True
         if self.index is None:
             return replace(step, padding=self.padding)
         if step.slots is not None:
@@ -210,6 +218,8 @@ class Routing:
         self.router.tokens_per_loop = self.router.tokens_per_loop[: loop - 1] + [ran]
         if loop == self.loops and self.aux:  # the losses of the whole forward: means over its loops
             self.router.losses = {"aux": torch.stack(self.aux).mean(), "z": torch.stack(self.z).mean()}
+        if loop == self.loops:
+            self.router.depths = torch.stack(self.kept).sum(0)
         if loop == self.loops and self.disagreement:
             self.router.disagreement = torch.stack(self.disagreement)
         return selection
@@ -244,6 +254,8 @@ class Routing:
         logits = router.score[n](x).squeeze(-1).float()  # [b t]
         learner = logits if router.causal is None else router.causal[n](x).squeeze(-1).float()
         keep = learner > 0 if self.alive is None else self.alive & (learner > 0)
+        if loop == 1 and router.first_loop_runs_all:
+            keep = torch.ones_like(keep)
         self.alive = keep
         return keep, torch.sigmoid(logits)
 
@@ -276,7 +288,8 @@ class Routing:
         if cache.routed is None:
             cache.routed = torch.zeros(self.loops, b, cache.capacity, dtype=torch.bool, device=keep.device)
         cache.routed[loop - 1, :, cache.length : end] = keep
-        keys = cache.routed[loop - 1, :, :end]
+        # Recursion-wise: loop n's keys are its own tokens'; with kv_sharing, loop 1's (every token's).
+        keys = cache.routed[0 if self.router.first_loop_runs_all else loop - 1, :, :end]
         if self.padding is None:
             positions = torch.arange(end, device=keep.device).expand(b, end)
         else:

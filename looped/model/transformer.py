@@ -380,7 +380,8 @@ class LoopedTransformer(nn.Module):
         Training costs three times this (backward = 2 × forward).
 
         With a router (``LoopedConfig.router``) loop n runs on ``m_n`` of the ``t`` tokens, attention over
-        those ``m_n`` (``routed_tokens``), plus the routers' own ``2d`` per scored token and output.
+        those ``m_n`` (``routed_tokens``), plus the routers' own ``2d`` per scored token and output. With
+        ``kv_sharing`` the loops after the first project no keys or values and attend to loop 1's ``t``.
         """
         c = self.config
         loops = c.loops if loops is None else loops
@@ -388,14 +389,18 @@ class LoopedTransformer(nn.Module):
         heads, kv = c.n_heads * c.head_dim, (c.n_kv_heads or c.n_heads) * c.head_dim  # d and d without GQA
         adapter = 4 * c.d_model**2 if c.input_injection == "concat" else 0  # [input; state] -> d, once per loop
 
-        def per_layer(t: int) -> int:
-            return 4 * c.d_model * (heads + kv) + ffn + 4 * t * heads
+        def per_layer(keys: int, project_kv: bool = True) -> int:  # per query token, over `keys` keys
+            return 4 * c.d_model * (heads + (kv if project_kv else 0)) + ffn + 4 * keys * heads
 
-        if self.router is None:
-            return self.applications(loops) * per_layer(seq_len) + loops * adapter + 2 * c.d_model * c.vocab_size
+        def block_per_token(n: int, m: int) -> int:  # loop n on m of the t tokens (kv_sharing: loop 1's t keys)
+            shared = c.kv_sharing and n > 1
+            return c.block_layers * per_layer(seq_len if shared else m, project_kv=not shared) + adapter
+
         unshared = (c.prelude_layers + c.coda_layers) * per_layer(seq_len) + 2 * c.d_model * c.vocab_size
+        if self.router is None:
+            return unshared + sum(block_per_token(n, seq_len) for n in range(1, loops + 1))
         tokens = self.routed_tokens(seq_len, loops)
-        block = sum(c.block_layers * m * per_layer(m) + m * adapter for m in tokens)
+        block = sum(m * block_per_token(n, m) for n, m in enumerate(tokens, start=1))
         if c.router == "expert_choice":  # loop n scores the tokens loop n-1 kept (a second router: twice)
             scorers = 1 if c.router_aux_loss == "bce" else 2
             routers = scorers * 2 * c.d_model * sum([seq_len, *tokens[:-1]])

@@ -276,6 +276,7 @@ class LoopedLM(L.LightningModule):
         self._batch_shape: tuple[int, int] | None = None
         self._samples_logged = False  # decoded samples go to TensorBoard once per evaluation
         self._loops_this_step = config.loops  # what the last training step ran (random with a loop_schedule)
+        self.training_flops = 0.0  # counted so far, every rank (train/flops): MoR's equal-training-FLOPs axis
         self.eval_pass: EvalPass | None = None  # this evaluation batch's one forward, for the loop readers
 
     def make_metrics(self) -> nn.ModuleDict:
@@ -341,6 +342,10 @@ class LoopedLM(L.LightningModule):
                 "replays the same batches, so it would stop here again"
             )
         self.log("train/loss", loss, prog_bar=True)
+        # After the forward: a token-choice router's loop sizes are this batch's (flops_per_token reads them).
+        ranks = self.trainer.world_size if self._trainer is not None else 1
+        self.training_flops += self.flops_per_batch * ranks
+        self.log("train/flops", self.training_flops, reduce_fx="max")
         return loss
 
     def exit_loss(self, input_ids: Tensor, labels: Tensor, loops: int, grad_loops: int | None = None) -> Tensor:
@@ -587,10 +592,12 @@ class LoopedLM(L.LightningModule):
         sha = getattr(self.trainer.datamodule, "tokenizer_sha256", None) if self._trainer is not None else None
         if sha:
             checkpoint["data"] = {"tokenizer_sha256": sha}
+        checkpoint["training_flops"] = self.training_flops
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self._trainer is not None:  # before the weights load: a mismatch is named, not a shape error
             check_same_data(checkpoint, self.trainer.datamodule, self.config, where="the checkpoint")
+        self.training_flops = checkpoint.get("training_flops", 0.0)
         states = checkpoint.get("rng_states")
         if states is None:
             return

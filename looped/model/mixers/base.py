@@ -215,12 +215,15 @@ class AttentionMixer(nn.Module):
         q = self.queries(x) if rope is None else rope(self.queries(x), offset, positions)
         if shared is not None and shared.kv is not None:
             k, v = shared.kv  # a later loop: loop 1's keys and values, already rotated
+            if shared.routed:  # a router's tokens: their own positions over loop 1's keys of every position
+                out = self.attend_shared(q, k, v, padding, shared.padding, cache)
+                return self.o_proj(rearrange(out, "b h t e -> b t (h e)"))
         else:
             k, v = self.keys_values(x)
             if rope is not None:
                 k = rope(k, offset, positions)
             if shared is not None:
-                shared.kv = (k, v)
+                shared.kv, shared.padding = (k, v), padding
         if padding is not None and not (padding.complete and cache is None and self.plainly_causal):
             out = self.attend_padded(q, k, v, padding, cache)
         elif cache is None:
@@ -273,6 +276,27 @@ class AttentionMixer(nn.Module):
         q_pos, k_pos = padding.new(offset, t)[:, :, None], padding.positions[:, None, :s]  # [b t 1], [b 1 s]
         q_idx, kv_idx = DecodeCache.positions(offset, t, q.device)
         mask = (self.visible(q_pos, k_pos) & padding.keys[:, None, :s]) | (q_idx == kv_idx)
+        p = self.dropout if self.training else 0.0
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], dropout_p=p)
+
+    def attend_shared(
+        self, q: Tensor, k: Tensor, v: Tensor, padding: Padding, keys: Padding | None, cache: LayerCache | None
+    ) -> Tensor:
+        """A router's tokens (``padding``: their positions, gathered or masked) over loop 1's keys and values of
+        every position (``keys``: where those sit; ``kv_sharing`` with ``LoopedConfig.router``). Loop 1 ran every
+        token, so each real query sees at least its own position's key; a place no token fills (a row's unused
+        gathered places) sees every key, to keep softmax finite (its output is dropped)."""
+        offset = 0 if cache is None else cache.offset
+        if cache is not None:
+            k, v = cache.append(k, v)  # the shared slot: loop 1 already wrote these very keys there
+        t, s = q.shape[-2], k.shape[-2]
+        q_pos = padding.new(offset, t)[:, :, None]  # [b t 1]
+        if keys is None:
+            k_pos, real = torch.arange(s, device=q.device)[None, None], torch.ones_like(q_pos, dtype=torch.bool)
+        else:
+            k_pos, real = keys.positions[:, None, :s], keys.keys[:, None, :s]
+        mask = self.visible(q_pos, k_pos) & real & padding.keys[:, offset : offset + t, None]
+        mask = mask | ~mask.any(-1, keepdim=True)
         p = self.dropout if self.training else 0.0
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], dropout_p=p)
 
