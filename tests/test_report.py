@@ -417,3 +417,13 @@ def test_training_compute_table_reads_the_counted_flops_perplexity_and_wall_time
     assert "## Training compute (equal training FLOPs)" in text
     assert f"| `dense` | 1⊗4 | 300 | 3.000 | 1.000 | {math.exp(4.5):.1f} | 10.0 |" in text
     assert f"| `routed` | 1⊗4 | 414 | 2.900 | 0.967 | {math.exp(4.4):.1f} | 8.0 |" in text
+
+
+def test_training_compute_takes_the_exact_count_of_last_ckpt_when_the_run_kept_one(tmp_path):
+    import torch
+
+    fake_run(tmp_path / "runs", "routed", 1, 4, {"train/flops": [(400, 2.8e15)], "val/loss_pile": 4.4})
+    checkpoints = tmp_path / "runs" / "routed" / "version_0" / "checkpoints"
+    checkpoints.mkdir()
+    torch.save({"global_step": 414, "training_flops": 2.9e15}, checkpoints / "last.ckpt")
+    assert report.final_flops(report.load_runs([str(tmp_path / "runs")])[0]) == (414, 2.9e15)

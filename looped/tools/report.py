@@ -580,11 +580,11 @@ def compute_section(runs: list[Run], loss_set: str | None) -> Section | None:
     if not counted:
         return None
     tag = f"test/loss_{loss_set}" if loss_set else "test/loss"
-    reference = max(r.last("train/flops") for r in counted)
+    reference = max(final_flops(r)[1] for r in counted)
     rows = []
     for run in counted:
-        flops, loss = run.last("train/flops"), run.last(tag)
-        steps = max(step for step, _ in run.scalars["train/flops"])
+        steps, flops = final_flops(run)
+        loss = run.last(tag)
         wall = "—" if run.wall_seconds is None else f"{run.wall_seconds / 60:.1f}"
         model = run.shape.name + (f" ({run.variant})" if run.variant else "")
         ppl = "—" if loss is None else f"{math.exp(loss):.1f}"
@@ -595,6 +595,21 @@ def compute_section(runs: list[Run], loss_set: str | None) -> Section | None:
         f"and the test perplexity (`exp({tag})`) at the end of training."
     )
     return Section("Training compute (equal training FLOPs)", f"{intro}\n\n{_markdown(header, rows)}")
+
+
+def final_flops(run: Run) -> tuple[int, float]:
+    """``(steps, training FLOPs)`` at the end of training: ``last.ckpt``'s exact count when the run kept one (a
+    run from before ``LoopedLM`` logged the total at its last step logged it every ``log_every_n_steps`` only),
+    else the last ``train/flops`` logged."""
+    checkpoint = run.path / "checkpoints" / "last.ckpt"
+    if checkpoint.is_file():
+        import torch
+
+        state = torch.load(checkpoint, map_location="cpu", mmap=True, weights_only=False)
+        if "training_flops" in state:
+            return int(state["global_step"]), float(state["training_flops"])
+    step, flops = run.scalars["train/flops"][-1]
+    return step, flops
 
 
 def variants_section(variants: list[Run], metrics: Sequence[str]) -> Section | None:
