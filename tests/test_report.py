@@ -385,3 +385,45 @@ def test_adaptive_depth_comparison_finds_each_methods_cheapest_point_at_99_perce
     assert "| gate (uniform loops 2..8) | 4 | 96.0 | 2.60 (95.5%) | gate_0.5 | 0.65 | 2.60 (gate_0.5) | 0.65 |" in text
     assert "| weak (uniform loops 2..8) | 4 | 85.0 | never | — | — | 4.00 (fixed_4) | 1.00 |" in text
     assert "(adaptive_all.png)" in text and (out / "adaptive_all.png").stat().st_size > 0
+
+
+def test_training_variant_names_a_router():
+    expert = {"config": {"router": "expert_choice", "router_capacity": [1.0, 0.5]}}
+    assert report.training_variant(expert) == "MoR expert_choice [1.0, 0.5]"
+    assert report.training_variant({"config": {"router": "token_choice"}}) == "MoR token_choice"
+    assert report.training_variant({"config": {"router": "none"}}) == ""
+
+
+def test_training_compute_table_reads_the_counted_flops_perplexity_and_wall_time(tmp_path):
+    """The equal-training-FLOPs table: the last ``train/flops`` (logged at the last step), exp(test loss) and
+    the minutes between the first and the last training-loss events."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    for name, steps, flops, loss, minutes in [("dense", 300, 3.0e15, 4.5, 10.0), ("routed", 414, 2.9e15, 4.4, 8.0)]:
+        fake_run(
+            tmp_path / "runs",
+            name,
+            1,
+            4,
+            {"train/flops": [(20, 1e14), (steps, flops)], "test/loss_pile": loss, "val/loss_pile": loss},
+        )
+        writer = SummaryWriter(str(tmp_path / "runs" / name / "version_0"))
+        writer.add_scalar("train/loss", 5.0, 1, walltime=1000.0)
+        writer.add_scalar("train/loss", 4.0, steps, walltime=1000.0 + 60 * minutes)
+        writer.close()
+    out = tmp_path / "out"
+    report.main([str(tmp_path / "runs"), "--output", str(out), "--loss-set", "pile"])
+    text = (out / "report.md").read_text()
+    assert "## Training compute (equal training FLOPs)" in text
+    assert f"| `dense` | 1⊗4 | 300 | 3.000 | 1.000 | {math.exp(4.5):.1f} | 10.0 |" in text
+    assert f"| `routed` | 1⊗4 | 414 | 2.900 | 0.967 | {math.exp(4.4):.1f} | 8.0 |" in text
+
+
+def test_training_compute_takes_the_exact_count_of_last_ckpt_when_the_run_kept_one(tmp_path):
+    import torch
+
+    fake_run(tmp_path / "runs", "routed", 1, 4, {"train/flops": [(400, 2.8e15)], "val/loss_pile": 4.4})
+    checkpoints = tmp_path / "runs" / "routed" / "version_0" / "checkpoints"
+    checkpoints.mkdir()
+    torch.save({"global_step": 414, "training_flops": 2.9e15}, checkpoints / "last.ckpt")
+    assert report.final_flops(report.load_runs([str(tmp_path / "runs")])[0]) == (414, 2.9e15)

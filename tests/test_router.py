@@ -441,3 +441,43 @@ def test_looped_lm_counts_the_training_flops_it_spent_and_keeps_the_count_in_che
     resumed = tiny_module(**SHAPE, router="token_choice", vocab_size=7)
     resumed.on_load_checkpoint(checkpoint)
     assert resumed.training_flops == module.training_flops
+
+
+@pytest.mark.parametrize("fields", ROUTERS)
+def test_a_decoding_step_runs_each_loop_on_the_rows_routed_to_it_alone(fields):
+    """Decoding saves the loops a router skips: after the prefill, loop n of a step runs only the rows whose new
+    token the causal decisions route to it — as many as the causal full forward gives depth >= n there."""
+    model = deciding(fields)
+    prompt = tokens(model, batch=6, length=5)
+    seen = []
+    model.block[0].register_forward_pre_hook(lambda module, args: seen.append(args[0].shape[0]))
+    out = model.generate(prompt, max_new_tokens=8, exit="router")
+    loops = model.config.loops
+    steps = seen[loops:]  # after the prefill's loops: one entry per loop of every step
+    with model.router.deciding("causal"):
+        model(out[:, :-1])
+    depths = model.router.depths
+    assert len(steps) == 7 * loops
+    for s in range(7):
+        column = 5 + s  # the token that step reads
+        for n in range(1, loops + 1):
+            assert steps[s * loops + n - 1] == int((depths[:, column] >= n).sum()), (s, n)
+    assert sum(steps) < 7 * loops * 6  # some rows skipped some loops
+
+
+@pytest.mark.parametrize("fields", ROUTERS)
+@pytest.mark.parametrize("padded", [False, True])
+def test_depthwise_decoding_with_the_router_gives_the_tokens_of_the_synchronous_schedule(fields, padded):
+    """``schedule='depthwise'`` (every row at its own token and loop, each token routed loop by loop, the cache
+    recursion-wise) against the synchronous schedule, whose tokens equal the causal full forward's (above);
+    with an EOS that stops rows at different lengths too."""
+    model = deciding(fields)
+    prompt = tokens(model, batch=4, length=6)
+    mask = None
+    if padded:
+        mask = torch.ones_like(prompt)
+        mask[0, :2] = 0
+    for eos in (None, int(prompt[1, -1])):
+        synchronous = model.generate(prompt, 10, eos_id=eos, exit="router", attention_mask=mask)
+        depthwise = model.generate(prompt, 10, eos_id=eos, exit="router", attention_mask=mask, schedule="depthwise")
+        assert torch.equal(depthwise, synchronous), eos

@@ -17,7 +17,14 @@ every loop in one buffer (``LoopSlots``, position-indexed, as the prefill left t
 each row's own loop's slot (a gathered copy) and writes its token's key there. When a token stops early,
 the loops it skipped get the keys of its last loop at its column (Huginn's "latest", as the synchronous
 schedule fills them). With recursive KV sharing (``kv_sharing``) there is one slot, written in loop 1
-and read by every loop: nothing to gather or fill. Prelude and coda layers, applied once per token, keep
+and read by every loop: nothing to gather or fill.
+
+A model with a Mixture-of-Recursions router (``LoopedConfig.router``, ``generate(exit="router",
+schedule="depthwise")``) decides before each of a token's loops, by its causal router
+(``looped.model.router.RowRouting``), whether the token runs it; a token not routed to its next loop stops
+there, and a routed one moves by its weighted update. Its cache is recursion-wise as in training: a loop's
+keys are those of the tokens routed to that loop (``routed``), nothing is filled (with ``kv_sharing``: loop 1's
+keys, which every token has). Prelude and coda layers, applied once per token, keep
 their position-indexed slots (``ColumnSlot``). Both schedules decode the same tokens (tested); they only
 order the work differently.
 
@@ -94,13 +101,24 @@ class Tick:
     """One application of the block in depth-wise decoding, the same for its k layers: row r reads its token at
     column ``at[r]`` in loop ``loop[r]`` (1-based). Made once, so each layer only writes and reads its keys."""
 
-    def __init__(self, columns: TokenColumns, loops: int, batch: int, loop: Tensor, at: Tensor, active: Tensor) -> None:
+    def __init__(
+        self,
+        columns: TokenColumns,
+        loops: int,
+        batch: int,
+        loop: Tensor,
+        at: Tensor,
+        active: Tensor,
+        routed: Tensor | None = None,
+    ) -> None:
         rows = torch.arange(len(at), device=at.device)
         self.at, self.span = at, int(at.max()) + 1
         self.positions = columns.positions[rows, at]
         self.key_positions = columns.positions[:, : self.span]
         later = torch.arange(self.span, device=at.device)[None, :] <= at[:, None]
         self.allowed = later & columns.filled[:, : self.span]  # [b s]: every token up to the row's own
+        if routed is not None:  # a router's recursion-wise cache: row r sees the tokens routed to its loop
+            self.allowed = self.allowed & routed[torch.clamp(loop, max=len(routed)) - 1, rows, : self.span]
         if loops == 1:  # one slot (kv_sharing): written in loop 1, read by every loop
             self.write, self.read = ((loop == 1) & active).nonzero().squeeze(1), None
         else:  # row r of loop n is slot n·b + r; a row that has finished writes nothing
@@ -138,7 +156,11 @@ class LoopSlotView(RaggedSlot):
 class DepthwiseDecoder:
     """Greedy decoding of a prefilled batch, every row at its own token and loop (see the module doc)."""
 
-    def __init__(self, model, decide, loops: int, cache: DecodeCache, attention_mask: Tensor | None) -> None:
+    def __init__(
+        self, model, decide, loops: int, cache: DecodeCache, attention_mask: Tensor | None, routing=None
+    ) -> None:
+        """``decide``: an ``OnlineExit`` (an exit rule after every loop); or ``routing``, a ``RowRouting`` (a
+        router's decision before every loop) with ``decide`` None."""
         config = model.config
         b, p = cache.layers[0]._keys.shape[0], cache.length
         mask = torch.ones(b, p, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
@@ -151,6 +173,9 @@ class DepthwiseDecoder:
             clear_after(p, slot._keys, slot._values)
         block_slots = slots.loops[:1] if config.kv_sharing else slots.loops  # with sharing, one slot for every loop
         self.block_slots = [LoopSlots([loop[j] for loop in block_slots], self.columns) for j in range(len(model.block))]
+        self.routing = routing
+        # [L b c]: which tokens each loop's slot shows (a router without kv_sharing), from the prefill on
+        self.routed = None if routing is None or config.kv_sharing else cache.routed.clone()
 
     def decode(self, first: Tensor, max_new_tokens: int, eos_id: int | None) -> tuple[Tensor, Tensor]:
         """The ``[b n]`` new tokens after the prefill's ``first`` ``[b]``, and the loops each used (the first's:
@@ -166,20 +191,14 @@ class DepthwiseDecoder:
         everyone = torch.arange(b, device=device)
         x = self.start(first, everyone, at)
         loop_input = x
-        while not bool(done.all()):
-            tick = Tick(self.columns, self.block_slots[0].loops, b, loop, at, ~done)
-            views = [LoopSlotView(slots, tick) for slots in self.block_slots]
-            x = model.loop_step(x, LoopStep(loop, loop_input, views))
-            logits = self.read_out(x, everyone, at) if self.decide.rule.reads_prediction else None
-            logprobs = None if logits is None else logits.float().log_softmax(-1)
-            halts = model.halt_logits(x[:, -1]) if self.decide.rule.kind == "gate" else None
-            stop = (self.decide.stop(logprobs, halts) | (loop == self.loops)) & ~done
-            loop = loop + 1
-            if not bool(stop.any()):
-                continue
+
+        def emit(stop: Tensor, logits: Tensor | None) -> None:
+            """The rows ``stop`` stopped their token (after loop ``loop - 1``): read it out, start the next one."""
+            nonlocal x, loop_input
             rows = stop.nonzero().squeeze(1)
             chosen = (logits[rows] if logits is not None else self.read_out(x[rows], rows, at[rows])).argmax(-1)
-            if not model.config.kv_sharing and bool((loop[rows] <= self.loops).any()):
+            latest = not model.config.kv_sharing and self.routing is None  # a router's cache hides, not fills
+            if latest and bool((loop[rows] <= self.loops).any()):
                 for slots in self.block_slots:
                     slots.fill_latest(rows, loop[rows] - 1, at[rows])
             tokens[rows, count[rows]], used[rows, count[rows]] = chosen, loop[rows] - 1
@@ -193,7 +212,35 @@ class DepthwiseDecoder:
                 at[go_on], loop[go_on] = at[go_on] + 1, 1
                 started = self.start(chosen[~finished], go_on, at[go_on])
                 x, loop_input = x.index_copy(0, go_on, started), loop_input.index_copy(0, go_on, started)
-            self.decide.restart(stop)
+            if self.decide is not None:
+                self.decide.restart(stop)
+
+        while not bool(done.all()):
+            weight = None
+            while self.routing is not None:  # a token its router does not route to its next loop stops before it
+                keep, weight = self.routing.decide(x, loop)
+                stop = ~keep & ~done
+                if not bool(stop.any()):
+                    break
+                emit(stop, None)  # its next token may stop at once too (not routed to loop 1): decide again
+            if bool(done.all()):
+                break
+            if self.routed is not None:  # this tick's tokens show their keys to their own loop's slot
+                self.routed[torch.clamp(loop, max=self.loops) - 1, everyone, at] |= ~done
+            tick = Tick(self.columns, self.block_slots[0].loops, b, loop, at, ~done, self.routed)
+            views = [LoopSlotView(slots, tick) for slots in self.block_slots]
+            out = model.loop_step(x, LoopStep(loop, loop_input, views))
+            x = out if weight is None else x + weight[:, None, None].to(out.dtype) * (out - x)  # the router's weight
+            if self.routing is not None:
+                logits, stop = None, (loop == self.loops) & ~done
+            else:
+                logits = self.read_out(x, everyone, at) if self.decide.rule.reads_prediction else None
+                logprobs = None if logits is None else logits.float().log_softmax(-1)
+                halts = model.halt_logits(x[:, -1]) if self.decide.rule.kind == "gate" else None
+                stop = (self.decide.stop(logprobs, halts) | (loop == self.loops)) & ~done
+            loop = loop + 1
+            if bool(stop.any()):
+                emit(stop, logits)
         if eos_id is not None:  # a row that emitted EOS keeps emitting it, as generate does
             emitted = torch.arange(max_new_tokens, device=device)[None, :] >= count[:, None]
             tokens = tokens.masked_fill(emitted, eos_id)

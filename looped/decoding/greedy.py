@@ -22,6 +22,7 @@ from looped.decoding.per_token import AdaptiveDecoder, AdaptiveDecoding
 from looped.decoding.speculative import SelfSpeculativeDecoder
 from looped.errors import MODEL_CONFIG, InputError
 from looped.model.cache import DecodeCache
+from looped.model.router import RowRouting
 
 
 @torch.no_grad()
@@ -56,7 +57,8 @@ def generate(
 
     ``exit='router'`` decodes a model with a Mixture-of-Recursions router (``LoopedConfig.router``; the only
     exit such a model takes): every token runs the loops its router's causal decisions give it (expert-choice:
-    its logit > 0 at each loop, token-choice: its depth), each loop's cache holding only its tokens' keys.
+    its logit > 0 at each loop, token-choice: its depth), each loop's cache holding only its tokens' keys (with
+    ``kv_sharing``: loop 1's). A loop runs only the rows routed to it, on either ``schedule``.
 
     ``draft_loops=n`` (``n < loops``) decodes the same tokens faster when the first n loops often predict
     what all of them do: each round the model drafts ``draft_tokens`` tokens with n loops and checks them
@@ -89,7 +91,11 @@ def generate(
                 f"{MODEL_CONFIG}.router_aux_weight: is 0, so no router learned the causal decision expert-choice "
                 "decodes with (its top-k looks ahead); train with router_aux_weight > 0 (e.g. 0.01)"
             )
+        if schedule not in SCHEDULES:
+            raise ValueError(f"schedule {schedule!r}: write one of {', '.join(SCHEDULES)}")
         with router.deciding("causal"):  # every forward below: each token's own decision, never a look ahead
+            if schedule == "depthwise" and max_new_tokens > 0:
+                return decode_routed_depthwise(model, prompt, max_new_tokens, eos_id, loops, attention_mask)
             return decode_cached(model, prompt, max_new_tokens, eos_id, loops, attention_mask)
     if exit is not None or return_loops:
         decoding = generate_adaptive(
@@ -128,6 +134,24 @@ def decode_cached(
 
     tokens = [prompt, *greedy_loop(first, step, max_new_tokens, eos_id, attention_mask)]
     return torch.cat(tokens, dim=1)
+
+
+def decode_routed_depthwise(
+    model, prompt: Tensor, max_new_tokens: int, eos_id: int | None, loops: int | None, attention_mask: Tensor | None
+) -> Tensor:
+    """``generate(exit='router', schedule='depthwise')``: the prefill as ``decode_cached``'s, then every row at its
+    own token and loop, each token's loops chosen by the router (``looped.decoding.depthwise``)."""
+    b, p = prompt.shape
+    loops = model.config.loops if loops is None else loops
+    cache = DecodeCache(capacity=p + max_new_tokens)
+    if attention_mask is not None and bool(attention_mask.all()):
+        attention_mask = None
+    first = model(prompt, loops=loops, cache=cache, attention_mask=attention_mask)[:, -1].argmax(-1)
+    routing = RowRouting(model.router, b, prompt.device)
+    tokens, _ = DepthwiseDecoder(model, None, loops, cache, attention_mask, routing).decode(
+        first, max_new_tokens, eos_id
+    )
+    return torch.cat([prompt, tokens], dim=1)
 
 
 def greedy_loop(

@@ -73,8 +73,10 @@ class LayerCache:
             raise ValueError(f"decode cache is full: {end} positions requested, capacity {self.capacity}")
         if self._keys is None:
             b, h, _, e = k.shape
-            self._keys = k.new_empty(b, h, self.capacity, e)
-            self._values = v.new_empty(b, h, self.capacity, v.shape[-1])
+            # Zeros, not empty memory: a routed decode step leaves a skipped row's column unwritten, and attention
+            # multiplies its masked weight, 0, by that value (never-written memory may hold NaN).
+            self._keys = k.new_zeros(b, h, self.capacity, e)
+            self._values = v.new_zeros(b, h, self.capacity, v.shape[-1])
         self._keys[:, :, self.offset : end] = k
         self._values[:, :, self.offset : end] = v
         return self._keys[:, :, :end], self._values[:, :, :end]
@@ -148,6 +150,8 @@ class SharedKV:
             return self
         view = SharedKV()
         view.kv = (self.kv[0][index], self.kv[1][index])
+        view.padding = None if self.padding is None else self.padding.rows(index)
+        view.routed = self.routed
         return view
 
 

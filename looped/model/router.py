@@ -122,7 +122,8 @@ class Selection:
     Gathered (a forward without a cache): ``index`` ``[b m]`` their positions in causal order (``t``, one
     past the end, for a row's unused places when rows keep different counts; ``valid`` False there).
     Masked (decoding with a cache, whose slots are bound to positions): ``keep`` ``[b t]``; every new token
-    runs, the others' updates are dropped and their keys are hidden from this loop (``padding``).
+    runs, the others' updates are dropped and their keys are hidden from this loop (``padding``). A decoding
+    step of one token per row runs only the ``rows`` whose token is routed to the loop (the others skip it).
     ``weight``: the kept tokens' update weights, ``[b m]`` or ``[b t]``.
     """
 
@@ -131,11 +132,15 @@ class Selection:
     weight: Tensor
     padding: Padding | None
     keep: Tensor | None = None
+    rows: Tensor | None = None
     inputs: Tensor | None = None
 
     def gather(self, x: Tensor) -> Tensor:
-        """``[b m d]`` the selected tokens of ``x`` ``[b t d]`` (all of them when masked)."""
-        self.inputs = x if self.index is None else take(x, self.index, self.valid is not None)
+        """``[b m d]`` the selected tokens of ``x`` ``[b t d]`` (all of them when masked; a step's routed rows)."""
+        if self.rows is not None:
+            self.inputs = x[self.rows]
+        else:
+            self.inputs = x if self.index is None else take(x, self.index, self.valid is not None)
         return self.inputs
 
     def narrow(self, step):
@@ -145,6 +150,9 @@ class Selection:
             raise ValueError("a routed loop step runs every row of a forward, not a row subset")
         for shared in step.shared or []:
             shared.routed = True
+        if self.rows is not None:  # the rows loop_step runs: their slots and shared keys narrowed by the step
+            loop_input = None if step.loop_input is None else step.loop_input[self.rows]
+            return replace(step, loop_input=loop_input, padding=self.padding.rows(self.rows), rows=self.rows)
         if self.index is None:
             return replace(step, padding=self.padding)
         if step.slots is not None:
@@ -155,6 +163,8 @@ class Selection:
     def scatter(self, x: Tensor, out: Tensor) -> Tensor:
         """``x`` with the selected tokens moved by their weighted update ``out − inputs``."""
         w = self.weight[..., None].to(out.dtype)
+        if self.rows is not None:
+            return x.index_copy(0, self.rows, self.inputs + w[self.rows] * (out - self.inputs))
         new = self.inputs + w * (out - self.inputs)
         if self.index is None:
             return torch.where(self.keep[..., None], new, x)
@@ -295,7 +305,8 @@ class Routing:
         else:
             positions, keys = self.padding.positions, keys & self.padding.keys
         w = weight if self.router.weighted else torch.ones_like(weight)
-        return Selection(None, None, w, Padding.gathered(positions, keys), keep=keep)
+        rows = keep[:, 0].nonzero().squeeze(1) if t == 1 else None  # a decoding step: only the routed rows run
+        return Selection(None, None, w, Padding.gathered(positions, keys), keep=keep, rows=rows)
 
     def gathered_padding(self, index: Tensor, valid: Tensor | None) -> Padding:
         """The gathered tokens' positions (among their row's tokens) and which of them are real."""
@@ -304,3 +315,34 @@ class Routing:
         spare = torch.cat([self.padding.positions, self.padding.positions[:, :1]], 1)
         real = torch.cat([self.padding.keys, torch.zeros_like(self.padding.keys[:, :1])], 1).gather(1, index)
         return Padding.gathered(spare.gather(1, index), real if valid is None else real & valid)
+
+
+class RowRouting:
+    """Causal routing when every row decodes its own token at its own loop (depth-wise decoding,
+    ``looped.decoding.depthwise``): before loop ``n[r]`` of row r's token, whether the token runs it and the weight
+    of its update — the decisions ``Routing`` makes with ``Router.decide == "causal"``, row by row."""
+
+    def __init__(self, router: Router, batch: int, device: torch.device) -> None:
+        self.router = router
+        self.depth = torch.zeros(batch, dtype=torch.long, device=device)  # token-choice: each row's token's depth
+        self.gate = torch.zeros(batch, device=device)  # token-choice: the probability of that depth
+
+    def decide(self, x: Tensor, loop: Tensor) -> tuple[Tensor, Tensor]:
+        """``(keep [b], weight [b])`` for each row's token ``x`` ``[b 1 d]`` entering its loop ``loop`` ``[b]``."""
+        router, h = self.router, x[:, -1]
+        n = loop.clamp(max=router.loops) - 1  # past the trained L: the last loop's router
+        if router.kind == "expert_choice":  # a row at loop n ran loops 1..n-1: it is still active
+
+            def at_loop(scorers: nn.ModuleList) -> Tensor:
+                return torch.cat([s(h) for s in scorers], -1).float().gather(1, n[:, None]).squeeze(1)
+
+            logits = at_loop(router.score)
+            learner = logits if router.causal is None else at_loop(router.causal)
+            keep = (learner > 0) | ((loop == 1) & router.first_loop_runs_all)
+            return keep, torch.sigmoid(logits)
+        first = loop == 1
+        if bool(first.any()):  # a new token: its depth, once, from its state entering loop 1
+            probs = router.score(h[first]).float().softmax(-1)
+            choice = probs.argmax(-1)
+            self.depth[first], self.gate[first] = choice + 1, probs.gather(-1, choice[:, None]).squeeze(-1)
+        return self.depth >= n + 1, self.gate

@@ -57,6 +57,7 @@ class Run:
     variant: str = ""  # training beyond the paper's plain looping ("random loops 2..8", "regularised k=1 λ=10")
     label: str = ""
     task: str = ""
+    wall_seconds: float | None = None  # from the first to the last training-loss event
 
     def last(self, tag: str) -> float | None:
         series = self.scalars.get(tag)
@@ -106,12 +107,16 @@ def read_config(version_dir: Path) -> tuple[dict, dict, list, dict]:
     raise FileNotFoundError(f"{version_dir} has neither config.yaml nor hparams.yaml")
 
 
-def read_scalars(version_dir: Path) -> dict[str, list[tuple[int, float]]]:
+def read_scalars(version_dir: Path, wall: dict | None = None) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar series of a run; ``wall``, when given, gets ``{tag: (first, last)}`` wall-clock times."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(version_dir), size_guidance={"scalars": 0}, purge_orphaned_data=False)
     events.Reload()
-    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+    series = {tag: events.Scalars(tag) for tag in events.Tags()["scalars"]}
+    if wall is not None:
+        wall.update({tag: (points[0].wall_time, points[-1].wall_time) for tag, points in series.items() if points})
+    return {tag: [(e.step, e.value) for e in points] for tag, points in series.items()}
 
 
 def logged_by_step(run_dir: Path, tag: str) -> dict[int, list[float]]:
@@ -141,6 +146,11 @@ def training_variant(model_args: dict) -> str:
         objective = exit.get("objective", "ouro")
         knob = {"ouro": "beta", "pondernet": "prior", "act": "tau"}.get(objective)
         parts.append(f"{objective} exit" + (f" {knob}={exit.get(knob)}" if knob else ""))
+    config = model_args.get("config") or {}
+    router = config.get("router", "none")
+    if router != "none":  # Mixture-of-Recursions (looped.model.router)
+        capacity = config.get("router_capacity", 1.0) if router == "expert_choice" else None
+        parts.append(f"MoR {router}" + (f" {capacity}" if capacity is not None else ""))
     if model_args.get("init_weights"):
         parts.append("from a trained checkpoint")
     return ", ".join(parts)
@@ -158,7 +168,11 @@ def load_run(version_dir: Path) -> Run:
     for callback in callbacks:
         if isinstance(callback, dict) and str(callback.get("class_path", "")).endswith("BlockCosineSimilarity"):
             cosine_k = (callback.get("init_args") or {}).get("block_layers")
-    return Run(version_dir, shape, data, read_scalars(version_dir), cosine_k, training_variant(model_args))
+    wall: dict[str, tuple[float, float]] = {}
+    run = Run(version_dir, shape, data, read_scalars(version_dir, wall), cosine_k, training_variant(model_args))
+    if "train/loss" in wall:
+        run.wall_seconds = wall["train/loss"][1] - wall["train/loss"][0]
+    return run
 
 
 def load_runs(paths: Sequence[str | Path]) -> list[Run]:
@@ -472,6 +486,7 @@ def write_report(
         table1_section(cells, columns, shared),
         table3_section(plain, cells, columns, groups, loss_set),
         perplexity_section(runs, loss_set),
+        compute_section(runs, loss_set),
         *adaptive_sections(runs, output),
         *known_depth_sections(runs, output),
         variants_section([r for r in runs if r.variant], metrics),
@@ -556,6 +571,45 @@ def known_depth_sections(runs: list[Run], output: Path) -> list[Section]:
             body = f"{intro}\n\n{known_depth_table(results)}"
             sections.append(Section(f"Halting against known depth: `{run.label}`", body, (figure,)))
     return sections
+
+
+def compute_section(runs: list[Run], loss_set: str | None) -> Section | None:
+    """Training compute against held-out perplexity, a row per run that counted its FLOPs (``train/flops``):
+    Mixture-of-Recursions' axis, equal training FLOPs, on which a cheaper model trains for more steps."""
+    counted = [r for r in runs if r.last("train/flops")]
+    if not counted:
+        return None
+    tag = f"test/loss_{loss_set}" if loss_set else "test/loss"
+    reference = max(final_flops(r)[1] for r in counted)
+    rows = []
+    for run in counted:
+        steps, flops = final_flops(run)
+        loss = run.last(tag)
+        wall = "—" if run.wall_seconds is None else f"{run.wall_seconds / 60:.1f}"
+        model = run.shape.name + (f" ({run.variant})" if run.variant else "")
+        ppl = "—" if loss is None else f"{math.exp(loss):.1f}"
+        rows.append([f"`{run.label}`", model, str(steps), f"{flops / 1e15:.3f}", f"{flops / reference:.3f}", ppl, wall])
+    header = ["run", "model", "steps", "training PFLOP", "vs the most", "test ppl", "train minutes"]
+    intro = (
+        "Training FLOPs as counted (`train/flops`: every step's `flops_per_batch`, a router's loops as routed), "
+        f"and the test perplexity (`exp({tag})`) at the end of training."
+    )
+    return Section("Training compute (equal training FLOPs)", f"{intro}\n\n{_markdown(header, rows)}")
+
+
+def final_flops(run: Run) -> tuple[int, float]:
+    """``(steps, training FLOPs)`` at the end of training: ``last.ckpt``'s exact count when the run kept one (a
+    run from before ``LoopedLM`` logged the total at its last step logged it every ``log_every_n_steps`` only),
+    else the last ``train/flops`` logged."""
+    checkpoint = run.path / "checkpoints" / "last.ckpt"
+    if checkpoint.is_file():
+        import torch
+
+        state = torch.load(checkpoint, map_location="cpu", mmap=True, weights_only=False)
+        if "training_flops" in state:
+            return int(state["global_step"]), float(state["training_flops"])
+    step, flops = run.scalars["train/flops"][-1]
+    return step, flops
 
 
 def variants_section(variants: list[Run], metrics: Sequence[str]) -> Section | None:

@@ -580,6 +580,12 @@ class LoopedLM(L.LightningModule):
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
+    def on_train_end(self) -> None:
+        # The total at the last step: the logger connector writes only every log_every_n_steps.
+        if self.trainer.is_global_zero:
+            for logger in self.loggers:
+                logger.log_metrics({"train/flops": self.training_flops}, step=self.global_step)
+
     # -- exact resume ------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Lightning restores weights, optimiser, schedule and loop counters but not the

@@ -60,6 +60,12 @@ class Padding:
         """Positions ``[b t]`` of the ``t`` new tokens after ``offset`` cached ones."""
         return self.positions[:, offset : offset + t]
 
+    def rows(self, index: Tensor) -> Padding:
+        """The padding of the batch rows ``index``."""
+        narrowed = type(self).__new__(type(self))
+        narrowed.positions, narrowed.keys, narrowed.complete = self.positions[index], self.keys[index], self.complete
+        return narrowed
+
 
 class RotaryEmbedding(nn.Module):
     """Rotary position embedding (Su et al. 2021), shared by every layer.
