@@ -415,8 +415,8 @@ def test_training_compute_table_reads_the_counted_flops_perplexity_and_wall_time
     report.main([str(tmp_path / "runs"), "--output", str(out), "--loss-set", "pile"])
     text = (out / "report.md").read_text()
     assert "## Training compute (equal training FLOPs)" in text
-    assert f"| `dense` | 1⊗4 | 300 | 3.000 | 1.000 | {math.exp(4.5):.1f} | 10.0 |" in text
-    assert f"| `routed` | 1⊗4 | 414 | 2.900 | 0.967 | {math.exp(4.4):.1f} | 8.0 |" in text
+    assert f"| `dense` | 1⊗4 | 300 | 3000.00 | 1.000 | {math.exp(4.5):.1f} | 10.0 |" in text
+    assert f"| `routed` | 1⊗4 | 414 | 2900.00 | 0.967 | {math.exp(4.4):.1f} | 8.0 |" in text
 
 
 def test_training_compute_takes_the_exact_count_of_last_ckpt_when_the_run_kept_one(tmp_path):

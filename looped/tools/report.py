@@ -588,8 +588,8 @@ def compute_section(runs: list[Run], loss_set: str | None) -> Section | None:
         wall = "—" if run.wall_seconds is None else f"{run.wall_seconds / 60:.1f}"
         model = run.shape.name + (f" ({run.variant})" if run.variant else "")
         ppl = "—" if loss is None else f"{math.exp(loss):.1f}"
-        rows.append([f"`{run.label}`", model, str(steps), f"{flops / 1e15:.3f}", f"{flops / reference:.3f}", ppl, wall])
-    header = ["run", "model", "steps", "training PFLOP", "vs the most", "test ppl", "train minutes"]
+        rows.append([f"`{run.label}`", model, str(steps), f"{flops / 1e12:.2f}", f"{flops / reference:.3f}", ppl, wall])
+    header = ["run", "model", "steps", "training TFLOP", "vs the most", "test ppl", "train minutes"]
     intro = (
         "Training FLOPs as counted (`train/flops`: every step's `flops_per_batch`, a router's loops as routed), "
         f"and the test perplexity (`exp({tag})`) at the end of training."
