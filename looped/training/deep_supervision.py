@@ -120,8 +120,9 @@ class DeepSupervision(LoopedLM):
         self.q_loss_weight, self.eval_steps = q_loss_weight, eval_steps or 2 * supervision_steps
         self.carry: Carry | None = None
         self.explore = torch.Generator().manual_seed(seed)  # its own draws: saved and restored with the carry
-        # Lightning's model summary runs this through forward (all N_sup steps) and counts its FLOPs.
-        self.example_input_array = torch.zeros(1, config.max_seq_len or 1, dtype=torch.long)
+        # Lightning's model summary runs this through forward (all N_sup steps) and counts its FLOPs; a dict, as
+        # a batch is (it passes the data module's batch hooks first).
+        self.example_input_array = {"input_ids": torch.zeros(1, config.max_seq_len or 1, dtype=torch.long)}
         # Per stage, summed over the epoch's batches: [2·eval_steps + 2] (see _eval_step).
         self.step_counts: dict[str, Tensor] = {}
 
