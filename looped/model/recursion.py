@@ -43,11 +43,14 @@ def initial_state(self, batch: int, length: int) -> Tensor:
 def reason(self, input_ids: Tensor, state: Tensor | None = None) -> tuple[Tensor, Tensor | None, Tensor]:
     """One supervision step from ``state`` (None: a fresh one): ``(logits [b t v], Q-head logits [b 2] (halt,
     continue) or None, the new state [s b t d])``. The new state is *not* detached: the trainer detaches it
-    between steps, so that a test can see it does."""
+    between steps, so that a test can see it does. Runs through the model's ``forward`` (its hooks)."""
+    return self(input_ids, carried=self.initial_state(*input_ids.shape) if state is None else state)
+
+
+def supervision_step(self, input_ids: Tensor, state: Tensor) -> tuple[Tensor, Tensor | None, Tensor]:
+    """``reason``'s body, called by ``LoopedTransformer.forward``."""
     c = self.config
     x = self.run_layers(self.prelude, self.embed_tokens(input_ids), None)
-    if state is None:
-        state = self.initial_state(*input_ids.shape)
     if c.recursion == "loop":
         h = x + state[0]
         for n in range(1, c.loops + 1):

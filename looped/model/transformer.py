@@ -206,7 +206,8 @@ class LoopedTransformer(nn.Module):
         readout_after: int | None = None,
         state_positions: Tensor | None = None,
         inputs_embeds: Tensor | None = None,
-    ) -> Tensor | tuple[Tensor, list[Tensor]]:
+        carried: Tensor | None = None,
+    ) -> Tensor | tuple[Tensor, list[Tensor]] | tuple[Tensor, Tensor | None, Tensor]:
         """Logits ``[b t v]`` after ``loops`` applications of the block (default: the trained L).
 
         With ``return_loop_states=True`` also returns the hidden state ``[b t d]``
@@ -237,7 +238,13 @@ class LoopedTransformer(nn.Module):
         ``inputs_embeds`` ``[b t d]`` instead of ``input_ids`` (``input_ids=None``): vectors that stand where token
         embeddings would (soft prompts, a multimodal front end, continuous thoughts); learned positions are
         still added.
+
+        ``carried`` ``[s b t d]``: one supervision step of a recursive reasoner from that state instead, returning
+        ``(logits, Q-head logits or None, new state)`` (``reason``, ``looped/model/recursion.py``). It runs through
+        ``forward`` so that what hooks the root module (FSDP2's unsharding, memory trackers) sees it.
         """
+        if carried is not None:
+            return recursion.supervision_step(self, input_ids, carried)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass input_ids (token ids [b t]) or inputs_embeds ([b t d_model] vectors), not both")
         if cache is not None and not self.config.causal:

@@ -173,9 +173,15 @@ class DeepSupervision(LoopedLM):
         halted = self.halted_after(q, steps)
         # Detached: the next step's loss reaches no earlier step (TRM, HRM: no backpropagation through time).
         self.carry = Carry(state.detach(), steps, halted, carry.input_ids, carry.labels)
-        self.log_dict({"train/lm_loss": lm_loss.detach(), "train/exact_match": correct.float().mean()})
-        if halted.any():  # the steps the examples that stopped here took
-            self.log("train/steps", steps[halted].float().mean())
+        # Data-independent shapes only (`looped plan` runs this step on fake tensors): means over the slots.
+        self.log_dict(
+            {
+                "train/lm_loss": lm_loss.detach(),
+                "train/exact_match": correct.float().mean(),
+                "train/steps": steps.float().mean(),  # the supervision step the slots are at
+                "train/halted": halted.float().mean(),  # the share of slots taking a new example next
+            }
+        )
         self.check_finite(loss)
         self.log("train/loss", loss, prog_bar=True)
         return loss
