@@ -14,7 +14,7 @@ from looped.model import LoopedConfig, LoopedTransformer
 moved.install()  # the module paths from before the folders (looped.module, looped.optim, ...) keep resolving
 register_on_import()  # one find_spec; transformers itself is imported only by whoever uses it
 
-__all__ = ["LoopedConfig", "LoopedLM", "LoopedTransformer"]
+__all__ = ["DeepSupervision", "LoopedConfig", "LoopedLM", "LoopedTransformer"]
 __version__ = "0.1.0"
 
 
@@ -24,4 +24,8 @@ def __getattr__(name: str):
         from looped.training.module import LoopedLM
 
         return LoopedLM
+    if name == "DeepSupervision":  # the recursive reasoners' training (TRM, HRM), also Lightning
+        from looped.training.deep_supervision import DeepSupervision
+
+        return DeepSupervision
     raise AttributeError(f"module 'looped' has no attribute {name!r}")

@@ -24,6 +24,7 @@ from looped.training.checkpoint import SHARDED_INDEX, SHARDED_META
 from pile_data import prepared_pile
 
 QUICKSTART = str(RECIPES / "quickstart.yaml")
+SUDOKU = str(RECIPES / "sudoku" / "cpu_trm_mlp.yaml")
 PILE = str(RECIPES / "pile" / "4x2.yaml")
 # A Pile row at a size the CPU builds in a moment: one process, no FSDP, a small model, no primitives sets.
 PILE_SMALL = [
@@ -119,6 +120,10 @@ CASES = [
      ["fit", "--config", QUICKSTART, D + "attention", "linear",
       D + "mixer_options", '{{"linear": {{"chunk_size": 0}}}}'],
      ["model.init_args.config.mixer_options.linear.chunk_size: must be >= 1, got 0"]),
+    ("deep_supervision_q_head", "looped", ["fit", "--config", SUDOKU, D + "q_head", "false"],
+     ["model.init_args.halting: trm trains a halting Q-head", "model.init_args.config.q_head: true"]),
+    ("mlp_mixer_causal", "looped", ["fit", "--config", SUDOKU, D + "causal", "true"],
+     ["model.init_args.config.causal: must be false with attention: mlp"]),
     ("hops", "lightning", ["run", QUICKSTART, "--data.hops", "40"],
      ["data.hops=40 is impossible for data.length=32", "data.length > data.hops"]),
     ("unknown_key", "looped", ["fit", "--config", QUICKSTART, D + "d_modle", "64"],

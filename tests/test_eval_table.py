@@ -9,7 +9,7 @@ from looped import LoopedLM
 from looped.callbacks import PerLoopAccuracy
 from looped.cli import evaluate
 from looped.datamodules import NaryAddition
-from looped.tools.eval_table import POOLED, cell, eval_rows, merge_results, perplexity_loop_table
+from looped.tools.eval_table import POOLED, cell, eval_rows, eval_table, merge_results, perplexity_loop_table
 
 
 def test_keys_split_into_sets_and_metrics():
@@ -45,6 +45,17 @@ def test_per_loop_perplexity_is_its_own_table():
     assert list(table.columns[0].cells) == ["pile", POOLED]  # a set without per-loop numbers has no row
     assert list(table.columns[2].cells) == ["10.00", "5.00"]
     assert perplexity_loop_table({"val/loss": 1.0}, "val") is None
+
+
+def test_supervision_steps_are_columns_and_cell_accuracy_stays_out():
+    metrics = {"test/exact_match": 0.5}
+    for n in (10, 2, 1):
+        metrics |= {f"test/exact_match_step{n}": n / 10, f"test/cell_accuracy_step{n}": 0.9}
+    columns, _ = eval_rows(metrics, "test", [])
+    assert columns == ["exact_match", "exact_match_step1", "exact_match_step2", "exact_match_step10"]
+    table = eval_table(metrics, "test", trained_steps=2)
+    assert [c.header for c in table.columns] == ["set", "exact match %", "step1", "step2*", "step10"]
+    assert list(table.columns[3].cells) == ["20.0"]
 
 
 def test_one_dataloader_without_names_is_one_row():

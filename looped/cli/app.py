@@ -197,6 +197,7 @@ def evaluate(trainer: L.Trainer, fn: str, verbose: bool = True, **kwargs) -> lis
             eval_names=getattr(model, "eval_names", []),
             trained_loops=getattr(config, "loops", None),
             title=f"{fn}: " + (f"checkpoint {ckpt}" if ckpt else "the weights in memory"),
+            trained_steps=getattr(model, "supervision_steps", None),
         )
     return results
 

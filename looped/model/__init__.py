@@ -5,7 +5,8 @@
 * ``step`` — ``LoopStep``, the one loop step every path applies the block through (per-loop adapters
   and routers belong there);
 * ``cache`` — ``DecodeCache``: one decoding slot per layer application;
-* ``mixers/`` — the token mixers (softmax, linear, sparse) behind one interface, and RoPE.
+* ``recursion`` — one supervision step of a recursive reasoner (TRM, HRM, or ``(k⊗L)`` on a carried state);
+* ``mixers/`` — the token mixers (softmax, linear, sparse, the MLP over positions) behind one interface, and RoPE.
 """
 
 from looped.model.config import LoopedConfig

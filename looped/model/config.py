@@ -52,6 +52,9 @@ class LoopedConfig:
     low_freq_factor, high_freq_factor, original_max_position_embeddings}``. None: plain RoPE."""
     norm: Literal["layernorm", "rmsnorm"] = "layernorm"
     """Normalisation before each sublayer (pre-norm) and before the head."""
+    norm_placement: Literal["pre", "post"] = "pre"
+    """``pre``: ``x + f(norm(x))`` (GPT-2 on); ``post``: ``norm(x + f(x))`` (the original transformer, TRM and HRM,
+    whose recursions add states together and need every update's output normalised to stay bounded)."""
     norm_eps: float | None = None
     """ε of every normalisation (``rms_norm_eps`` in a ``transformers`` config). None: torch's default (1e-5 for
     layernorm; the dtype's machine epsilon for rmsnorm)."""
@@ -75,7 +78,11 @@ class LoopedConfig:
     """Std of the Gaussian noise the loop state starts from (retrofitted recurrence, Huginn); 0: the prelude's
     output. Needs ``input_injection`` add or concat, or the loop would never see the input."""
     attention: str | list[str] = "softmax"
-    """Token mixer, or a per-layer pattern cycled within the prelude, the block and the coda."""
+    """Token mixer, or a per-layer pattern cycled within the prelude, the block and the coda; ``mlp`` is TRM's MLP
+    over positions (needs ``causal: false``)."""
+    causal: bool = True
+    """Each position sees only the positions before it. False: every position sees every other, for inputs read
+    whole and never decoded (puzzles); such a model cannot generate or use a decode cache."""
     mixer_options: dict = field(default_factory=dict)
     """Keyword options for the mixers, by mixer name: ``{linear: {feature_map: elu}, sparse: {window: 64}}``."""
     init_std: float = 0.02
@@ -110,6 +117,24 @@ class LoopedConfig:
     """Weight of the auxiliary loss in ``LoopedLM``'s loss (expert-choice: the BCE; token-choice: balancing)."""
     router_z_weight: float = 0.001
     """Weight of the router z-loss (the squared log-sum-exp of its logits), which keeps the logits small."""
+
+    # Recursive reasoners (looped/model/recursion.py), trained with deep supervision
+    # (looped.training.deep_supervision.DeepSupervision): what one supervision step does to the carried state.
+    recursion: Literal["loop", "trm", "hrm"] = "loop"
+    """``loop``: the block ``loops`` times on the carried state plus the input, ``(k⊗L)``; ``trm`` (TRM): the latent z
+    updated ``latent_steps`` times from ``z + y + x``, then the answer y from ``y + z``, all of it ``answer_steps``
+    times, backpropagating through the last round only; ``hrm`` (HRM): the block (the low module) ``latent_steps``
+    times from ``z_L + z_H + x``, then the high module (``high_layers``) from ``z_H + z_L``, ``answer_steps`` times,
+    backpropagating through the last low and high update only (HRM's one-step gradient)."""
+    latent_steps: int = 6
+    """n: TRM's latent updates per answer update (Sudoku 6, mazes and ARC 4); HRM's low cycles per high cycle."""
+    answer_steps: int = 3
+    """T: TRM's answer updates per supervision step (3); HRM's high cycles (2)."""
+    high_layers: int = 0
+    """HRM's high-level module: its own layers (HRM: 4), applied after every ``latent_steps`` low updates."""
+    q_head: bool = False
+    """A halting Q-head: ``Linear(d, 2)`` on the answer state averaged over positions, giving (halt, continue)
+    logits after every supervision step (weight 0, bias -5 at the start, as TRM and HRM)."""
 
     def __post_init__(self) -> None:
         def need(ok: bool, field: str, msg: str) -> None:
@@ -155,7 +180,10 @@ class LoopedConfig:
             need(name in MIXERS, "attention", f"unknown mixer {name!r}; choose from {sorted(MIXERS)}")
         for name in self.mixer_options:
             need(name in MIXERS, "mixer_options", f"options for unknown mixer {name!r}; choose from {sorted(MIXERS)}")
+        self.check_recursion(need)  # before the mixers are built: a causal-only mixer asked to be non-causal
         for name in set(self.attention_pattern):
+            if name == "mlp" and self.max_seq_len is None:
+                continue  # its size is the sequence length, linked from the data module: built with the model
             # Build each mixer once on the meta device (no memory, no compute): a bad
             # option fails here, when the recipe is parsed, not when the model is built.
             with torch.device("meta"):
@@ -172,6 +200,52 @@ class LoopedConfig:
         )
         if self.router != "none":
             self.check_router(need)
+
+    def check_recursion(self, need) -> None:
+        """Non-causal attention, the MLP over positions, and the recursive reasoners' fields."""
+        one_way = [name for name in self.attention_pattern if not MIXERS[name].bidirectional]
+        need(
+            self.causal or not one_way,
+            "causal",
+            f"false needs mixers that can see every position, but {one_way[:1]} attention is causal only; "
+            "use softmax or mlp attention, or causal: true",
+        )
+        need(
+            not ("mlp" in self.attention_pattern and self.causal),
+            "causal",
+            "must be false with attention: mlp (the MLP over positions sees every position)",
+        )
+        need(
+            self.causal or not self.kv_sharing,
+            "kv_sharing",
+            "shares a decode cache's keys, but a non-causal model never decodes; set kv_sharing: false",
+        )
+        need(self.recursion in ("loop", "trm", "hrm"), "recursion", f"choose loop, trm or hrm, got {self.recursion!r}")
+        for name in ("latent_steps", "answer_steps"):
+            need(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
+        need(
+            (self.recursion == "hrm") == (self.high_layers > 0),
+            "high_layers",
+            f"is {self.high_layers} with recursion: {self.recursion}; HRM's high module needs high_layers >= 1, and "
+            "only recursion: hrm has one (set high_layers: 0 otherwise)",
+        )
+        if self.recursion == "loop":
+            return
+        for name, off, value in (
+            ("lora_rank", 0, self.lora_rank),
+            ("router", "none", self.router),
+            ("kv_sharing", False, self.kv_sharing),
+            ("input_injection", "none", self.input_injection),
+            ("state_noise", 0.0, self.state_noise),
+            ("exit_gate", False, self.exit_gate),
+            ("loops", 1, self.loops),
+        ):
+            need(
+                value == off,
+                name,
+                f"is {value} but recursion: {self.recursion} runs its own schedule of the block "
+                f"(latent_steps, answer_steps); set {name}: {str(off).lower() if isinstance(off, bool) else off}",
+            )
 
     def check_router(self, need) -> None:
         """The router's fields: a capacity schedule the loops can follow, mixers that take gathered tokens."""
@@ -249,7 +323,10 @@ class LoopedConfig:
             "qk_norm": self.qk_norm,
             "norm_eps": self.norm_eps,
         }
-        return {**self.mixer_options.get(name, {}), **{k: v for k, v in shape.items() if v not in (None, False)}}
+        if name == "mlp":  # no heads: its size is the sequence length
+            return {**self.mixer_options.get(name, {}), "seq_len": self.max_seq_len, "causal": self.causal}
+        own = {k: v for k, v in shape.items() if v not in (None, False)}
+        return {**self.mixer_options.get(name, {}), **own, **({} if self.causal else {"causal": False})}
 
     @property
     def attention_pattern(self) -> list[str]:
@@ -265,9 +342,18 @@ class LoopedConfig:
         return self.applications()
 
     def applications(self, loops: int | None = None) -> int:
-        """Layer applications in one forward pass with ``loops`` loops (default: the trained count)."""
-        return self.prelude_layers + self.block_layers * (self.loops if loops is None else loops) + self.coda_layers
+        """Layer applications in one forward pass with ``loops`` loops (default: the trained count); with a
+        ``recursion`` other than ``loop``, in one supervision step."""
+        return self.prelude_layers + self.block_applications(loops) + self.coda_layers
+
+    def block_applications(self, loops: int | None = None) -> int:
+        """Applications of the block's (and HRM's high module's) layers: L·k, TRM's T·(n+1)·k, HRM's T·(n·k + k_H)."""
+        if self.recursion == "trm":
+            return self.answer_steps * (self.latent_steps + 1) * self.block_layers
+        if self.recursion == "hrm":
+            return self.answer_steps * (self.latent_steps * self.block_layers + self.high_layers)
+        return self.block_layers * (self.loops if loops is None else loops)
 
     @property
     def unique_layers(self) -> int:
-        return self.prelude_layers + self.block_layers + self.coda_layers
+        return self.prelude_layers + self.block_layers + self.high_layers + self.coda_layers

@@ -47,6 +47,8 @@ class LoopStep:
     rows: Tensor | None = None
     """The active rows (indices into the batch; None: every row). ``x`` holds just those rows; the step
     narrows ``slots`` and ``shared`` to them, so a row that stopped looping costs nothing."""
+    high: bool = False
+    """Run HRM's high-level module (``LoopedTransformer.high``, ``recursion: hrm``) instead of the block."""
     routing: Routing | None = None
     """This forward's token router (``LoopedConfig.router``): the block then runs on the tokens it selects
     for this loop, gathered in causal order, and their weighted updates are scattered back."""

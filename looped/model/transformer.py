@@ -28,10 +28,11 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from looped.decoding import greedy
+from looped.model import recursion
 from looped.model.cache import DecodeCache, LayerCache, RaggedSlot, RowSlot, SharedKV
 from looped.model.config import LoopedConfig
 from looped.model.lora import LoopRelaxation
-from looped.model.mixers import Padding, RotaryEmbedding, build_mixer
+from looped.model.mixers import Padding, PositionMLP, RotaryEmbedding, build_mixer
 from looped.model.router import Router
 from looped.model.step import DecodeSlots, LoopStep, Slot
 
@@ -64,7 +65,8 @@ class FeedForward(nn.Module):
 
 
 class TransformerLayer(nn.Module):
-    """Pre-norm decoder layer: ``x + mix(norm(x))`` then ``x + ffn(norm(x))``.
+    """Pre-norm decoder layer: ``x + mix(norm(x))`` then ``x + ffn(norm(x))``; post-norm (``norm_placement:
+    post``, TRM and HRM): ``norm(x + mix(x))`` then ``norm(x + ffn(x))``.
 
     ``gradient_checkpointing`` (with ``_gradient_checkpointing_func``, e.g. ``torch.utils.checkpoint``): every
     application recomputed in backward instead of stored. ``transformers``' ``gradient_checkpointing_enable``
@@ -82,6 +84,7 @@ class TransformerLayer(nn.Module):
         self.ffn_norm = make_norm(config)
         self.ffn = FeedForward(config)
         self.dropout = nn.Dropout(config.dropout)
+        self.post_norm = config.norm_placement == "post"
 
     def forward(
         self,
@@ -103,6 +106,9 @@ class TransformerLayer(nn.Module):
         padding: Padding | None,
         shared: SharedKV | None,
     ) -> Tensor:
+        if self.post_norm:
+            x = self.attn_norm(x + self.dropout(self.attn(x, rope, cache, padding, shared)))
+            return self.ffn_norm(x + self.dropout(self.ffn(x)))
         x = x + self.dropout(self.attn(self.attn_norm(x), rope, cache, padding, shared))
         return x + self.dropout(self.ffn(self.ffn_norm(x)))
 
@@ -136,6 +142,7 @@ class LoopedTransformer(nn.Module):
         )
         self.prelude = layers(config.prelude_layers)
         self.block = layers(config.block_layers)  # the shared block, applied `loops` times by loop_step
+        self.high = layers(config.high_layers)  # HRM's high-level module (recursion: hrm), also run by loop_step
         self.coda = layers(config.coda_layers)
         self.norm = make_norm(config)
         self.head = nn.Linear(config.d_model, config.vocab_size, bias=False)
@@ -147,11 +154,19 @@ class LoopedTransformer(nn.Module):
         # per-loop LoRA and vectors on the block (relaxation), read by loop_step only
         self.lora = LoopRelaxation(self.block, config.loops, config.lora_rank) if config.lora_rank > 0 else None
         self.router = Router(config) if config.router != "none" else None
+        # The recursive reasoners (looped/model/recursion.py): the halting Q-head and the fixed vectors the carried
+        # states start from (TRM's and HRM's H_init, L_init: drawn once, never trained, saved with the weights).
+        self.q_head = nn.Linear(config.d_model, 2) if config.q_head else None
+        if config.recursion != "loop":
+            self.register_buffer("state_init", torch.empty(2, config.d_model))
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         for name, p in self.named_parameters():
             self.init_parameter(name, p)
+        if self.config.recursion != "loop" and not self.state_init.is_meta:
+            with torch.no_grad():
+                nn.init.trunc_normal_(self.state_init, std=1.0, a=-2.0, b=2.0)
 
     @torch.no_grad()
     def init_parameter(self, name: str, p: Tensor) -> None:
@@ -162,6 +177,9 @@ class LoopedTransformer(nn.Module):
                 nn.init.ones_(p) if name.endswith("norm__weight") else nn.init.zeros_(p)
             else:
                 nn.init.zeros_(p) if ".b." in name else nn.init.normal_(p, std=self.config.init_std)
+            return
+        if name.startswith("q_head."):  # TRM, HRM: halting starts (almost) never chosen, sigmoid(-5) ≈ 0.007
+            nn.init.zeros_(p) if name.endswith("weight") else nn.init.constant_(p, -5.0)
             return
         if name == "adapter.weight":  # [I | 0]: every loop starts from the loop input, as without a state
             d = self.config.d_model
@@ -188,7 +206,8 @@ class LoopedTransformer(nn.Module):
         readout_after: int | None = None,
         state_positions: Tensor | None = None,
         inputs_embeds: Tensor | None = None,
-    ) -> Tensor | tuple[Tensor, list[Tensor]]:
+        carried: Tensor | None = None,
+    ) -> Tensor | tuple[Tensor, list[Tensor]] | tuple[Tensor, Tensor | None, Tensor]:
         """Logits ``[b t v]`` after ``loops`` applications of the block (default: the trained L).
 
         With ``return_loop_states=True`` also returns the hidden state ``[b t d]``
@@ -219,9 +238,25 @@ class LoopedTransformer(nn.Module):
         ``inputs_embeds`` ``[b t d]`` instead of ``input_ids`` (``input_ids=None``): vectors that stand where token
         embeddings would (soft prompts, a multimodal front end, continuous thoughts); learned positions are
         still added.
+
+        ``carried`` ``[s b t d]``: one supervision step of a recursive reasoner from that state instead, returning
+        ``(logits, Q-head logits or None, new state)`` (``reason``, ``looped/model/recursion.py``). It runs through
+        ``forward`` so that what hooks the root module (FSDP2's unsharding, memory trackers) sees it.
         """
+        if carried is not None:
+            return recursion.supervision_step(self, input_ids, carried)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass input_ids (token ids [b t]) or inputs_embeds ([b t d_model] vectors), not both")
+        if cache is not None and not self.config.causal:
+            raise ValueError(
+                "this model is non-causal (LoopedConfig.causal: false): it reads inputs whole and cannot decode "
+                "with a cache or generate; build it with causal: true to generate"
+            )
+        if self.config.recursion != "loop":
+            raise ValueError(
+                f"a recursion: {self.config.recursion} model runs supervision steps, not loops: call "
+                "model.reason(input_ids, state) (looped/model/recursion.py) or train it with DeepSupervision"
+            )
         loops = self.config.loops if loops is None else loops
         if loops < 1:
             raise ValueError(f"loops must be >= 1, got {loops}")
@@ -277,7 +312,8 @@ class LoopedTransformer(nn.Module):
             x = self.adapter(torch.cat((step.loop_input, x), dim=-1))
         if self.lora is not None and not isinstance(step.loop, int):
             raise ValueError("per-loop LoRA needs every row at the same loop: depth-wise decoding is not supported")
-        for j, (layer, (slot, kv)) in enumerate(zip(self.block, step.layer_slots(len(self.block)), strict=True)):
+        slots = step.layer_slots(len(self.high if step.high else self.block))
+        for j, (layer, (slot, kv)) in enumerate(zip(self.high if step.high else self.block, slots, strict=True)):
             if self.lora is None:
                 x = layer(x, self.rope, slot, step.padding, kv)
             else:  # loop n's weights W + B·A and vectors, the layer's own code (looped/model/lora.py)
@@ -370,6 +406,9 @@ class LoopedTransformer(nn.Module):
 
     # Greedy decoding with a cache, every token at full depth or stopping at its own loop (its docstring says how).
     generate = greedy.generate
+    # One supervision step of a recursive reasoner from a carried state, and the state it starts from.
+    reason = recursion.reason
+    initial_state = recursion.initial_state
 
     def flops_per_token(self, seq_len: int, loops: int | None = None) -> float:
         """Matmul FLOPs of one *forward* pass per token, counting the block ``loops`` times.
@@ -377,7 +416,9 @@ class LoopedTransformer(nn.Module):
         Per layer application: Q, K, V, O (``8d²``; ``4d(h + g)e`` with h query and g key/value heads of
         width e), the FFN (``4df``, ``6df`` for SwiGLU) and attention scores and values (``4td``, ``4the``,
         counted over the full ``t × t`` square as SDPA's FLOP formula does). Plus the head (``2dv``).
-        Training costs three times this (backward = 2 × forward).
+        Training costs three times this (backward = 2 × forward). A layer whose mixer is the MLP over positions
+        costs ``6fd`` per token for its mixer instead. With a ``recursion`` other than ``loop``: one supervision
+        step's applications (TRM's T·(n+1)·k, HRM's T·(n·k + k_H)), whatever ``loops`` says.
 
         With a router (``LoopedConfig.router``) loop n runs on ``m_n`` of the ``t`` tokens, attention over
         those ``m_n`` (``routed_tokens``), plus the routers' own ``2d`` per scored token and output. With
@@ -388,16 +429,29 @@ class LoopedTransformer(nn.Module):
         ffn = (6 if c.activation == "swiglu" else 4) * c.d_model * c.d_ff
         heads, kv = c.n_heads * c.head_dim, (c.n_kv_heads or c.n_heads) * c.head_dim  # d and d without GQA
         adapter = 4 * c.d_model**2 if c.input_injection == "concat" else 0  # [input; state] -> d, once per loop
+        mlp_width = next((m.flops_per_token() for m in self.modules() if isinstance(m, PositionMLP)), 0)
 
-        def per_layer(keys: int, project_kv: bool = True) -> int:  # per query token, over `keys` keys
+        def per_layer(keys: int, mixer: str = "softmax", project_kv: bool = True) -> int:  # per token, `keys` keys
+            if mixer == "mlp":  # the MLP over positions (mixers/mlp.py): 6·f per channel and token
+                return mlp_width * c.d_model + ffn
             return 4 * c.d_model * (heads + (kv if project_kv else 0)) + ffn + 4 * keys * heads
+
+        def layers(n: int, keys: int = seq_len, project_kv: bool = True) -> int:  # n layers of the pattern
+            pattern = c.attention_pattern
+            return sum(per_layer(keys, pattern[i % len(pattern)], project_kv) for i in range(n))
 
         def block_per_token(n: int, m: int) -> int:  # loop n on m of the t tokens (kv_sharing: loop 1's t keys)
             shared = c.kv_sharing and n > 1
-            return c.block_layers * per_layer(seq_len if shared else m, project_kv=not shared) + adapter
+            return layers(c.block_layers, seq_len if shared else m, project_kv=not shared) + adapter
 
-        unshared = (c.prelude_layers + c.coda_layers) * per_layer(seq_len) + 2 * c.d_model * c.vocab_size
+        unshared = layers(c.prelude_layers) + layers(c.coda_layers) + 2 * c.d_model * c.vocab_size
         if self.router is None:
+            if c.recursion == "hrm":
+                block = c.answer_steps * (c.latent_steps * layers(c.block_layers) + layers(c.high_layers))
+                return unshared + block + loops * adapter
+            if c.recursion != "loop":  # TRM's T·(n+1) applications of the block
+                block = c.block_applications(loops) // c.block_layers * layers(c.block_layers)
+                return unshared + block + loops * adapter
             return unshared + sum(block_per_token(n, seq_len) for n in range(1, loops + 1))
         tokens = self.routed_tokens(seq_len, loops)
         block = sum(m * block_per_token(n, m) for n, m in enumerate(tokens, start=1))

@@ -5,7 +5,9 @@ every metric at epoch end (``test/exact_match`` over all sets, ``test/exact_matc
 named set), so each dict holds all of them and Lightning's own printout repeats the lot once per
 dataloader. ``LoopedCLI`` asks for no printout (``verbose=False``; the returned metrics and
 what is logged are unchanged) and prints this table instead. ``PerLoopAccuracy``'s
-``exact_match_loop{n}`` become the columns ``loop1 … loopN``, the trained L starred.
+``exact_match_loop{n}`` become the columns ``loop1 … loopN``, the trained L starred; ``DeepSupervision``'s
+``exact_match_step{n}`` the columns ``step1 … stepN``, the trained N_sup starred (its ``cell_accuracy_step{n}``
+stay in TensorBoard and the returned metrics).
 """
 
 from __future__ import annotations
@@ -30,6 +32,9 @@ LOOP = re.compile(r"^exact_match_loop(\d+)$")
 OWN_TABLE = ("adaptive/", "dynamics/")
 """Metrics a callback shows on its own (``AdaptiveExit``: a table, a row per rule; ``LoopDynamics``: curves), kept
 out of this one."""
+STEP = re.compile(r"^exact_match_step(\d+)$")
+"""``DeepSupervision``'s puzzles solved after each supervision step."""
+CELL_STEP = re.compile(r"^cell_accuracy_step(\d+)$")
 PERPLEXITY_LOOP = re.compile(r"^perplexity_loop(\d+)$")
 """``PerLoopAccuracy(perplexity=True)``'s per-loop perplexities: a second table, a column per loop."""
 
@@ -68,8 +73,10 @@ def eval_rows(
     seen = list(dict.fromkeys(metric for values in rows.values() for metric in values))
     loops = sorted((m for m in seen if LOOP.match(m)), key=lambda m: int(LOOP.match(m).group(1)))
     known = [m for m in COLUMNS if m in seen]
-    others = [m for m in seen if m not in COLUMNS and m not in loops and not PERPLEXITY_LOOP.match(m)]
-    return [*known, *others, *loops], rows
+    steps = sorted((m for m in seen if STEP.match(m)), key=lambda m: int(STEP.match(m).group(1)))
+    per_step = (PERPLEXITY_LOOP, STEP, CELL_STEP)
+    others = [m for m in seen if m not in COLUMNS and m not in loops and not any(p.match(m) for p in per_step)]
+    return [*known, *others, *loops, *steps], rows
 
 
 def perplexity_loop_columns(rows: Mapping[str, Mapping[str, float]]) -> list[str]:
@@ -78,10 +85,13 @@ def perplexity_loop_columns(rows: Mapping[str, Mapping[str, float]]) -> list[str
     return sorted(seen, key=lambda m: int(PERPLEXITY_LOOP.match(m).group(1)))
 
 
-def header(metric: str, trained_loops: int | None) -> str:
+def header(metric: str, trained_loops: int | None, trained_steps: int | None = None) -> str:
     if match := LOOP.match(metric) or PERPLEXITY_LOOP.match(metric):
         n = int(match.group(1))
         return f"loop{n}" + ("*" if n == trained_loops else "")
+    if match := STEP.match(metric):
+        n = int(match.group(1))
+        return f"step{n}" + ("*" if n == trained_steps else "")
     return COLUMNS.get(metric, metric)
 
 
@@ -103,13 +113,16 @@ def eval_table(
     eval_names: Sequence[str] = (),
     trained_loops: int | None = None,
     title: str | None = None,
+    trained_steps: int | None = None,
 ) -> Table:
     """The rich ``Table`` of ``metrics`` (``{stage}/...`` keys) by evaluation set."""
     columns, rows = eval_rows(metrics, stage, eval_names)
-    caption = None
+    captions = []
     if any(LOOP.match(c) for c in columns):
-        caption = "loopN: exact match % read out after N loops (* = trained L; beyond it, extrapolation)"
-    return _table(rows, columns, trained_loops, title or stage, caption)
+        captions.append("loopN: exact match % read out after N loops (* = trained L; beyond it, extrapolation)")
+    if any(STEP.match(c) for c in columns):
+        captions.append("stepN: exact match % after N supervision steps (* = trained N_sup)")
+    return _table(rows, columns, trained_loops, title or stage, "; ".join(captions) or None, trained_steps)
 
 
 def perplexity_loop_table(
@@ -125,14 +138,14 @@ def perplexity_loop_table(
     return _table(rows, columns, trained_loops, f"{stage}: perplexity after every loop", caption)
 
 
-def _table(rows, columns, trained_loops, title, caption) -> Table:
+def _table(rows, columns, trained_loops, title, caption, trained_steps=None) -> Table:
     table = Table(title=title, caption=caption, box=box.SIMPLE_HEAD, title_justify="left")
     # Columns never narrower than their widest entry: on a narrow terminal the table runs past the edge
     # instead of cutting every number to "0.…".
     cells = {metric: [cell(metric, values.get(metric)) for values in rows.values()] for metric in columns}
     table.add_column("set", style="bold", no_wrap=True, min_width=max(map(len, rows)))
     for metric in columns:
-        label = header(metric, trained_loops)
+        label = header(metric, trained_loops, trained_steps)
         table.add_column(label, justify="right", no_wrap=True, min_width=max(len(label), *map(len, cells[metric])))
     for i, row in enumerate(rows):  # a rule above the pooled row when there are sets to pool
         table.add_row(row, *(cells[metric][i] for metric in columns), end_section=i == len(rows) - 2)
@@ -145,12 +158,13 @@ def print_eval_table(
     eval_names: Sequence[str] = (),
     trained_loops: int | None = None,
     title: str | None = None,
+    trained_steps: int | None = None,
 ) -> None:
     """Print ``eval_table`` of what ``trainer.validate``/``trainer.test`` returned, to stdout."""
     metrics = merge_results(results)
     if not metrics:
         return
-    tables = [eval_table(metrics, stage, eval_names, trained_loops, title)]
+    tables = [eval_table(metrics, stage, eval_names, trained_loops, title, trained_steps)]
     tables += [t for t in [perplexity_loop_table(metrics, stage, eval_names, trained_loops)] if t is not None]
     for table in tables:
         console = Console()

@@ -4,6 +4,7 @@
 ``MIXERS``. A new mixer is one file here with a subclass of ``AttentionMixer``
 plus one line in ``MIXERS``: the registry is an explicit dict, so a mixer is
 available exactly when it is listed, not when some module happens to import it.
+``PositionMLP`` is no attention at all but takes the same call and class attributes.
 """
 
 from __future__ import annotations
@@ -13,13 +14,15 @@ from torch import nn
 from looped.errors import MODEL_CONFIG, InputError
 from looped.model.mixers.base import AttentionMixer, Padding, RotaryEmbedding
 from looped.model.mixers.linear import LinearAttention
+from looped.model.mixers.mlp import PositionMLP
 from looped.model.mixers.softmax import SoftmaxAttention
 from looped.model.mixers.sparse import SparseAttention
 
-MIXERS: dict[str, type[AttentionMixer]] = {
-    "softmax": SoftmaxAttention,  # causal SDPA
+MIXERS: dict[str, type[AttentionMixer] | type[PositionMLP]] = {
+    "softmax": SoftmaxAttention,  # SDPA, causal or not (LoopedConfig.causal)
     "linear": LinearAttention,  # Katharopoulos et al. 2020: chunked parallel form, recurrent decoding
     "sparse": SparseAttention,  # Sparse Transformer patterns: local, strided, fixed
+    "mlp": PositionMLP,  # TRM's MLP over positions (mlp_t), non-causal, one fixed length
 }
 
 
@@ -38,6 +41,7 @@ __all__ = [
     "AttentionMixer",
     "LinearAttention",
     "Padding",
+    "PositionMLP",
     "RotaryEmbedding",
     "SoftmaxAttention",
     "SparseAttention",

@@ -159,6 +159,9 @@ class AttentionMixer(nn.Module):
     gathers = True
     """Runs on a gathered sub-sequence: tokens in causal order, each at its own position
     (``Padding.gathered``), as a router's loop gives it (``LoopedConfig.router``)."""
+    bidirectional = False
+    """Can also run non-causally (``causal=False``, ``LoopedConfig.causal``): every position sees every other,
+    for inputs read whole (puzzles) and never decoded."""
 
     def __init__(
         self,
@@ -172,8 +175,12 @@ class AttentionMixer(nn.Module):
         qkv_bias: bool = False,
         qk_norm: bool = False,
         norm_eps: float | None = None,
+        causal: bool = True,
     ) -> None:
         super().__init__()
+        if not causal and not self.bidirectional:
+            raise TypeError(f"{type(self).__name__} is causal only; non-causal attention needs a softmax mixer")
+        self.causal = causal
         self.n_heads = n_heads
         self.n_kv_heads = n_heads if n_kv_heads is None else n_kv_heads
         self.dropout = dropout
@@ -213,6 +220,8 @@ class AttentionMixer(nn.Module):
         padding: Padding | None = None,
         shared: SharedKV | None = None,
     ) -> Tensor:
+        if cache is not None and not self.causal:  # the model refuses this first (LoopedTransformer.forward)
+            raise ValueError("non-causal attention has no decode cache: every position would see later ones")
         if isinstance(cache, RaggedSlot):
             out = self.attend_ragged(self.queries(x), *self.keys_values(x), rope, cache)
             return self.o_proj(rearrange(out, "b h t e -> b t (h e)"))
@@ -245,11 +254,11 @@ class AttentionMixer(nn.Module):
     def plainly_causal(self) -> bool:
         """``visible`` is causality alone: order, not distance, decides, so gathered tokens in causal order
         need no mask beyond the unpadded kernel's."""
-        return type(self).visible is AttentionMixer.visible
+        return type(self).visible is AttentionMixer.visible and self.causal
 
     def visible(self, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
         """Boolean mask: may the query at absolute position ``q_idx`` see the key at ``kv_idx``."""
-        return kv_idx <= q_idx
+        return kv_idx <= q_idx if self.causal else torch.ones_like(kv_idx <= q_idx)
 
     def attend_cached(self, q: Tensor, k: Tensor, v: Tensor, cache: LayerCache) -> Tensor:
         """KV-cache decoding: queries at ``cache.offset..`` over every key cached so far plus these.

@@ -1,4 +1,4 @@
-"""Causal softmax attention, the standard transformer's mixer.
+"""Softmax attention, the standard transformer's mixer: causal, or non-causal for inputs read whole.
 
 Dimension letters: b batch, h heads, t time, e head width.
 """
@@ -12,12 +12,14 @@ from looped.model.mixers.base import AttentionMixer
 
 
 class SoftmaxAttention(AttentionMixer):
-    """Causal softmax attention through ``F.scaled_dot_product_attention``.
+    """Softmax attention through ``F.scaled_dot_product_attention``, causal unless ``causal=False``.
 
     SDPA picks the fused flash / memory-efficient kernel on GPU and the fused
     CPU kernel here; no hand-written attention.
     """
 
+    bidirectional = True
+
     def attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         p = self.dropout if self.training else 0.0
-        return F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=self.causal)
