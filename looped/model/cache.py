@@ -20,13 +20,10 @@ Dimension letters: b batch, h heads, t time, e head width.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor
-
-if TYPE_CHECKING:  # the mixers import this module
-    from looped.model.mixers import Padding
 
 
 class LayerCache:
@@ -139,8 +136,9 @@ class SharedKV:
 
     def __init__(self) -> None:
         self.kv: tuple[Tensor, Tensor] | None = None
-        self.padding: Padding | None = None
-        """Where loop 1's keys sit (its padding; None: positions 0.. with nothing padded)."""
+        self.padding: Any = None
+        """Where loop 1's keys sit: its ``looped.model.mixers.Padding`` (None: positions 0.. with nothing padded;
+        not imported here, the mixers import this module)."""
         self.routed = False
         """A router runs the later loops (``looped.model.router``): their queries are a subset of the tokens,
         each at its own position, and attend to loop 1's keys of every position up to theirs."""
