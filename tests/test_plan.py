@@ -216,3 +216,25 @@ def test_the_1b_recipe_on_64_h100s_prints_a_table_and_json():
     table = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert table.returncode == 0, table.stderr[-3000:]
     assert "memory per rank (GiB)" in table.stdout and "kept free): fits as written" in table.stdout
+
+
+@pytest.mark.parametrize(
+    "recipe, shape",
+    [
+        ("sudoku/cpu_trm_mlp.yaml", "TRM: 2 layers, n=3, T=2"),
+        ("sudoku/cpu_hrm.yaml", "HRM: low 2 + high 2 layers, 2×2 cycles"),
+        ("maze/cpu_loop_2x4.yaml", "(2⊗4)"),
+    ],
+)
+def test_deep_supervision_recipes_are_planned(recipe, shape):
+    """In a subprocess: the carried state's fake tensors once crashed the interpreter when freed, and HRM's
+    halting calls the model twice in one step (its bootstrapped target), which MemTracker refuses unnested."""
+    path = str(RECIPES / recipe)
+    command = [sys.executable, "-m", "looped.cli", "plan", path, *ONE_CPU, "--data.batch_size", "4", "--json"]
+    out = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout)
+    assert result["model_shape"] == shape
+    built = LoopedCLI(args=["--config", path], run=False).model
+    assert result["parameters"] == sum(p.numel() for p in built.model.parameters())
+    assert all(setting["memory"]["peak"] > 0 for setting in result["settings"])

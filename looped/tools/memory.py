@@ -155,7 +155,7 @@ def optimizer_step(
     autocast = torch.autocast(device, dtype=AUTOCAST.get(job.precision), enabled=job.precision in AUTOCAST)
     for _ in range(job.accumulate if micro_batches is None else micro_batches):
         with autocast:
-            loss = module.training_step(batch, 0)
+            loss = _TrainingStep(module.training_step)(batch)
         observe("forward")
         (loss / job.accumulate).backward()
         del loss
@@ -165,6 +165,19 @@ def optimizer_step(
     optimizer.step()
     observe("step")
     optimizer.zero_grad(set_to_none=True)
+
+
+class _TrainingStep(torch.nn.Module):
+    """One ``training_step`` as a module call. MemTracker refuses a top-level module called twice in one
+    step, which HRM's halting does (its target comes from one more supervision step); inside this parent
+    the model's calls are nested ones, which it tracks. A new one per step: never called twice itself."""
+
+    def __init__(self, step: Callable[[dict[str, torch.Tensor], int], torch.Tensor]) -> None:
+        super().__init__()
+        self.step = step  # a bound method, not a submodule: the model's parameters are not this module's
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.step(batch, 0)
 
 
 # The trackers' categories (FSDPMemTracker's names, then MemTracker's) summed into the report's rows.

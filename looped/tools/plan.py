@@ -248,6 +248,10 @@ def main(argv: list[str]) -> None:
 
 def shape(plan_config) -> str:
     c = plan_config
+    if c.recursion == "trm":  # one network, n latent updates then the answer, T times, per supervision step
+        return f"TRM: {c.block_layers} layers, n={c.latent_steps}, T={c.answer_steps}"
+    if c.recursion == "hrm":
+        return f"HRM: low {c.block_layers} + high {c.high_layers} layers, {c.latent_steps}×{c.answer_steps} cycles"
     loop = f"{c.block_layers}⊗{c.loops}"
     return f"({c.prelude_layers}⊗1, {loop}, {c.coda_layers}⊗1)" if c.prelude_layers or c.coda_layers else f"({loop})"
 

@@ -37,7 +37,7 @@ Dimension letters: s states, b batch (slots), t time, d model width, v vocabular
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 from typing import Any, Literal
 
 import torch
@@ -64,7 +64,9 @@ class Carry:
     labels: Tensor
 
     def to(self, device: torch.device) -> Carry:
-        return Carry(**{name: value.to(device) for name, value in asdict(self).items()})
+        # Not dataclasses.asdict: it deep-copies every tensor (each step), and a deep-copied fake tensor
+        # crashes the interpreter when freed (`looped plan` runs this step on fake tensors).
+        return Carry(*(getattr(self, field.name).to(device) for field in fields(self)))
 
 
 def exactly_right(logits: Tensor, labels: Tensor) -> Tensor:
@@ -263,7 +265,7 @@ class DeepSupervision(LoopedLM):
     # -- exact resume: the carry and the exploration draws travel with the checkpoint -------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)
-        carry = None if self.carry is None else {k: v.cpu() for k, v in asdict(self.carry).items()}
+        carry = None if self.carry is None else vars(self.carry.to(torch.device("cpu")))
         checkpoint["deep_supervision"] = {"carry": carry, "explore": self.explore.get_state()}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
