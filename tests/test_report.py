@@ -427,3 +427,46 @@ def test_training_compute_takes_the_exact_count_of_last_ckpt_when_the_run_kept_o
     checkpoints.mkdir()
     torch.save({"global_step": 414, "training_flops": 2.9e15}, checkpoints / "last.ckpt")
     assert report.final_flops(report.load_runs([str(tmp_path / "runs")])[0]) == (414, 2.9e15)
+
+
+def test_reasoners_section_reads_each_supervision_step_parameters_and_flops(tmp_path):
+    """Deep-supervision runs get their own table (not Table 1's): exact match after each supervision step,
+    the parameters of the model saved in last.ckpt (counted on a model built here), FLOPs and wall time."""
+    import torch
+    from torch.utils.tensorboard import SummaryWriter
+
+    from looped.model import LoopedConfig, LoopedTransformer
+
+    runs = {  # name: (recursion keys, N_sup, halting, solved after steps 1..4)
+        "trm": ("recursion: trm, latent_steps: 3, answer_steps: 2, attention: mlp", 2, "trm", [0.5, 0.9, 0.95, 0.9]),
+        "loop_no_ds": ("recursion: loop", 1, "none", [0.7, 0.96, 0.98, 0.98]),
+    }
+    built = {}
+    for name, (keys, n_sup, halting, solved) in runs.items():
+        scalars = {f"test/exact_match_step{s}": value for s, value in enumerate(solved, start=1)}
+        scalars["train/flops"] = [(10, 1e12), (300, 2.5e13)]
+        k, L = (2, 1) if name == "trm" else (2, 4)
+        fake_run(tmp_path / "runs", name, k, L, scalars, f"supervision_steps: {n_sup}\nhalting: {halting}")
+        version = tmp_path / "runs" / name / "version_0"
+        path = version / "config.yaml"
+        path.write_text(path.read_text().replace("coda_layers: 0}", f"coda_layers: 0, {keys}}}"))
+        extra = dict(item.split(": ") for item in keys.split(", "))
+        extra = {key: int(v) if v.isdigit() else v for key, v in extra.items()}
+        extra["causal"] = extra.get("attention") != "mlp"  # the MLP over positions reads the puzzle whole
+        config = LoopedConfig(vocab_size=12, max_seq_len=36, d_model=32, n_heads=4, block_layers=k, loops=L, **extra)
+        built[name] = sum(p.numel() for p in LoopedTransformer(config).parameters())
+        (version / "checkpoints").mkdir()
+        torch.save({"hyper_parameters": {"config": vars(config)}}, version / "checkpoints" / "last.ckpt")
+        writer = SummaryWriter(str(version))
+        writer.add_scalar("train/loss", 2.0, 1, walltime=1000.0)
+        writer.add_scalar("train/loss", 1.0, 300, walltime=1000.0 + 60 * 12)
+        writer.close()
+    out, text = report_of(tmp_path)
+    assert "## Recursive reasoners: solved after each supervision step" in text
+    assert built["trm"] != built["loop_no_ds"]
+    trm = f"| `trm` | TRM: 2 layers, n=3, T=2, MLP over positions | 2 (trm) | {built['trm'] / 1e3:.1f}K | 25.0 | 12 |"
+    assert trm + " 50.0 | 90.0 | 90.0 | 90.0 (step 4) | 95.0 (3) |" in text
+    loop = f"| `loop_no_ds` | (2⊗4) | 1 (no deep supervision) | {built['loop_no_ds'] / 1e3:.1f}K | 25.0 | 12 |"
+    assert loop + " 70.0 | 96.0 | 70.0 | 98.0 (step 4) | 98.0 (3) |" in text
+    assert (out / "reasoners_all.png").is_file()
+    assert "## Accuracy per model (Table 1)\n\nNo test metrics." in text  # not mistaken for plain looping

@@ -105,6 +105,22 @@ class ModelShape:
         return f"{self.param_layers}x / {self.depth}x"
 
 
+def architecture(config) -> str:
+    """A model's shape in words, from a ``LoopedConfig`` or its dict in a saved ``config.yaml``: ``(k⊗L)``,
+    ``(p⊗1, k⊗L, c⊗1)``, or the recursive reasoners' ``TRM: 2 layers, n=3, T=2`` and ``HRM: low 2 + high 2
+    layers, 2×2 cycles`` (``looped plan`` and ``looped report`` name models with it)."""
+    defaults = {"block_layers": 1, "loops": 1, "prelude_layers": 0, "coda_layers": 0, "recursion": "loop"}
+    get = config.get if isinstance(config, dict) else lambda key, default=None: getattr(config, key, default)
+    c = {key: get(key, default) for key, default in defaults.items()}
+    n, t = get("latent_steps"), get("answer_steps")
+    if c["recursion"] == "trm":  # one network: n latent updates, then the answer, T times per supervision step
+        return f"TRM: {c['block_layers']} layers, n={n}, T={t}"
+    if c["recursion"] == "hrm":
+        return f"HRM: low {c['block_layers']} + high {get('high_layers')} layers, {n}×{t} cycles"
+    shape = ModelShape(c["block_layers"], c["loops"], c["prelude_layers"], c["coda_layers"])
+    return shape.name if shape.is_middle else f"({shape.name})"
+
+
 _SIMPLE = re.compile(r"^\s*(\d+)\s*[⊗x×]\s*(\d+)\s*$")
 _MIDDLE = re.compile(r"^\s*\(?\s*(\d+)\s*[⊗x×]\s*1\s*,\s*(\d+)\s*[⊗x×]\s*(\d+)\s*,\s*(\d+)\s*[⊗x×]\s*1\s*\)?\s*$")
 

@@ -19,6 +19,7 @@ import sys
 from dataclasses import asdict, dataclass, field
 
 from looped.errors import InputError
+from looped.tools.analysis import architecture
 from looped.tools.memory import AUTOCAST, HALF, Job, StepMemory, measure_step
 from looped.tools.resolve import resolve
 
@@ -138,7 +139,7 @@ def make_plan(args: argparse.Namespace, overrides: list[str]) -> Plan:
     flops = 3 * module.model.flops_per_token(config.max_seq_len)
     result = Plan(
         recipe=args.recipe,
-        model_shape=shape(config),
+        model_shape=architecture(config),
         gpu=gpu,
         nodes=nodes,
         gpus_per_node=gpus,
@@ -244,16 +245,6 @@ def main(argv: list[str]) -> None:
         print()
     else:
         render(result)
-
-
-def shape(plan_config) -> str:
-    c = plan_config
-    if c.recursion == "trm":  # one network, n latent updates then the answer, T times, per supervision step
-        return f"TRM: {c.block_layers} layers, n={c.latent_steps}, T={c.answer_steps}"
-    if c.recursion == "hrm":
-        return f"HRM: low {c.block_layers} + high {c.high_layers} layers, {c.latent_steps}×{c.answer_steps} cycles"
-    loop = f"{c.block_layers}⊗{c.loops}"
-    return f"({c.prelude_layers}⊗1, {loop}, {c.coda_layers}⊗1)" if c.prelude_layers or c.coda_layers else f"({loop})"
 
 
 def advice(result: Plan) -> str:

@@ -15,13 +15,14 @@ import math
 import re
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
 from looped.tools.analysis import (
     ModelShape,
+    architecture,
     fit_line,
     fit_log_depth,
     gap_families,
@@ -34,6 +35,7 @@ from looped.tools.analysis import (
 from looped.tools.exit_comparison import comparison_table, operating_points, plot_comparison
 from looped.tools.known_depth import known_depth, known_depth_table, plot_known_depth
 from looped.tools.plots import cosine_heatmap, dynamics_figure, per_loop_figure, pyplot, save
+from looped.tools.reasoners import Reasoner, plot_reasoners, reasoners_table, solved_by_step
 from looped.tools.study import plot_study, study_points, study_table
 
 PER_LOOP = re.compile(r"_loop(\d+)$")
@@ -58,6 +60,8 @@ class Run:
     label: str = ""
     task: str = ""
     wall_seconds: float | None = None  # from the first to the last training-loss event
+    config: dict = field(default_factory=dict)  # model.init_args.config as saved
+    model_args: dict = field(default_factory=dict)  # model.init_args as saved
 
     def last(self, tag: str) -> float | None:
         series = self.scalars.get(tag)
@@ -153,6 +157,11 @@ def training_variant(model_args: dict) -> str:
         parts.append(f"MoR {router}" + (f" {capacity}" if capacity is not None else ""))
     if model_args.get("init_weights"):
         parts.append("from a trained checkpoint")
+    if config.get("recursion", "loop") != "loop":  # TRM or HRM (looped.model.recursion)
+        parts.append(architecture(config))
+    if "supervision_steps" in model_args:  # DeepSupervision, whose tables are the reasoners' section
+        steps = model_args["supervision_steps"]
+        parts.append(f"deep supervision N_sup={steps}" if steps > 1 else "supervision steps (N_sup=1)")
     return ", ".join(parts)
 
 
@@ -170,6 +179,7 @@ def load_run(version_dir: Path) -> Run:
             cosine_k = (callback.get("init_args") or {}).get("block_layers")
     wall: dict[str, tuple[float, float]] = {}
     run = Run(version_dir, shape, data, read_scalars(version_dir, wall), cosine_k, training_variant(model_args))
+    run.config, run.model_args = config, model_args
     if "train/loss" in wall:
         run.wall_seconds = wall["train/loss"][1] - wall["train/loss"][0]
     return run
@@ -489,6 +499,7 @@ def write_report(
         compute_section(runs, loss_set),
         *adaptive_sections(runs, output),
         *known_depth_sections(runs, output),
+        *reasoner_sections(runs, output),
         variants_section([r for r in runs if r.variant], metrics),
         scaling_section(cells, columns),
         study_section(runs),
@@ -571,6 +582,50 @@ def known_depth_sections(runs: list[Run], output: Path) -> list[Section]:
             body = f"{intro}\n\n{known_depth_table(results)}"
             sections.append(Section(f"Halting against known depth: `{run.label}`", body, (figure,)))
     return sections
+
+
+def reasoner_sections(runs: list[Run], output: Path) -> list[Section]:
+    """Per task, the deep-supervision runs (``looped.DeepSupervision``) side by side: test exact match after
+    every supervision step, with each run's parameters, training FLOPs and wall time, and its figure."""
+    by_task: dict[str, list[Reasoner]] = {}
+    for run in runs:
+        solved = solved_by_step(run.scalars)
+        if not solved:
+            continue
+        mixer = run.config.get("attention", "sdpa")
+        model = architecture(run.config) + (", MLP over positions" if mixer == "mlp" else "")
+        counted = final_flops(run)[1] if run.last("train/flops") else None
+        minutes = None if run.wall_seconds is None else run.wall_seconds / 60
+        steps, halting = int(run.model_args.get("supervision_steps", 1)), str(run.model_args.get("halting", "none"))
+        row = Reasoner(run.label, model, steps, halting, parameter_count(run), counted, minutes, solved)
+        by_task.setdefault(run.task, []).append(row)
+    intro = (
+        "Test exact match (%: puzzles solved) after supervision steps from a fresh state; N_sup is the most "
+        "steps training gave an example (1: no deep supervision), later steps are test-time depth. Training "
+        "TFLOP as counted (`train/flops`), minutes of wall time from the first to the last training step."
+    )
+    sections = []
+    for task, rows in by_task.items():
+        slug = re.sub(r"[^A-Za-z0-9_.-]", "_", task) or "all"
+        figure = plot_reasoners(rows, output / f"reasoners_{slug}.png", title=task)
+        title = "Recursive reasoners: solved after each supervision step" + (f" ({task})" if task else "")
+        sections.append(Section(title, f"{intro}\n\n{reasoners_table(rows)}", (figure,)))
+    return sections
+
+
+def parameter_count(run: Run) -> int | None:
+    """The model's parameters, built on the meta device from ``last.ckpt``'s saved config (None without it)."""
+    checkpoint = run.path / "checkpoints" / "last.ckpt"
+    if not checkpoint.is_file():
+        return None
+    import torch
+
+    from looped.model import LoopedConfig, LoopedTransformer
+
+    config = torch.load(checkpoint, map_location="cpu", mmap=True, weights_only=False)["hyper_parameters"]["config"]
+    with torch.device("meta"):
+        model = LoopedTransformer(config if isinstance(config, LoopedConfig) else LoopedConfig(**config))
+    return sum(p.numel() for p in model.parameters())
 
 
 def compute_section(runs: list[Run], loss_set: str | None) -> Section | None:
