@@ -220,25 +220,11 @@ class DeepSupervision(LoopedLM):
             solved.append(exactly_right(logits, labels).sum())
             cells.append(((preds == labels) & mask).sum())
             if step == self.supervision_steps:
-                self.update_metrics(batch, logits, metrics, stage, dataloader_idx)
+                self.update_metric_groups(batch, logits, metrics, stage, dataloader_idx)  # the usual metrics
         # [steps] solved, [steps] right cells, examples, labelled cells: one tensor, one reduce at the end.
         seen = torch.stack([mask.new_tensor(input_ids.shape[0], dtype=torch.long), mask.sum()])
         counts = torch.cat([torch.stack(solved), torch.stack(cells), seen]).float()
         self.step_counts[stage] = counts + self.step_counts.get(stage, 0)
-
-    def update_metrics(self, batch, logits: Tensor, metrics: nn.ModuleDict, stage: str, dataloader_idx: int) -> None:
-        """``LoopedLM``'s metrics (overall and per named set) at step N_sup."""
-        labels = batch["labels"]
-        loss, tokens, preds = self.compute_loss(logits, labels), (labels != IGNORE).sum(), logits.argmax(-1)
-        self.maybe_log_samples(batch, preds)
-        groups = [metrics]
-        if self.eval_names:
-            groups.append(self.eval_set_metrics[stage][self.eval_set_name(dataloader_idx)])
-        for group in groups:
-            group["loss"].update(loss, weight=tokens)
-            group["perplexity"].update(loss, weight=tokens)
-            group["exact_match"].update(preds, labels)
-            group["token_accuracy"].update(preds, labels)
 
     def log_step_accuracy(self, stage: str) -> None:
         counts = self.step_counts.pop(stage, None)

@@ -386,13 +386,25 @@ class LoopedLM(L.LightningModule):
                 state_positions=labels != IGNORE if picked else None,
             )
             self.eval_pass = EvalPass(self.model, batch["input_ids"], labels, states, picked)
+        answer_right = self.answer_correct(batch) if "prompt_len" in batch else None
+        self.update_metric_groups(batch, logits, metrics, stage, dataloader_idx, answer_right)
+
+    def update_metric_groups(
+        self,
+        batch: dict[str, Tensor],
+        logits: Tensor,
+        metrics: nn.ModuleDict,
+        stage: str,
+        dataloader_idx: int,
+        answer_right: Tensor | None = None,
+    ) -> None:
+        """Count one batch's ``logits`` towards the stage's overall metrics and those of its named set."""
+        labels = batch["labels"]
         loss, tokens = self.compute_loss(logits, labels), (labels != IGNORE).sum()
         # Exact match over the whole sequence: positions with no label count as right.
         preds = logits.argmax(-1)
-        answer_right = self.answer_correct(batch) if "prompt_len" in batch else None
         if answer_right is None:
             self.maybe_log_samples(batch, preds)
-        # Every batch counts towards the stage's overall metrics and those of its named set.
         groups = [metrics]
         if self.eval_names:
             groups.append(self.eval_set_metrics[stage][self.eval_set_name(dataloader_idx)])
