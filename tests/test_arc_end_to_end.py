@@ -3,6 +3,7 @@ update, and the toy recipe through the command line, scored and written as a sub
 
 import json
 
+import lightning as L
 import numpy as np
 import pytest
 import torch
@@ -211,3 +212,42 @@ def test_the_toy_recipe_trains_tests_scores_and_writes_a_submission(run_dir, mon
     written = json.loads(callback.submission_path.read_text())
     for task, ys in truth.items():
         assert [entry["attempt_1"] for entry in written[task]] == [y.tolist() for y in ys]
+
+
+class Logged:
+    """What ``ArcScore`` needs of a module and a trainer, recording what it logs."""
+
+    def __init__(self, data: Arc) -> None:
+        self.datamodule, self.world_size, self.sanity_checking, self.logged = data, 1, False, {}
+
+    def log(self, name, value, **kwargs) -> None:
+        self.logged[name] = value
+
+
+def test_answers_arriving_out_of_order_and_repeated_are_put_back_by_set_index(arc):
+    truth = views_of(arc, answers())
+    stand_in = Logged(arc)
+    callback = ArcScore()
+    order = np.random.default_rng(0).permutation(32)
+    order = np.concatenate([order, order[:3]])  # DistributedSampler's padding repeats rows
+    for chunk in np.array_split(order, 5):
+        stand_in.eval_answer = (torch.from_numpy(truth[chunk]), torch.zeros(len(chunk)))
+        callback.on_test_batch_end(stand_in, stand_in, None, {"set_index": torch.from_numpy(chunk)}, 0)
+    assert callback.finish(stand_in, stand_in, "test")["score"] == 1.0 and stand_in.logged["test/arc_score"] == 1.0
+    shifted = np.roll(truth, 1, axis=0)  # each answer one row off: the wrong view's grid, scored 0
+    stand_in.eval_answer = (torch.from_numpy(shifted), None)
+    callback.on_test_batch_end(stand_in, stand_in, None, {"set_index": torch.arange(32)}, 0)
+    assert callback.finish(stand_in, stand_in, "test")["score"] < 1.0
+    stand_in.eval_answer = (torch.from_numpy(truth[:31]), None)  # a row missing (limit_test_batches): not scored
+    callback.on_test_batch_end(stand_in, stand_in, None, {"set_index": torch.arange(31)}, 0)
+    with pytest.warns(UserWarning, match="31 of the set's 32 rows"):
+        assert callback.finish(stand_in, stand_in, "test") is None
+
+
+def test_training_on_data_with_another_puzzle_id_count_stops_at_setup(run_dir):
+    data = Arc(tasks=EVALUATION[:1], augmentations=1, test_views=1, batch_size=2)
+    config = LoopedConfig(**{**REASONER, "max_seq_len": 900, "vocab_size": 12, "puzzle_embedding_len": 1})
+    module = DeepSupervision(LoopedConfig(**{**vars(config), "puzzle_ids": data.num_puzzle_ids + 2}), warmup_steps=1)
+    trainer = L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    with pytest.raises(InputError, match=r"data has 3 puzzle ids .* model.init_args.config.puzzle_ids=5"):
+        trainer.fit(module, datamodule=data)
