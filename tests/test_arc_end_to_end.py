@@ -19,6 +19,7 @@ from looped.datamodules.arc_scoring import submission
 from looped.errors import InputError
 from looped.model import LoopedConfig, LoopedTransformer
 from looped.model.recursion import embed_with_prefix
+from looped.training.checkpoint import check_same_data
 from looped.training.deep_supervision import Carry, DeepSupervision, check_puzzle_ids
 
 EVALUATION = ["66e6c45b", "4cd1b7b2", "6ea4a07e"]  # real ARC-AGI-1 evaluation tasks; 6ea4a07e has 2 test inputs
@@ -251,3 +252,11 @@ def test_training_on_data_with_another_puzzle_id_count_stops_at_setup(run_dir):
     trainer = L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False)
     with pytest.raises(InputError, match=r"data has 3 puzzle ids .* model.init_args.config.puzzle_ids=5"):
         trainer.fit(module, datamodule=data)
+
+
+def test_a_checkpoint_of_other_arc_data_is_refused_naming_the_link():
+    trained = {"hyper_parameters": {"config": {**REASONER, "puzzle_embedding_len": 1, "puzzle_ids": 17}}}
+    now = LoopedConfig(**{**REASONER, "puzzle_embedding_len": 1, "puzzle_ids": 9})
+    with pytest.raises(InputError, match=r"puzzle_ids=17, but this run's data \(data.num_puzzle_ids"):
+        check_same_data(trained, object(), now)
+    check_same_data(trained, object(), LoopedConfig(**{**REASONER, "puzzle_embedding_len": 1, "puzzle_ids": 17}))
