@@ -12,7 +12,7 @@ of *slots*: a slot whose example halted takes the row of the same index from the
 state; the others keep their example and state, and their new row is dropped. So the loss of a step
 averages examples at different supervision steps, automatic optimisation applies (one optimiser step per
 ``training_step``), and N_sup = 1 is exactly ordinary training. The carry (states, examples, step
-counts, halted flags) and the exploration generator are saved in checkpoints, and the data module
+counts, halted flags, puzzle ids) and the exploration generator are saved in checkpoints, and the data module
 replays its batches from ``global_step``, so a resumed run continues bit for bit.
 
 Halting objectives (``halting``), both with exploration (with probability ``exploration`` an example
