@@ -1,6 +1,7 @@
 """Callbacks that read the looped forward pass (Lightning's own monitors are used as they are)."""
 
 from looped.callbacks.adaptive_exit import AdaptiveExit
+from looped.callbacks.arc_score import ArcScore
 from looped.callbacks.block_cosine import BlockCosineSimilarity
 from looped.callbacks.checkpoint import Checkpoint
 from looped.callbacks.faults import SimulatedFaults
@@ -12,6 +13,7 @@ from looped.callbacks.stacking import GradualStacking
 
 __all__ = [
     "AdaptiveExit",
+    "ArcScore",
     "BlockCosineSimilarity",
     "Checkpoint",
     "GradualStacking",

@@ -180,7 +180,12 @@ class Arc(SyntheticTask):
         return 1 + task * (self.augmentations + 1) + variant
 
     def decode(self, ids) -> str:
-        """The grid a row of tokens draws (wherever it sits on the canvas), a line per row, ``/`` between rows."""
+        """The grid a row of tokens draws (wherever it sits on the canvas), a line per row, ``/`` between rows.
+
+        Fewer tokens than a canvas (the labelled cells that evaluation samples show: a row's colours, then
+        its EOS) are spelled token by token, EOS as ``|``."""
+        if np.size(ids) != SIZE * SIZE:
+            return "".join(self.vocab[t] if 0 <= t < len(self.vocab) else "?" for t in np.asarray(ids).tolist())
         canvas = np.asarray(ids).reshape(SIZE, SIZE)
         drawn = np.argwhere(canvas > PAD)  # the grid and its frame (not -100, not padding)
         top, left = drawn.min(axis=0) if len(drawn) else (0, 0)
@@ -243,8 +248,14 @@ class Arc(SyntheticTask):
 
     def _eval_loader(self, purpose: int) -> DataLoader:
         input_ids, labels = self.eval_set(purpose)
-        dataset = EvalSet(input_ids, labels, {"puzzle_ids": self._eval_ids[purpose]})
+        # `set_index`: each row's index in the set, so that predictions split over ranks are put back in order to score.
+        extras = {"puzzle_ids": self._eval_ids[purpose], "set_index": np.arange(len(input_ids))}
+        dataset = EvalSet(input_ids, labels, extras)
         return DataLoader(dataset, batch_size=self.eval_batch_size, shuffle=False)
+
+    def eval_rows(self, split: str = "test") -> int:
+        """Rows of ``split``'s set (``val``: each test input once; ``test``: ``test_views`` views of each)."""
+        return len(self.eval_views({"val": _VAL, "test": _TEST}[split])[0])
 
     def score(
         self, predictions: np.ndarray, confidence: np.ndarray | None = None, split: str = "test", attempts: int = 2

@@ -64,3 +64,14 @@ def task_score(
     """A task's score: the fraction of its test outputs solved (``all_or_nothing``: 1 only when all are)."""
     hits = [solved(a, answer) for a, answer in zip(attempts, answers, strict=True)]
     return float(all(hits)) if all_or_nothing else sum(hits) / len(hits)
+
+
+def submission(attempts: dict[tuple[str, int], Sequence[np.ndarray]], k: int = 2) -> dict[str, list[dict]]:
+    """ARC Prize's submission file from ``{(task id, test index): [grids]}``: ``{task id: [{"attempt_1": grid,
+    "attempt_2": grid}, ...]}``, a test input's entries in order; short lists padded with the first attempt (TRM)."""
+    tasks: dict[str, list[dict]] = {}
+    for task_id, index in sorted(attempts):
+        grids = [np.asarray(g).tolist() for g in attempts[task_id, index]] or [[]]
+        grids += grids[:1] * (k - len(grids))
+        tasks.setdefault(task_id, []).append({f"attempt_{i + 1}": grid for i, grid in enumerate(grids[:k])})
+    return tasks

@@ -224,6 +224,7 @@ def test_the_1b_recipe_on_64_h100s_prints_a_table_and_json():
         ("sudoku/cpu_trm_mlp.yaml", "TRM: 2 layers, n=3, T=2"),
         ("sudoku/cpu_hrm.yaml", "HRM: low 2 + high 2 layers, 2×2 cycles"),
         ("maze/cpu_loop_2x4.yaml", "(2⊗4)"),
+        ("arc/cpu_toy.yaml", "TRM: 2 layers, n=2, T=2"),  # the puzzle prefix and its table
     ],
 )
 def test_deep_supervision_recipes_are_planned(recipe, shape):

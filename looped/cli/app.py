@@ -61,7 +61,8 @@ class LoopedCLI(LightningCLI):
 
     The data module is the single source of ``vocab_size`` and sequence length:
     both are linked into ``model.config`` after the data module is built; its
-    ``eos_id`` into ``model.eos_id`` (``looped.contract.DataModuleContract``).
+    ``eos_id`` into ``model.eos_id`` (``looped.contract.DataModuleContract``), and
+    its ``num_puzzle_ids`` (ARC's) into ``model.config.puzzle_ids``.
 
     Before a subcommand runs, ``--ckpt_path`` is checked against the recipe and its data
     (``looped.training.checkpoint``) and ``trainer.devices`` against the machine.
@@ -175,6 +176,10 @@ class LoopedCLI(LightningCLI):
         parser.link_arguments("data", "model.init_args.eos_id", compute_fn=data_eos_id, apply_on="instantiate")
         parser.link_arguments("data.vocab_size", "model.init_args.config.vocab_size", apply_on="instantiate")
         parser.link_arguments("data.seq_len", "model.init_args.config.max_seq_len", apply_on="instantiate")
+        # Only data with puzzle ids (ARC) has num_puzzle_ids; the rest link None (no puzzle embedding to size).
+        parser.link_arguments(
+            "data", "model.init_args.config.puzzle_ids", compute_fn=data_puzzle_ids, apply_on="instantiate"
+        )
 
     # `looped validate` / `looped test`: LightningCLI calls these instead of the trainer's own.
     def validate(self, **kwargs) -> list[dict[str, float]]:
@@ -230,6 +235,11 @@ def data_eos_id(data: DataModuleContract) -> int | None:
     """The data module's ``eos_id`` (None unless its task is scored by generation), after checking its contract."""
     check_data_module(data)
     return data.eos_id
+
+
+def data_puzzle_ids(data: DataModuleContract) -> int | None:
+    """The data module's ``num_puzzle_ids`` (the rows a puzzle embedding needs), None for data without puzzle ids."""
+    return getattr(data, "num_puzzle_ids", None)
 
 
 def check_devices(trainer: dict[str, Any]) -> None:

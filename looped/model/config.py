@@ -133,8 +133,18 @@ class LoopedConfig:
     high_layers: int = 0
     """HRM's high-level module: its own layers (HRM: 4), applied after every ``latent_steps`` low updates."""
     q_head: bool = False
-    """A halting Q-head: ``Linear(d, 2)`` on the answer state averaged over positions, giving (halt, continue)
-    logits after every supervision step (weight 0, bias -5 at the start, as TRM and HRM)."""
+    """A halting Q-head: ``Linear(d, 2)`` on the answer state averaged over positions (on its first position when
+    ``puzzle_embedding_len`` > 0, as TRM and HRM), giving (halt, continue) logits after every supervision step
+    (weight 0, bias -5 at the start, as TRM and HRM)."""
+    puzzle_embedding_len: int = 0
+    """TRM's and HRM's puzzle-id embedding: prefix positions put before the puzzle's cells in every supervision step
+    (TRM on ARC: 16; HRM: 1), holding the example's learned puzzle vector; the logits are the cells' only. 0: off.
+    Needs batches with ``puzzle_ids`` (``looped.datamodules.Arc``) and ``DeepSupervision``."""
+    puzzle_embedding_dim: int | None = None
+    """Width of a puzzle's vector (their ``puzzle_emb_ndim``), laid over the prefix positions in order and padded
+    with zeros: TRM's 512 in 16 positions of width 512 fills the first position only. None: ``d_model``."""
+    puzzle_ids: int | None = None
+    """Rows of the puzzle embedding (id 0 is "none"). Linked from the data module's ``num_puzzle_ids``."""
 
     def __post_init__(self) -> None:
         def need(ok: bool, field: str, msg: str) -> None:
@@ -188,9 +198,10 @@ class LoopedConfig:
             # option fails here, when the recipe is parsed, not when the model is built.
             with torch.device("meta"):
                 build_mixer(name, self.d_model, self.n_heads, self.dropout, self.bias, **self.mixer_kwargs(name))
-        for name in ("vocab_size", "max_seq_len"):
+        for name in ("vocab_size", "max_seq_len", "puzzle_ids", "puzzle_embedding_dim"):
             value = getattr(self, name)
             need(value is None or value >= 1, name, f"must be >= 1, got {value}")
+        self.check_puzzle_embedding(need)
         recurrent = [name for name in self.attention_pattern if not MIXERS[name].kv_cache]
         need(
             not (self.kv_sharing and recurrent),
@@ -246,6 +257,26 @@ class LoopedConfig:
                 f"is {value} but recursion: {self.recursion} runs its own schedule of the block "
                 f"(latent_steps, answer_steps); set {name}: {str(off).lower() if isinstance(off, bool) else off}",
             )
+
+    def check_puzzle_embedding(self, need) -> None:
+        need(self.puzzle_embedding_len >= 0, "puzzle_embedding_len", f"must be >= 0, got {self.puzzle_embedding_len}")
+        width = self.puzzle_embedding_len * self.d_model
+        need(
+            self.puzzle_embedding_dim is None or self.puzzle_embedding_dim <= max(width, 1),
+            "puzzle_embedding_dim",
+            f"{self.puzzle_embedding_dim} does not fit in puzzle_embedding_len × d_model = {width}; raise "
+            "puzzle_embedding_len or lower puzzle_embedding_dim",
+        )
+        need(
+            self.puzzle_embedding_len == 0 or not self.causal,
+            "puzzle_embedding_len",
+            "prefixes a puzzle read whole; set causal: false (or puzzle_embedding_len: 0)",
+        )
+
+    @property
+    def positions(self) -> int | None:
+        """Positions a supervision step runs on: the puzzle-embedding prefix, then ``max_seq_len`` cells."""
+        return None if self.max_seq_len is None else self.max_seq_len + self.puzzle_embedding_len
 
     def check_router(self, need) -> None:
         """The router's fields: a capacity schedule the loops can follow, mixers that take gathered tokens."""
@@ -324,7 +355,7 @@ class LoopedConfig:
             "norm_eps": self.norm_eps,
         }
         if name == "mlp":  # no heads: its size is the sequence length
-            return {**self.mixer_options.get(name, {}), "seq_len": self.max_seq_len, "causal": self.causal}
+            return {**self.mixer_options.get(name, {}), "seq_len": self.positions, "causal": self.causal}
         own = {k: v for k, v in shape.items() if v not in (None, False)}
         return {**self.mixer_options.get(name, {}), **own, **({} if self.causal else {"causal": False})}
 

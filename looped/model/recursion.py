@@ -19,7 +19,12 @@ The state is one tensor ``[s b t d]`` (``loop``: s = 1, ``h``; ``trm``: ``(y, z)
 the trainer can swap a halted row's state for a fresh one with one ``where``. TRM and HRM start it from
 two fixed random vectors (``LoopedTransformer.state_init``, their ``H_init`` and ``L_init``). The answer
 state is read out by the model's head and, with ``q_head``, by the halting Q-head, averaged over the
-positions (TRM and HRM read a puzzle-embedding prefix position that these tasks do not have).
+positions.
+
+With ``puzzle_embedding_len`` P > 0 (TRM's and HRM's puzzle-id embedding, for ARC) every step runs on P prefix
+positions before the cells: the example's learned puzzle vector (``puzzle_embedding``, a row per puzzle id) laid
+over them and padded with zeros. The state then has P + t positions; the logits are the t cells', and the
+Q-head reads the first prefix position, as TRM and HRM do.
 
 Dimension letters: s states, b batch, t time (position), d model width, v vocabulary.
 """
@@ -35,22 +40,43 @@ from looped.model.step import LoopStep
 def initial_state(self, batch: int, length: int) -> Tensor:
     """``[s b t d]`` the state a fresh example starts from: zeros (``loop``) or TRM/HRM's fixed vectors."""
     d, weight = self.config.d_model, self.embed.weight
+    length += self.config.puzzle_embedding_len  # the prefix positions carry a state too
     if self.config.recursion == "loop":
         return weight.new_zeros(1, batch, length, d)
     return self.state_init[:, None, None, :].to(weight.dtype).expand(2, batch, length, d)
 
 
-def reason(self, input_ids: Tensor, state: Tensor | None = None) -> tuple[Tensor, Tensor | None, Tensor]:
+def reason(
+    self, input_ids: Tensor, state: Tensor | None = None, puzzle_ids: Tensor | None = None
+) -> tuple[Tensor, Tensor | None, Tensor]:
     """One supervision step from ``state`` (None: a fresh one): ``(logits [b t v], Q-head logits [b 2] (halt,
-    continue) or None, the new state [s b t d])``. The new state is *not* detached: the trainer detaches it
-    between steps, so that a test can see it does. Runs through the model's ``forward`` (its hooks)."""
-    return self(input_ids, carried=self.initial_state(*input_ids.shape) if state is None else state)
+    continue) or None, the new state [s b P+t d])``, ``puzzle_ids`` ``[b]`` choosing the prefix's puzzle vectors
+    (None: id 0). The new state is *not* detached: the trainer detaches it between steps, so that a test can see
+    it does. Runs through the model's ``forward`` (its hooks)."""
+    state = self.initial_state(*input_ids.shape) if state is None else state
+    return self(input_ids, carried=state, puzzle_ids=puzzle_ids)
 
 
-def supervision_step(self, input_ids: Tensor, state: Tensor) -> tuple[Tensor, Tensor | None, Tensor]:
+def embed_with_prefix(self, input_ids: Tensor, puzzle_ids: Tensor | None) -> Tensor:
+    """``[b P+t d]`` the puzzle prefix (TRM's ``_input_embeddings``: the puzzle vector, zero-padded to P·d),
+    then the token embeddings, positions counted from the prefix's first."""
+    tokens = self.embed(input_ids)
+    if self.puzzle_embedding is None:
+        return self.embed_tokens(None, embeds=tokens)
+    b, _, d = tokens.shape
+    if puzzle_ids is None:
+        puzzle_ids = input_ids.new_zeros(b)
+    vector = self.puzzle_embedding(puzzle_ids).to(tokens.dtype)
+    prefix = torch.nn.functional.pad(vector, (0, self.config.puzzle_embedding_len * d - vector.shape[-1]))
+    return self.embed_tokens(None, embeds=torch.cat((prefix.view(b, -1, d), tokens), dim=1))
+
+
+def supervision_step(
+    self, input_ids: Tensor, state: Tensor, puzzle_ids: Tensor | None = None
+) -> tuple[Tensor, Tensor | None, Tensor]:
     """``reason``'s body, called by ``LoopedTransformer.forward``."""
     c = self.config
-    x = self.run_layers(self.prelude, self.embed_tokens(input_ids), None)
+    x = self.run_layers(self.prelude, embed_with_prefix(self, input_ids, puzzle_ids), None)
     if c.recursion == "loop":
         h = x + state[0]
         for n in range(1, c.loops + 1):
@@ -81,6 +107,10 @@ def supervision_step(self, input_ids: Tensor, state: Tensor) -> tuple[Tensor, Te
         low = self.loop_step(low + high + x)  # the one-step gradient: these two updates only
         high = self.loop_step(high + low, LoopStep(high=True))
         answer, new = high, torch.stack((high, low))
-    logits = self.readout(answer)
-    q = None if self.q_head is None else self.q_head(self.norm(answer).mean(1)).float()
-    return logits, q, new
+    prefix = c.puzzle_embedding_len
+    logits = self.readout(answer[:, prefix:])
+    if self.q_head is None:
+        return logits, None, new
+    # TRM and HRM read the halting logits at the first prefix position; without a prefix, the positions' mean.
+    read = self.norm(answer[:, 0]) if prefix else self.norm(answer).mean(1)
+    return logits, self.q_head(read).float(), new

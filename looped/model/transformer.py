@@ -134,9 +134,9 @@ class LoopedTransformer(nn.Module):
             return nn.ModuleList(TransformerLayer(config, pattern[i % len(pattern)]) for i in range(n))
 
         self.embed = nn.Embedding(config.vocab_size, config.d_model)
-        self.pos_embed = nn.Embedding(config.max_seq_len, config.d_model) if config.pos_encoding == "learned" else None
+        self.pos_embed = nn.Embedding(config.positions, config.d_model) if config.pos_encoding == "learned" else None
         self.rope = (
-            RotaryEmbedding(config.head_dim, config.max_seq_len, config.rope_base, config.rope_scaling)
+            RotaryEmbedding(config.head_dim, config.positions, config.rope_base, config.rope_scaling)
             if config.pos_encoding == "rope"
             else None
         )
@@ -159,6 +159,15 @@ class LoopedTransformer(nn.Module):
         self.q_head = nn.Linear(config.d_model, 2) if config.q_head else None
         if config.recursion != "loop":
             self.register_buffer("state_init", torch.empty(2, config.d_model))
+        # TRM's and HRM's puzzle-id embedding, read as a prefix of every supervision step (recursion.py).
+        self.puzzle_embedding = None
+        if config.puzzle_embedding_len > 0:
+            if config.puzzle_ids is None:
+                raise ValueError(
+                    "LoopedConfig.puzzle_ids is not set: recipes link it from the data module's num_puzzle_ids; "
+                    "when building the model by hand pass puzzle_ids=..."
+                )
+            self.puzzle_embedding = nn.Embedding(config.puzzle_ids, config.puzzle_embedding_dim or config.d_model)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -177,6 +186,9 @@ class LoopedTransformer(nn.Module):
                 nn.init.ones_(p) if name.endswith("norm__weight") else nn.init.zeros_(p)
             else:
                 nn.init.zeros_(p) if ".b." in name else nn.init.normal_(p, std=self.config.init_std)
+            return
+        if name == "puzzle_embedding.weight":  # TRM: zero, so a new puzzle's prefix starts as every other's
+            nn.init.zeros_(p)
             return
         if name.startswith("q_head."):  # TRM, HRM: halting starts (almost) never chosen, sigmoid(-5) ≈ 0.007
             nn.init.zeros_(p) if name.endswith("weight") else nn.init.constant_(p, -5.0)
@@ -207,6 +219,7 @@ class LoopedTransformer(nn.Module):
         state_positions: Tensor | None = None,
         inputs_embeds: Tensor | None = None,
         carried: Tensor | None = None,
+        puzzle_ids: Tensor | None = None,
     ) -> Tensor | tuple[Tensor, list[Tensor]] | tuple[Tensor, Tensor | None, Tensor]:
         """Logits ``[b t v]`` after ``loops`` applications of the block (default: the trained L).
 
@@ -241,10 +254,11 @@ class LoopedTransformer(nn.Module):
 
         ``carried`` ``[s b t d]``: one supervision step of a recursive reasoner from that state instead, returning
         ``(logits, Q-head logits or None, new state)`` (``reason``, ``looped/model/recursion.py``). It runs through
-        ``forward`` so that what hooks the root module (FSDP2's unsharding, memory trackers) sees it.
+        ``forward`` so that what hooks the root module (FSDP2's unsharding, memory trackers) sees it. ``puzzle_ids``
+        ``[b]`` pick the rows of the puzzle embedding its prefix reads (``puzzle_embedding_len``; None: id 0).
         """
         if carried is not None:
-            return recursion.supervision_step(self, input_ids, carried)
+            return recursion.supervision_step(self, input_ids, carried, puzzle_ids)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass input_ids (token ids [b t]) or inputs_embeds ([b t d_model] vectors), not both")
         if cache is not None and not self.config.causal:
@@ -252,9 +266,10 @@ class LoopedTransformer(nn.Module):
                 "this model is non-causal (LoopedConfig.causal: false): it reads inputs whole and cannot decode "
                 "with a cache or generate; build it with causal: true to generate"
             )
-        if self.config.recursion != "loop":
+        if self.config.recursion != "loop" or self.puzzle_embedding is not None:
             raise ValueError(
-                f"a recursion: {self.config.recursion} model runs supervision steps, not loops: call "
+                f"a recursion: {self.config.recursion} model (or one with a puzzle embedding) runs supervision steps, "
+                "not loops: call "
                 "model.reason(input_ids, state) (looped/model/recursion.py) or train it with DeepSupervision"
             )
         loops = self.config.loops if loops is None else loops

@@ -181,8 +181,12 @@ def check_same_data(checkpoint: dict[str, Any], data: Any, config: Any, where: s
     old = saved_config(checkpoint)
     if old is None or data is None:
         return
-    fields = ["vocab_size"] + (["max_seq_len"] if old.get("pos_encoding") == "learned" else [])
-    for field, linked_from in zip(fields, ("vocab_size", "seq_len")):
+    # Sizes of tables the data decides: a mismatch would be a state-dict shape error later. The puzzle ids count
+    # ARC's tasks × variants (data.tasks, data.augmentations).
+    links = {"vocab_size": "vocab_size", "puzzle_ids": "num_puzzle_ids"}
+    if old.get("pos_encoding") == "learned":
+        links["max_seq_len"] = "seq_len"
+    for field, linked_from in links.items():
         new = getattr(config, field, None)
         if old.get(field) is not None and new is not None and old[field] != new:
             raise InputError(

@@ -12,7 +12,7 @@ of *slots*: a slot whose example halted takes the row of the same index from the
 state; the others keep their example and state, and their new row is dropped. So the loss of a step
 averages examples at different supervision steps, automatic optimisation applies (one optimiser step per
 ``training_step``), and N_sup = 1 is exactly ordinary training. The carry (states, examples, step
-counts, halted flags) and the exploration generator are saved in checkpoints, and the data module
+counts, halted flags, puzzle ids) and the exploration generator are saved in checkpoints, and the data module
 replays its batches from ``global_step``, so a resumed run continues bit for bit.
 
 Halting objectives (``halting``), both with exploration (with probability ``exploration`` an example
@@ -62,11 +62,15 @@ class Carry:
     """``[b]`` the example stopped: the slot takes a new one at the next step."""
     input_ids: Tensor
     labels: Tensor
+    puzzle_ids: Tensor | None = None
+    """``[b]`` the slot's example's puzzle id (batches that carry ``puzzle_ids``, e.g. ARC's; else 0, "none").
+    None only in a checkpoint from before puzzle ids were carried."""
 
     def to(self, device: torch.device) -> Carry:
         # Not dataclasses.asdict: it deep-copies every tensor (each step), and a deep-copied fake tensor
         # crashes the interpreter when freed (`looped plan` runs this step on fake tensors).
-        return Carry(*(getattr(self, field.name).to(device) for field in fields(self)))
+        values = (getattr(self, field.name) for field in fields(self))
+        return Carry(*(None if value is None else value.to(device) for value in values))
 
 
 def exactly_right(logits: Tensor, labels: Tensor) -> Tensor:
@@ -100,6 +104,10 @@ class DeepSupervision(LoopedLM):
         q_loss_weight: weight of the Q-head's loss (TRM, HRM: 0.5).
         eval_steps: supervision steps at evaluation, each one's accuracy logged (default: 2·N_sup, to show
             what steps beyond training add).
+        puzzle_embedding_lr: learning rate of the puzzle-id embedding (``config.puzzle_embedding_len``), trained as
+            TRM and HRM train it: SignSGD on the rows the step's examples used (TRM, HRM on ARC: 1e-2), on the
+            same warmup schedule as the other weights.
+        puzzle_embedding_weight_decay: its decoupled weight decay, on those rows only (TRM, HRM: 0.1).
         seed: seed of the exploration draws.
         **kwargs: ``LoopedLM``'s (optimiser, schedule, ...).
     """
@@ -112,14 +120,23 @@ class DeepSupervision(LoopedLM):
         exploration: float = 0.1,
         q_loss_weight: float = 0.5,
         eval_steps: int | None = None,
+        puzzle_embedding_lr: float = 1e-2,
+        puzzle_embedding_weight_decay: float = 0.1,
         seed: int = 0,
         **kwargs: Any,
     ) -> None:
         config = as_dataclass(LoopedConfig, config)
-        check_deep_supervision(config, supervision_steps, halting, exploration, eval_steps, kwargs)
+        rates = {"puzzle_embedding_lr": puzzle_embedding_lr}
+        rates["puzzle_embedding_weight_decay"] = puzzle_embedding_weight_decay
+        check_deep_supervision(config, supervision_steps, halting, exploration, eval_steps, {**kwargs, **rates})
         super().__init__(config, **kwargs)
         self.supervision_steps, self.halting, self.exploration = supervision_steps, halting, exploration
         self.q_loss_weight, self.eval_steps = q_loss_weight, eval_steps or 2 * supervision_steps
+        self.puzzle_embedding_lr = puzzle_embedding_lr
+        self.puzzle_embedding_weight_decay = puzzle_embedding_weight_decay
+        # This evaluation batch's answer at step N_sup, for callbacks that score it (looped.callbacks.ArcScore):
+        # (predicted tokens [b t], the Q-head's halt logit [b] or None).
+        self.eval_answer: tuple[Tensor, Tensor | None] | None = None
         self.carry: Carry | None = None
         self.explore = torch.Generator().manual_seed(seed)  # its own draws: saved and restored with the carry
         # Lightning's model summary runs this through forward (all N_sup steps) and counts its FLOPs; a dict, as
@@ -128,36 +145,40 @@ class DeepSupervision(LoopedLM):
         # Per stage, summed over the epoch's batches: [2·eval_steps + 2] (see _eval_step).
         self.step_counts: dict[str, Tensor] = {}
 
-    def forward(self, input_ids: Tensor, steps: int | None = None) -> Tensor:
+    def forward(self, input_ids: Tensor, steps: int | None = None, puzzle_ids: Tensor | None = None) -> Tensor:
         """Logits ``[b t v]`` after ``steps`` supervision steps (default N_sup) from fresh states."""
         state = None
         for _ in range(steps or self.supervision_steps):
-            logits, _, state = self.model.reason(input_ids, state)
+            logits, _, state = self.model.reason(input_ids, state, puzzle_ids)
         return logits
 
     # -- training: one supervision step of the carried slots -----------------------------------------
-    def carry_in(self, input_ids: Tensor, labels: Tensor) -> Carry:
-        """The slots for this step: halted ones take this batch's rows and a fresh state."""
+    def carry_in(self, input_ids: Tensor, labels: Tensor, puzzle_ids: Tensor | None = None) -> Carry:
+        """The slots for this step: halted ones take this batch's rows (and puzzle ids) and a fresh state."""
         fresh = self.model.initial_state(*input_ids.shape)
-        carry = self.carry
+        b, carry = input_ids.shape[0], self.carry
+        zeros = torch.zeros(b, dtype=torch.long, device=input_ids.device)
+        puzzle_ids = zeros if puzzle_ids is None else puzzle_ids  # id 0: none
         if carry is None or carry.input_ids.shape != input_ids.shape:  # the first step (or a new batch shape)
-            b = input_ids.shape[0]
-            zeros = torch.zeros(b, dtype=torch.long, device=input_ids.device)
-            return Carry(fresh, zeros, torch.ones(b, dtype=torch.bool, device=input_ids.device), input_ids, labels)
+            new = torch.ones(b, dtype=torch.bool, device=input_ids.device)
+            return Carry(fresh, zeros, new, input_ids, labels, puzzle_ids)
         carry = carry.to(input_ids.device)
         new = carry.halted
+        # A slot keeps its example's id until it halts (a carry saved without ids: take the batch's).
+        ids = puzzle_ids if carry.puzzle_ids is None else torch.where(new, puzzle_ids, carry.puzzle_ids)
         return Carry(
             torch.where(new[None, :, None, None], fresh, carry.state),
             torch.where(new, 0, carry.steps),
             new,
             torch.where(new[:, None], input_ids, carry.input_ids),
             torch.where(new[:, None], labels, carry.labels),
+            ids,
         )
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         self._batch_shape = tuple(batch["input_ids"].shape)
-        carry = self.carry_in(batch["input_ids"], batch["labels"])
-        logits, q, state = self.model.reason(carry.input_ids, carry.state)
+        carry = self.carry_in(batch["input_ids"], batch["labels"], batch.get("puzzle_ids"))
+        logits, q, state = self.model.reason(carry.input_ids, carry.state, carry.puzzle_ids)
         steps = carry.steps + 1
         lm_loss = self.compute_loss(logits, carry.labels)
         correct = exactly_right(logits.detach(), carry.labels)
@@ -166,7 +187,7 @@ class DeepSupervision(LoopedLM):
             target = None
             if self.halting == "hrm":
                 with torch.no_grad():  # one more step on the new state, for the bootstrapped target
-                    _, next_q, _ = self.model.reason(carry.input_ids, state.detach())
+                    _, next_q, _ = self.model.reason(carry.input_ids, state.detach(), carry.puzzle_ids)
                 target = continue_target(next_q, steps >= self.supervision_steps)
             q_loss = q_halt_loss(q, correct, target)
             loss = loss + self.q_loss_weight * q_loss
@@ -174,7 +195,7 @@ class DeepSupervision(LoopedLM):
             self.log("train/q_halt_accuracy", ((q[:, 0] > 0) == correct).float().mean())
         halted = self.halted_after(q, steps)
         # Detached: the next step's loss reaches no earlier step (TRM, HRM: no backpropagation through time).
-        self.carry = Carry(state.detach(), steps, halted, carry.input_ids, carry.labels)
+        self.carry = Carry(state.detach(), steps, halted, carry.input_ids, carry.labels, carry.puzzle_ids)
         # Data-independent shapes only (`looped plan` runs this step on fake tensors): means over the slots.
         self.log_dict(
             {
@@ -215,12 +236,13 @@ class DeepSupervision(LoopedLM):
         mask = labels != IGNORE
         solved, cells, state = [], [], None
         for step in range(1, self.eval_steps + 1):
-            logits, _, state = self.model.reason(input_ids, state)
+            logits, q, state = self.model.reason(input_ids, state, batch.get("puzzle_ids"))
             preds = logits.argmax(-1)
             solved.append(exactly_right(logits, labels).sum())
             cells.append(((preds == labels) & mask).sum())
             if step == self.supervision_steps:
                 self.update_metric_groups(batch, logits, metrics, stage, dataloader_idx)  # the usual metrics
+                self.eval_answer = (preds, None if q is None else q[:, 0])
         # [steps] solved, [steps] right cells, examples, labelled cells: one tensor, one reduce at the end.
         seen = torch.stack([mask.new_tensor(input_ids.shape[0], dtype=torch.long), mask.sum()])
         counts = torch.cat([torch.stack(solved), torch.stack(cells), seen]).float()
@@ -246,7 +268,39 @@ class DeepSupervision(LoopedLM):
         super().on_test_epoch_end()
 
     def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        return self(batch["input_ids"]).argmax(-1)
+        return self(batch["input_ids"], puzzle_ids=batch.get("puzzle_ids")).argmax(-1)
+
+    # -- the puzzle-id embedding: its own update ----------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        data = self.trainer.datamodule if self._trainer is not None else None
+        if data is not None:
+            check_puzzle_ids(self.config, getattr(data, "num_puzzle_ids", None))
+
+    def parameter_groups(self) -> list[dict[str, Any]]:
+        """``LoopedLM``'s groups without the puzzle embedding: ``on_before_optimizer_step`` updates it."""
+        table = self.model.puzzle_embedding
+        groups = super().parameter_groups()
+        if table is None:
+            return groups
+        return [{**g, "params": [p for p in g["params"] if p is not table.weight]} for g in groups]
+
+    @torch.no_grad()
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """TRM's and HRM's update of the puzzle embedding (their ``CastedSparseEmbeddingSignSGD``): SignSGD with
+        decoupled weight decay, ``w ← w·(1 − lr·wd) − lr·sign(g)``, on the rows the step's examples used only, so
+        an optimiser with state (Adam) never holds the table's 800k rows. The rows are those with a gradient (the
+        same on every rank after DDP's all-reduce), the rate the schedule's factor of the main optimiser's."""
+        table = self.model.puzzle_embedding
+        if table is None or table.weight.grad is None:
+            return
+        group = optimizer.param_groups[0]
+        lr = self.puzzle_embedding_lr * group["lr"] / group.get("initial_lr", group["lr"])
+        weight, grad = table.weight, table.weight.grad
+        used = (grad != 0).any(-1, keepdim=True)
+        decayed = weight * (1 - lr * self.puzzle_embedding_weight_decay) - lr * grad.sign()
+        weight.copy_(torch.where(used, decayed, weight))
+        table.weight.grad = None  # not in the optimiser: nothing else clears it
 
     # -- exact resume: the carry and the exploration draws travel with the checkpoint -------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -259,7 +313,7 @@ class DeepSupervision(LoopedLM):
         saved = checkpoint.get("deep_supervision")
         if saved is None:
             return  # a checkpoint of plain LoopedLM training: the carry starts empty
-        self.carry = None if saved["carry"] is None else Carry(**saved["carry"])
+        self.carry = None if saved["carry"] is None else Carry(**saved["carry"])  # older ones: no puzzle_ids
         self.explore.set_state(saved["explore"])
 
     @property
@@ -268,6 +322,7 @@ class DeepSupervision(LoopedLM):
         if self._batch_shape is None:
             return None
         c, (batch, seq_len) = self.config, self._batch_shape
+        seq_len += c.puzzle_embedding_len  # the prefix positions run through every layer too
         forward = self.model.flops_per_token(seq_len)
         share = {"loop": 1.0, "trm": 1 / c.answer_steps}.get(
             c.recursion, (c.block_layers + c.high_layers) / max(1, c.block_applications())
@@ -290,6 +345,8 @@ def check_deep_supervision(
         ("halting", halting in ("trm", "hrm", "none"), f"trm, hrm or none, got {halting!r}"),
         ("exploration", 0.0 <= exploration <= 1.0, f"a probability in [0, 1], got {exploration}"),
         ("eval_steps", eval_steps is None or eval_steps >= supervision_steps, ">= supervision_steps or null"),
+        ("puzzle_embedding_lr", kwargs.get("puzzle_embedding_lr", 0) >= 0, ">= 0"),
+        ("puzzle_embedding_weight_decay", kwargs.get("puzzle_embedding_weight_decay", 0) >= 0, ">= 0"),
     ):
         if not ok:
             raise InputError(f"{where}.{name} must be {need}")
@@ -301,3 +358,20 @@ def check_deep_supervision(
     for name in ("exit", "loop_schedule", "regularizer"):
         if kwargs.get(name) is not None:
             raise InputError(f"{where}.{name} is not combined with deep supervision yet; remove it")
+
+
+def check_puzzle_ids(config: LoopedConfig, data_ids: int | None) -> None:
+    """The puzzle embedding has a row for every id the data gives (``num_puzzle_ids``), named as a recipe sets it."""
+    if config.puzzle_embedding_len == 0:
+        return
+    if data_ids is None:
+        raise InputError(
+            f"{MODEL_CONFIG}.puzzle_embedding_len: the data gives no puzzle_ids to embed; use a data module that "
+            "has num_puzzle_ids (looped.datamodules.Arc) or set puzzle_embedding_len: 0"
+        )
+    if data_ids != config.puzzle_ids:
+        raise InputError(
+            f"puzzle id mismatch: the data has {data_ids} puzzle ids (data.num_puzzle_ids: its tasks and "
+            f"augmentations) but {MODEL_CONFIG}.puzzle_ids={config.puzzle_ids}; drop the override and let the recipe "
+            "link puzzle_ids from the data module, or train on the data the model was built for"
+        )
