@@ -560,12 +560,18 @@ def adaptive_sections(runs: list[Run], output: Path) -> list[Section]:
         "Each method's cheapest operating point (a fixed loop count or an exit rule of `AdaptiveExit`) reaching 99% "
         "of the fixed-L model's accuracy (the best plainly looped run's, at its L), and 99% of its own at L."
     )
+    title = "Adaptive depth: accuracy against mean loops"
+    return task_sections(by_task, output / "adaptive", title, intro, plot_comparison, comparison_table)
+
+
+def task_sections(by_task: dict, stem: Path, title: str, intro: str, plot, table) -> list[Section]:
+    """A section per task: ``table(rows)`` under ``intro`` and the figure ``plot(rows, path, title=task)`` drawn
+    to ``{stem}_{task}.png``."""
     sections = []
-    for task, methods in by_task.items():
+    for task, rows in by_task.items():
         slug = re.sub(r"[^A-Za-z0-9_.-]", "_", task) or "all"
-        figure = plot_comparison(methods, output / f"adaptive_{slug}.png", title=task)
-        title = "Adaptive depth: accuracy against mean loops" + (f" ({task})" if task else "")
-        sections.append(Section(title, f"{intro}\n\n{comparison_table(methods)}", (figure,)))
+        figure = plot(rows, stem.parent / f"{stem.name}_{slug}.png", title=task)
+        sections.append(Section(title + (f" ({task})" if task else ""), f"{intro}\n\n{table(rows)}", (figure,)))
     return sections
 
 
@@ -604,13 +610,8 @@ def reasoner_sections(runs: list[Run], output: Path) -> list[Section]:
         "steps training gave an example (1: no deep supervision), later steps are test-time depth. Training "
         "TFLOP as counted (`train/flops`), minutes of wall time from the first to the last training step."
     )
-    sections = []
-    for task, rows in by_task.items():
-        slug = re.sub(r"[^A-Za-z0-9_.-]", "_", task) or "all"
-        figure = plot_reasoners(rows, output / f"reasoners_{slug}.png", title=task)
-        title = "Recursive reasoners: solved after each supervision step" + (f" ({task})" if task else "")
-        sections.append(Section(title, f"{intro}\n\n{reasoners_table(rows)}", (figure,)))
-    return sections
+    title = "Recursive reasoners: solved after each supervision step"
+    return task_sections(by_task, output / "reasoners", title, intro, plot_reasoners, reasoners_table)
 
 
 def parameter_count(run: Run) -> int | None:
