@@ -431,7 +431,8 @@ def test_training_compute_takes_the_exact_count_of_last_ckpt_when_the_run_kept_o
 
 def test_reasoners_section_reads_each_supervision_step_parameters_and_flops(tmp_path):
     """Deep-supervision runs get their own table (not Table 1's): exact match after each supervision step,
-    the parameters of the model saved in last.ckpt (counted on a model built here), FLOPs and wall time."""
+    the parameters and step FLOPs of the model saved in last.ckpt (counted on a model built here), FLOPs and
+    wall time."""
     import torch
     from torch.utils.tensorboard import SummaryWriter
 
@@ -454,7 +455,8 @@ def test_reasoners_section_reads_each_supervision_step_parameters_and_flops(tmp_
         extra = {key: int(v) if v.isdigit() else v for key, v in extra.items()}
         extra["causal"] = extra.get("attention") != "mlp"  # the MLP over positions reads the puzzle whole
         config = LoopedConfig(vocab_size=12, max_seq_len=36, d_model=32, n_heads=4, block_layers=k, loops=L, **extra)
-        built[name] = sum(p.numel() for p in LoopedTransformer(config).parameters())
+        model = LoopedTransformer(config)
+        built[name] = sum(p.numel() for p in model.parameters()), model.flops_per_token(36) * 36 / 1e6
         (version / "checkpoints").mkdir()
         torch.save({"hyper_parameters": {"config": vars(config)}}, version / "checkpoints" / "last.ckpt")
         writer = SummaryWriter(str(version))
@@ -464,9 +466,11 @@ def test_reasoners_section_reads_each_supervision_step_parameters_and_flops(tmp_
     out, text = report_of(tmp_path)
     assert "## Recursive reasoners: solved after each supervision step" in text
     assert built["trm"] != built["loop_no_ds"]
-    trm = f"| `trm` | TRM: 2 layers, n=3, T=2, MLP over positions | 2 (trm) | {built['trm'] / 1e3:.1f}K | 25.0 | 12 |"
+    (trm_size, trm_flops), (loop_size, loop_flops) = built["trm"], built["loop_no_ds"]
+    trm = "| `trm` | TRM: 2 layers, n=3, T=2, MLP over positions | 2 (trm) | "
+    trm += f"{trm_size / 1e3:.1f}K | {trm_flops:.1f} | 25.0 | 12 |"
     assert trm + " 50.0 | 90.0 | 90.0 | 90.0 (step 4) | 95.0 (3) |" in text
-    loop = f"| `loop_no_ds` | (2⊗4) | 1 (no deep supervision) | {built['loop_no_ds'] / 1e3:.1f}K | 25.0 | 12 |"
+    loop = f"| `loop_no_ds` | (2⊗4) | 1 (no deep supervision) | {loop_size / 1e3:.1f}K | {loop_flops:.1f} | 25.0 | 12 |"
     assert loop + " 70.0 | 96.0 | 70.0 | 98.0 (step 4) | 98.0 (3) |" in text
     assert (out / "reasoners_all.png").is_file()
     assert "## Accuracy per model (Table 1)\n\nNo test metrics." in text  # not mistaken for plain looping

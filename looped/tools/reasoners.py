@@ -28,6 +28,7 @@ class Reasoner:
     supervision_steps: int  # N_sup in training (1: no deep supervision)
     halting: str
     parameters: int | None
+    step_flops: float | None  # forward FLOPs of one example's supervision step: the matched-compute axis
     training_flops: float | None
     minutes: float | None
     solved: dict[int, float]  # supervision step -> test exact match (fraction)
@@ -42,8 +43,8 @@ def solved_by_step(scalars: dict[str, list[tuple[int, float]]]) -> dict[int, flo
 def reasoners_table(rows: list[Reasoner]) -> str:
     """A row per run: its model, N_sup, size and cost, and test exact match (%) at steps 1, 2, N_sup and the
     last evaluated, with the best step."""
-    header = "| run | model | N_sup (halting) | parameters | training TFLOP | minutes | step 1 | step 2 | "
-    header += "step N_sup | last step | best (step) |\n|" + "---|" * 11
+    header = "| run | model | N_sup (halting) | parameters | MFLOP / step | training TFLOP | minutes | step 1 | "
+    header += "step 2 | step N_sup | last step | best (step) |\n|" + "---|" * 12
     lines = [header]
     for r in rows:
         pct = _percent(r.solved)
@@ -51,10 +52,11 @@ def reasoners_table(rows: list[Reasoner]) -> str:
         best = max(r.solved, key=lambda s: (r.solved[s], -s))
 
         params = "—" if r.parameters is None else f"{r.parameters / 1e3:.1f}K"
+        step = "—" if r.step_flops is None else f"{r.step_flops / 1e6:.1f}"
         flops = "—" if r.training_flops is None else f"{r.training_flops / 1e12:.1f}"
         minutes = "—" if r.minutes is None else f"{r.minutes:.0f}"
         ds = "1 (no deep supervision)" if r.supervision_steps == 1 else f"{r.supervision_steps} ({r.halting})"
-        cells = [f"`{r.label}`", r.model, ds, params, flops, minutes, pct(1), pct(2), pct(r.supervision_steps)]
+        cells = [f"`{r.label}`", r.model, ds, params, step, flops, minutes, pct(1), pct(2), pct(r.supervision_steps)]
         cells += [f"{pct(last)} (step {last})", f"{pct(best)} ({best})"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

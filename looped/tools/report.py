@@ -603,30 +603,34 @@ def reasoner_sections(runs: list[Run], output: Path) -> list[Section]:
         counted = final_flops(run)[1] if run.last("train/flops") else None
         minutes = None if run.wall_seconds is None else run.wall_seconds / 60
         steps, halting = int(run.model_args.get("supervision_steps", 1)), str(run.model_args.get("halting", "none"))
-        row = Reasoner(run.label, model, steps, halting, parameter_count(run), counted, minutes, solved)
+        row = Reasoner(run.label, model, steps, halting, *model_size(run), counted, minutes, solved)
         by_task.setdefault(run.task, []).append(row)
     intro = (
         "Test exact match (%: puzzles solved) after supervision steps from a fresh state; N_sup is the most "
-        "steps training gave an example (1: no deep supervision), later steps are test-time depth. Training "
-        "TFLOP as counted (`train/flops`), minutes of wall time from the first to the last training step."
+        "steps training gave an example (1: no deep supervision), later steps are test-time depth. MFLOP of one "
+        "puzzle's supervision step (forward), training TFLOP as counted (`train/flops`), minutes of wall time "
+        "from the first to the last training step."
     )
     title = "Recursive reasoners: solved after each supervision step"
     return task_sections(by_task, output / "reasoners", title, intro, plot_reasoners, reasoners_table)
 
 
-def parameter_count(run: Run) -> int | None:
-    """The model's parameters, built on the meta device from ``last.ckpt``'s saved config (None without it)."""
+def model_size(run: Run) -> tuple[int | None, float | None]:
+    """``(parameters, forward FLOPs of one example's supervision step)`` of the model ``last.ckpt`` saved the
+    config of, built on the meta device (``(None, None)`` without it)."""
     checkpoint = run.path / "checkpoints" / "last.ckpt"
     if not checkpoint.is_file():
-        return None
+        return None, None
     import torch
 
     from looped.model import LoopedConfig, LoopedTransformer
 
     config = torch.load(checkpoint, map_location="cpu", mmap=True, weights_only=False)["hyper_parameters"]["config"]
+    config = config if isinstance(config, LoopedConfig) else LoopedConfig(**config)
     with torch.device("meta"):
-        model = LoopedTransformer(config if isinstance(config, LoopedConfig) else LoopedConfig(**config))
-    return sum(p.numel() for p in model.parameters())
+        model = LoopedTransformer(config)
+    step = model.flops_per_token(config.max_seq_len) * config.max_seq_len
+    return sum(p.numel() for p in model.parameters()), step
 
 
 def compute_section(runs: list[Run], loss_set: str | None) -> Section | None:

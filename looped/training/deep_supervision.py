@@ -207,6 +207,7 @@ class DeepSupervision(LoopedLM):
         )
         self.check_finite(loss)
         self.log("train/loss", loss, prog_bar=True)
+        self.count_training_flops()
         return loss
 
     @torch.no_grad()
@@ -222,13 +223,6 @@ class DeepSupervision(LoopedLM):
         least = torch.randint(2, self.supervision_steps + 1, (b,), generator=self.explore)
         least = torch.where(explore, least, 0).to(steps.device)
         return halted & (steps >= least)
-
-    def check_finite(self, loss: Tensor) -> None:
-        if not torch.isfinite(loss):
-            raise InputError(
-                f"the training loss is {loss.item()} at step {self.global_step}; lower the learning rate "
-                "(model.init_args.optimizer.init_args.lr) or lengthen model.init_args.warmup_steps"
-            )
 
     # -- evaluation: every supervision step's accuracy --------------------------------------------------
     def _eval_step(self, batch: dict[str, Tensor], metrics: nn.ModuleDict, stage: str, dataloader_idx: int = 0) -> None:

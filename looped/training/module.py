@@ -333,6 +333,13 @@ class LoopedLM(L.LightningModule):
             loss = loss + self.regularizer.weight * penalty
         if schedule.distribution != "fixed" or schedule.curriculum != "none":
             self.log("train/loops", float(loops))
+        self.check_finite(loss)
+        self.log("train/loss", loss, prog_bar=True)
+        self.count_training_flops()
+        return loss
+
+    def check_finite(self, loss: Tensor) -> None:
+        """Stop before a non-finite loss updates the weights, naming what to change."""
         if not torch.isfinite(loss):
             raise NonFiniteLossError(
                 f"the training loss is {loss.item()} at step {self.global_step}, so training stopped before this "
@@ -341,12 +348,13 @@ class LoopedLM(L.LightningModule):
                 "16-mixed, and start again: resuming restores the checkpoint's optimiser and learning rate and "
                 "replays the same batches, so it would stop here again"
             )
-        self.log("train/loss", loss, prog_bar=True)
-        # After the forward: a token-choice router's loop sizes are this batch's (flops_per_token reads them).
+
+    def count_training_flops(self) -> None:
+        """Add this step's FLOPs (every rank's) to ``train/flops``. Called after the forward: a token-choice
+        router's loop sizes are this batch's (``flops_per_token`` reads them)."""
         ranks = self.trainer.world_size if self._trainer is not None else 1
         self.training_flops += self.flops_per_batch * ranks
         self.log("train/flops", self.training_flops, reduce_fx="max")
-        return loss
 
     def exit_loss(self, input_ids: Tensor, labels: Tensor, loops: int, grad_loops: int | None = None) -> Tensor:
         """The ``exit`` objective (``looped.training.halting``) from each loop's loss and halting logit at the
