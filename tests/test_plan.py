@@ -218,6 +218,7 @@ def test_the_1b_recipe_on_64_h100s_prints_a_table_and_json():
     assert "memory per rank (GiB)" in table.stdout and "kept free): fits as written" in table.stdout
 
 
+@pytest.mark.slow  # four subprocesses, ~30 s each
 @pytest.mark.parametrize(
     "recipe, shape",
     [
