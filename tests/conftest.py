@@ -34,11 +34,25 @@ def resolved(path: Path) -> dict:
     return yaml.safe_load(resolved_text(path))
 
 
+GOLDEN = ROOT / "tests" / "golden" / "resolved_recipes"
+"""What every recipe row resolves to, one file per row (tests/test_recipes.py keeps them equal to the resolution)."""
+
+
+def golden(path: Path) -> dict:
+    """The recipe row's golden file: its resolution without resolving it (~1 s a row, too slow at collection
+    time, where every pytest-xdist worker would pay it again)."""
+    return yaml.safe_load((GOLDEN / path.relative_to(RECIPES)).read_text())
+
+
 TINY = dict(vocab_size=11, max_seq_len=16, d_model=16, n_heads=2, d_ff=32)
 """The smallest model every test starts from; a test states only the fields it is about."""
 
-# Keep each test process to the cores CI has, and quiet Lightning's tips.
-os.environ.setdefault("OMP_NUM_THREADS", "2")
+# Keep each test process to the cores CI has, and quiet Lightning's tips. Under pytest-xdist (the default:
+# pyproject's addopts) the workers share the cores: threads beyond a worker's share only spin against each other.
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+os.environ.setdefault("OMP_NUM_THREADS", str(max(1, min(2, os.cpu_count() or 1) // WORKERS)))
+if WORKERS > 1:
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 os.environ.setdefault("PYTHONWARNINGS", "ignore")
 
 

@@ -96,6 +96,7 @@ def test_decode_benchmark_prints_its_ratios_from_its_columns():
     assert size == pytest.approx(1 / 3, abs=0.01)
 
 
+@pytest.mark.slow  # about a minute: the 1B recipe on meta, FSDP2 on gloo, torch.compile
 def test_gpu_check_dry_run_runs_every_path_on_the_cpu():
     """benchmarks/gpu_check.py at toy size on the CPU: FlexAttention vs SDPA, the recipe's 1B model eager and
     compiled under FSDP2, the plan's peak, the loop overhead; its table has every row and ends with the ratio."""

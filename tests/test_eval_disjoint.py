@@ -4,7 +4,7 @@ import importlib
 
 import pytest
 
-from conftest import RECIPE_ROWS, resolved
+from conftest import RECIPE_ROWS, golden
 from looped.datamodules.base import SyntheticTask, rows_as_keys
 
 
@@ -17,7 +17,7 @@ def synthetic_data_settings():
     """Distinct (data class, arguments, training batches) over the recipes; rows of a table share one."""
     settings = {}
     for path in RECIPE_ROWS:
-        recipe = resolved(path)  # base and defaults included
+        recipe = golden(path)  # base and defaults included, as tests/test_recipes.py checks
         class_path = recipe.get("data", {}).get("class_path", "")
         if not class_path or not issubclass(data_class(class_path), SyntheticTask):
             continue

@@ -15,11 +15,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import RECIPE_ROWS, RECIPES, resolved, resolved_text
+from conftest import GOLDEN, RECIPE_ROWS, RECIPES, resolved, resolved_text
 from looped import LoopedLM
 from looped.cli import LoopedCLI
 
-GOLDEN = Path(__file__).resolve().parent / "golden" / "resolved_recipes"
 UPDATE = "python tests/test_recipes.py --update-golden"
 # Pile, LM and retrofit recipes need prepared data (tests/test_pile_recipes.py builds the 1B models on the meta
 # device, tests/test_lm_recipes.py trains each LM row on a small prepared folder).
