@@ -11,6 +11,7 @@ share shows the best, as the paper reports the best of 3 seeds.
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import re
 import sys
@@ -615,17 +616,28 @@ def reasoner_sections(runs: list[Run], output: Path) -> list[Section]:
     return task_sections(by_task, output / "reasoners", title, intro, plot_reasoners, reasoners_table)
 
 
+@functools.cache
+def last_checkpoint(run_path: Path) -> dict | None:
+    """The run's ``last.ckpt``, memory-mapped and read once for every section that asks (None without one)."""
+    checkpoint = run_path / "checkpoints" / "last.ckpt"
+    if not checkpoint.is_file():
+        return None
+    import torch
+
+    return torch.load(checkpoint, map_location="cpu", mmap=True, weights_only=False)
+
+
 def model_size(run: Run) -> tuple[int | None, float | None]:
     """``(parameters, forward FLOPs of one example's supervision step)`` of the model ``last.ckpt`` saved the
     config of, built on the meta device (``(None, None)`` without it)."""
-    checkpoint = run.path / "checkpoints" / "last.ckpt"
-    if not checkpoint.is_file():
+    state = last_checkpoint(run.path)
+    if state is None:
         return None, None
     import torch
 
     from looped.model import LoopedConfig, LoopedTransformer
 
-    config = torch.load(checkpoint, map_location="cpu", mmap=True, weights_only=False)["hyper_parameters"]["config"]
+    config = state["hyper_parameters"]["config"]
     config = config if isinstance(config, LoopedConfig) else LoopedConfig(**config)
     with torch.device("meta"):
         model = LoopedTransformer(config)
@@ -661,13 +673,9 @@ def final_flops(run: Run) -> tuple[int, float]:
     """``(steps, training FLOPs)`` at the end of training: ``last.ckpt``'s exact count when the run kept one (a
     run from before ``LoopedLM`` logged the total at its last step logged it every ``log_every_n_steps`` only),
     else the last ``train/flops`` logged."""
-    checkpoint = run.path / "checkpoints" / "last.ckpt"
-    if checkpoint.is_file():
-        import torch
-
-        state = torch.load(checkpoint, map_location="cpu", mmap=True, weights_only=False)
-        if "training_flops" in state:
-            return int(state["global_step"]), float(state["training_flops"])
+    state = last_checkpoint(run.path)
+    if state is not None and "training_flops" in state:
+        return int(state["global_step"]), float(state["training_flops"])
     step, flops = run.scalars["train/flops"][-1]
     return step, flops
 
