@@ -109,7 +109,7 @@ def test_pile_1b_4x6_smoke_run_on_cpu(tiny_pile, run_dir):
         [*command, "run", str(RECIPES / "pile_1b_4x6.yaml"), "--data.path", str(tiny_pile), *SMOKE],
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=1200,  # a hang guard, with room for a loaded 2-core machine
     )
     assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
     run = run_dir / "runs" / "pile" / "4x6" / "version_0"
