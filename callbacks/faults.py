@@ -12,7 +12,10 @@ step and a place:
 * ``torn``: inside the first save at or after that step, its write half done (the partial checkpoint cut
   to half its bytes, or half its shard files deleted: what a kill mid-write leaves);
 * ``written``: inside that save, every byte written on this rank but not yet published;
-* ``publishing``: inside that save's publication, between its renames (rank 0, which publishes).
+* ``publishing``: inside that save's publication, between its renames (rank 0, which publishes);
+* ``sigterm``: after that step, SIGTERM instead of SIGKILL — a pre-emption with a grace period. Lightning
+  finishes the step, ``InterruptCheckpoint`` saves ``interrupted.ckpt`` and prints the command that resumes,
+  and the job exits with status 143 (128 + SIGTERM). Drawn only when ``places`` names it.
 
 In a multi-process job one rank (drawn too) kills itself; the restarter kills the rest. Each kill is appended
 to ``record`` (JSON lines, fsync'ed before the kill) and the next attempt reads it to move on to the next
@@ -32,18 +35,19 @@ import lightning as L
 
 from looped.training import saving
 
-PLACES = ("step", "torn", "written", "publishing")
+PLACES = ("step", "torn", "written", "publishing")  # the default draw: SIGKILLs
+SIGTERM_PLACE = "sigterm"
 
 
 class SimulatedFaults(L.Callback):
-    """Kill the job with SIGKILL at ``kills`` seeded moments in steps ``first_step..last_step``.
+    """Kill the job with SIGKILL (or SIGTERM) at ``kills`` seeded moments in steps ``first_step..last_step``.
 
     Args:
         kills: how many times to kill the job (the restarter needs ``--max-restarts`` at least this).
         seed: draws the moments (step, place, rank).
         first_step, last_step: the steps the moments are drawn from (``last_step`` defaults to
             ``trainer.max_steps - 1``).
-        places: the places to draw from (``step``, ``torn``, ``written``, ``publishing``).
+        places: the places to draw from (``step``, ``torn``, ``written``, ``publishing``; ``sigterm``).
         record: where the kills are recorded; default ``<save_dir>/<name>/faults.jsonl`` (beside the
             run's ``version_N`` folders, so every attempt reads the same one).
     """
@@ -57,9 +61,10 @@ class SimulatedFaults(L.Callback):
         places: tuple[str, ...] = PLACES,
         record: str | None = None,
     ) -> None:
-        unknown = [p for p in places if p not in PLACES]
+        known = (*PLACES, SIGTERM_PLACE)
+        unknown = [p for p in places if p not in known]
         if unknown or not places:
-            raise ValueError(f"places must be some of {', '.join(PLACES)}; got {', '.join(places) or 'none'}")
+            raise ValueError(f"places must be some of {', '.join(known)}; got {', '.join(places) or 'none'}")
         self.kills, self.seed, self.first_step, self.last_step = kills, seed, first_step, last_step
         self.places = tuple(places)
         self.record = record
@@ -103,7 +108,7 @@ class SimulatedFaults(L.Callback):
         return moment if trainer.global_rank == moment["rank"] else None
 
     def on_train_batch_end(self, trainer: L.Trainer, *args, **kwargs) -> None:
-        moment = self._due(trainer, ("step",))
+        moment = self._due(trainer, ("step", SIGTERM_PLACE))
         if moment is not None:
             self._kill(moment, trainer, "after the step")
 
@@ -147,13 +152,14 @@ class SimulatedFaults(L.Callback):
             f.write(json.dumps(entry) + "\n")
             f.flush()
             os.fsync(f.fileno())
+        kill = signal.SIGTERM if moment["place"] == SIGTERM_PLACE else signal.SIGKILL
         print(
-            f"SimulatedFaults: kill {moment['kill']}/{moment['of']} (seed {moment['seed']}): SIGKILL rank "
+            f"SimulatedFaults: kill {moment['kill']}/{moment['of']} (seed {moment['seed']}): {kill.name} rank "
             f"{moment['rank']} at step {trainer.global_step}, {where}",
             file=sys.stderr,
             flush=True,
         )
-        os.kill(os.getpid(), signal.SIGKILL)
+        os.kill(os.getpid(), kill)  # SIGTERM returns: Lightning stops after this step
 
 
 def recorded(path: str | Path) -> list[dict]:

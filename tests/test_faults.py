@@ -15,6 +15,7 @@ import functools
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -33,7 +34,7 @@ from looped.cli import main
 from looped.cli.errors import user_message
 from looped.datamodules import PHop, PileDataModule
 from looped.errors import InputError
-from looped.tools.report import logged_by_step
+from looped.tools.report import logged_by_step, read_scalars
 from looped.training.checkpoint import read_checkpoint
 from looped.training.saving import (
     CheckpointWriteError,
@@ -156,6 +157,63 @@ def test_sigkill_inside_a_sharded_save_two_ranks_fsdp2(tmp_path):
     assert_same_losses(losses(tmp_path / "runs" / "killed"), losses(tmp_path / "runs" / "reference"), kills=1)
     last = tmp_path / "runs" / "killed" / "version_0" / "checkpoints" / "last.ckpt"
     assert last.is_dir() and read_checkpoint(last)["global_step"] == 16  # a shard folder, complete
+
+
+def deep_supervision_recipe(folder: Path, name: str, *callbacks: str) -> Path:
+    """A CPU Sudoku row at toy size: TRM's recursion under deep supervision, its carry and halting exploration."""
+    extra = "".join(f"  - {c}\n" for c in callbacks)
+    text = f"""config: {RECIPES / "sudoku" / "cpu_trm_mlp.yaml"}
+trainer.max_steps: 8
+trainer.val_check_interval: 4
+trainer.log_every_n_steps: 1
+trainer.enable_progress_bar: false
+trainer.logger.init_args.save_dir: {folder / "runs"}
+trainer.logger.init_args.name: {name}
+trainer.callbacks:
+  - looped.callbacks.InterruptCheckpoint
+{extra}model.init_args.config.d_model: 16
+model.init_args.config.n_heads: 2
+model.init_args.config.d_ff: 32
+model.init_args.supervision_steps: 3
+model.init_args.eval_steps: 3
+model.init_args.warmup_steps: 2
+data.init_args.batch_size: 8
+data.init_args.train_size: 64
+data.init_args.val_size: 16
+data.init_args.test_size: 16
+"""
+    path = folder / f"{name}.yaml"
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.slow
+def test_sigterm_then_the_printed_command_resumes_a_deep_supervision_run(tmp_path):
+    """A scheduler's SIGTERM mid-run: the run saves interrupted.ckpt, prints the command that resumes and exits 143;
+    that command (a DeepSupervision recipe: arguments of its own, a carried state) continues with the
+    uninterrupted run's losses, step for step."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+    def looped_fit(recipe: Path, *args: str) -> subprocess.CompletedProcess:
+        command = [_console("looped"), "fit", "--config", str(recipe), *args]
+        return subprocess.run(command, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+
+    reference = looped_fit(deep_supervision_recipe(tmp_path, "reference"))
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    faults = "{class_path: looped.callbacks.SimulatedFaults, init_args: {places: [sigterm], seed: 0, first_step: 3}}"
+    recipe = deep_supervision_recipe(tmp_path, "stopped", faults)
+    stopped = looped_fit(recipe)
+    assert stopped.returncode == 143, stopped.stderr[-3000:]
+    printed = re.search(r"Resume with --ckpt_path (\S+)", stopped.stderr)
+    assert printed is not None, stopped.stderr[-3000:]
+    step = read_checkpoint(printed.group(1))["global_step"]
+    assert 3 <= step < 8
+    resumed = looped_fit(recipe, "--ckpt_path", printed.group(1))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_same_losses(losses(tmp_path / "runs" / "stopped"), losses(tmp_path / "runs" / "reference"), kills=1)
+    # the resumed half (its own version_1) starts at the stop, not at step 0
+    resumed_steps = [logged for logged, _ in read_scalars(tmp_path / "runs" / "stopped" / "version_1")["train/loss"]]
+    assert resumed_steps == list(range(step, 8))
 
 
 # -- the last state, crash-safe publication, keep-K -----------------------------------------------------------

@@ -98,6 +98,16 @@ class LoopedCLI(LightningCLI):
         if model_config is not None:
             check_same_model(self.checkpoint, model_config, config["ckpt_path"])
 
+    def _parse_ckpt_path(self) -> None:
+        """Keep the recipe as typed: the checkpoint's hyper-parameters do not replace it.
+
+        LightningCLI 2.6 parses a checkpoint's hyper-parameters over the recipe when ``--ckpt_path`` is given.
+        That overrides what the user typed on the command line (a resumed run with a longer schedule runs the old
+        one), and hyper-parameters saved without a class path are parsed as the default ``LoopedLM``, so the resume
+        of a subclass with its own arguments (``DeepSupervision``'s ``supervision_steps``, a user's module) fails.
+        The recipe is the source of truth here; ``parse_arguments`` refuses a checkpoint of another model.
+        """
+
     def _resume_automatically(self, config, model_config: dict[str, Any] | None) -> None:
         """``--ckpt_path auto``: the run's newest complete checkpoint, in the run's own ``version_N`` and log.
 

@@ -29,6 +29,7 @@ import importlib
 import inspect
 import os
 import re
+import signal
 import sys
 import traceback
 from collections.abc import Iterator
@@ -38,6 +39,7 @@ from unittest import mock
 import jsonargparse
 import yaml
 from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from looped.datamodules.pile import chunk_error
 from looped.errors import InputError, exception_chain, find_input_error
@@ -65,6 +67,10 @@ def one_line_errors(debug: bool, argv: list[str]) -> Iterator[None]:
     except SystemExit as exit_:
         if isinstance(exit_.code, str) and not isinstance(exit_, ErrorExit):  # a tool's SystemExit("message")
             fail(exit_.code)
+        if isinstance(exit_, SIGTERMException):  # Lightning's stop after SIGTERM says status 0 ("success")
+            # A scheduler or a wrapper script tells a pre-empted run from a finished one by the status: the
+            # shell's 128 + SIGTERM. InterruptCheckpoint has printed the command that resumes.
+            raise SystemExit(128 + signal.SIGTERM) from exit_
         raise
     except Exception as error:
         message = user_message(error, argv)
