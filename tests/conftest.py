@@ -58,6 +58,29 @@ if WORKERS > 1:
 os.environ.setdefault("PYTHONWARNINGS", "ignore")
 
 
+# The longest tests, longest first (durations measured by CI's --durations). pytest-xdist's worksteal gives each
+# worker a contiguous share of the collection and lets an idle worker take the far end of another's queue: a
+# long test collected late would run alone at the end while the other worker waits.
+LONGEST = (
+    "tests/test_quickstart.py::",
+    "tests/test_pile_recipes.py::test_pile_1b_4x6_smoke_run_on_cpu",
+    "tests/test_plan.py::test_the_1b_recipe_on_64_h100s",
+    "tests/test_benchmarks.py::test_gpu_check_dry_run",
+    "tests/test_distributed.py::test_fsdp2_training_gradients_and_sharded_resume",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Run the longest tests first, then the other slow ones, then the rest (a stable sort: same order on every
+    worker, as xdist requires)."""
+
+    def rank(item: pytest.Item) -> tuple[int, int]:
+        known = next((i for i, prefix in enumerate(LONGEST) if item.nodeid.startswith(prefix)), len(LONGEST))
+        return known, item.get_closest_marker("slow") is None
+
+    items.sort(key=rank)
+
+
 def console_script(name: str) -> str:
     """The installed console script ``name`` (``looped``, ``lightning``): the program a user runs."""
     found = shutil.which(name, path=str(ROOT / ".venv" / "bin")) or shutil.which(name)

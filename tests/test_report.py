@@ -419,6 +419,15 @@ def test_training_compute_table_reads_the_counted_flops_perplexity_and_wall_time
     assert f"| `routed` | 1⊗4 | 414 | 2900.00 | 0.967 | {math.exp(4.4):.1f} | 8.0 |" in text
 
 
+def test_wall_time_leaves_out_the_pause_of_a_run_resumed_in_its_own_folder():
+    """A run logging every 30 s, stopped for two hours after its 5th loss and resumed (``--ckpt_path auto``,
+    same folder): its time is that of the 9 intervals it trained, the paused one counted as a usual one."""
+    times = [30.0 * i for i in range(5)] + [120 + 7200 + 30.0 * i for i in range(5)]
+    assert report.training_seconds(times) == pytest.approx(9 * 30)
+    assert report.training_seconds([0.0, 30.0, 75.0]) == pytest.approx(75)  # a slower interval is not a pause
+    assert report.training_seconds([5.0]) == 0
+
+
 def test_training_compute_takes_the_exact_count_of_last_ckpt_when_the_run_kept_one(tmp_path):
     import torch
 

@@ -60,7 +60,7 @@ class Run:
     variant: str = ""  # training beyond the paper's plain looping ("random loops 2..8", "regularised k=1 λ=10")
     label: str = ""
     task: str = ""
-    wall_seconds: float | None = None  # from the first to the last training-loss event
+    wall_seconds: float | None = None  # training time between the first and last loss events (training_seconds)
     config: dict = field(default_factory=dict)  # model.init_args.config as saved
     model_args: dict = field(default_factory=dict)  # model.init_args as saved
 
@@ -113,14 +113,14 @@ def read_config(version_dir: Path) -> tuple[dict, dict, list, dict]:
 
 
 def read_scalars(version_dir: Path, wall: dict | None = None) -> dict[str, list[tuple[int, float]]]:
-    """Every scalar series of a run; ``wall``, when given, gets ``{tag: (first, last)}`` wall-clock times."""
+    """Every scalar series of a run; ``wall``, when given, gets ``{tag: [wall-clock time of each event]}``."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(version_dir), size_guidance={"scalars": 0}, purge_orphaned_data=False)
     events.Reload()
     series = {tag: events.Scalars(tag) for tag in events.Tags()["scalars"]}
     if wall is not None:
-        wall.update({tag: (points[0].wall_time, points[-1].wall_time) for tag, points in series.items() if points})
+        wall.update({tag: [e.wall_time for e in points] for tag, points in series.items() if points})
     return {tag: [(e.step, e.value) for e in points] for tag, points in series.items()}
 
 
@@ -178,12 +178,22 @@ def load_run(version_dir: Path) -> Run:
     for callback in callbacks:
         if isinstance(callback, dict) and str(callback.get("class_path", "")).endswith("BlockCosineSimilarity"):
             cosine_k = (callback.get("init_args") or {}).get("block_layers")
-    wall: dict[str, tuple[float, float]] = {}
+    wall: dict[str, list[float]] = {}
     run = Run(version_dir, shape, data, read_scalars(version_dir, wall), cosine_k, training_variant(model_args))
     run.config, run.model_args = config, model_args
     if "train/loss" in wall:
-        run.wall_seconds = wall["train/loss"][1] - wall["train/loss"][0]
+        run.wall_seconds = training_seconds(wall["train/loss"])
     return run
+
+
+def training_seconds(times: Sequence[float], pause: float = 10.0) -> float:
+    """Wall-clock seconds from the first to the last logged loss, less the pauses of a run resumed in its own
+    folder (``--ckpt_path auto``): an interval over ``pause`` times the median one is counted as the median."""
+    intervals = sorted(b - a for a, b in zip(times, times[1:], strict=False))
+    if not intervals:
+        return 0.0
+    median = intervals[len(intervals) // 2]
+    return sum(d if d <= pause * median else median for d in intervals)
 
 
 def load_runs(paths: Sequence[str | Path]) -> list[Run]:
