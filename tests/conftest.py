@@ -49,10 +49,29 @@ def golden(path: Path) -> dict:
 TINY = dict(vocab_size=11, max_seq_len=16, d_model=16, n_heads=2, d_ff=32)
 """The smallest model every test starts from; a test states only the fields it is about."""
 
+
+def usable_cores() -> int:
+    """The cores this process may run on: its CPU affinity, capped by a cgroup v2 CPU quota (a container's
+    ``--cpus``), which ``os.cpu_count()`` and psutil (what ``-n auto`` asks) do not see."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
+        if quota != "max":
+            cores = min(cores, max(1, int(quota) // int(period)))
+    except (OSError, ValueError):
+        pass
+    return cores
+
+
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+    """``-n auto`` (pyproject's addopts): one worker per usable core, not per core of the host."""
+    return usable_cores()
+
+
 # Keep each test process to the cores CI has, and quiet Lightning's tips. Under pytest-xdist (the default:
 # pyproject's addopts) the workers share the cores: threads beyond a worker's share only spin against each other.
 WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-os.environ.setdefault("OMP_NUM_THREADS", str(max(1, min(2, os.cpu_count() or 1) // WORKERS)))
+os.environ.setdefault("OMP_NUM_THREADS", str(max(1, min(2, usable_cores()) // WORKERS)))
 if WORKERS > 1:
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 os.environ.setdefault("PYTHONWARNINGS", "ignore")
