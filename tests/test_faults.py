@@ -142,12 +142,15 @@ def test_sigkill_at_seeded_moments_single_process_resumes_by_itself(tmp_path):
 @pytest.mark.slow
 def test_sigkill_inside_a_sharded_save_two_ranks_fsdp2(tmp_path):
     """A 2-rank gloo FSDP2 run, one rank killed inside a sharded save, under torchrun --max-restarts 1: resumed
-    from the newest complete shard folder, with the uninterrupted 2-rank run's losses."""
+    from the newest complete shard folder, with the uninterrupted 2-rank run's losses. The uninterrupted run is
+    started as on one machine without torchrun (``looped fit ... --trainer.devices 2``): Lightning starts the
+    second rank by running the same command line again."""
     faults = (
         "{class_path: looped.callbacks.SimulatedFaults, init_args: {kills: 1, seed: 0, first_step: 10, places: [torn]}}"
     )
-    reference = fit(tiny_recipe(tmp_path, "reference", steps=16, fsdp=True), *torchrun(2, restarts=0))
+    reference = fit(tiny_recipe(tmp_path, "reference", steps=16, fsdp=True))
     assert reference.returncode == 0, reference.stderr[-3000:]
+    assert "Initializing distributed: GLOBAL_RANK: 1, MEMBER: 2/2" in reference.stderr + reference.stdout
     killed = fit(tiny_recipe(tmp_path, "killed", faults, steps=16, fsdp=True), *torchrun(2, restarts=1))
     assert killed.returncode == 0, killed.stderr[-3000:]
     (kill,) = recorded(tmp_path / "runs" / "killed" / "faults.jsonl")

@@ -19,6 +19,7 @@ import importlib.util
 import io
 import os
 import sys
+import warnings
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -82,7 +83,10 @@ class LoopedCLI(LightningCLI):
 
     def parse_arguments(self, parser, args) -> None:
         """Read ``--ckpt_path`` right after parsing, before LightningCLI loads its hyper-parameters into the recipe."""
-        super().parse_arguments(parser, args)
+        with warnings.catch_warnings():
+            # The console scripts pass sys.argv's arguments as ``args`` and leave sys.argv for Lightning's launcher.
+            warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+            super().parse_arguments(parser, args)
         subcommand = self.config.get("subcommand")
         config = self.config.get(subcommand) if subcommand else None
         if config is None:
@@ -374,10 +378,9 @@ def recipe_as_config(argv: list[str]) -> list[str]:
 
 
 def _take_argv(argv: list[str] | None) -> list[str]:
-    """The arguments to parse; consumed from ``sys.argv`` so LightningCLI does not read them twice."""
-    if argv is None:
-        argv, sys.argv[1:] = sys.argv[1:], []
-    return list(argv)
+    """The arguments to parse. ``sys.argv`` stays as typed: Lightning's launcher starts the other ranks of a
+    one-machine multi-device run (``--trainer.devices 8``) by running it again."""
+    return list(sys.argv[1:] if argv is None else argv)
 
 
 def lightning_main(argv: list[str] | None = None) -> None:
