@@ -219,6 +219,15 @@ def test_a_class_path_that_does_not_import_and_a_bad_schedule_are_named(capsys, 
     assert last == "looped: error: model.init_args.warmup_steps must be >= 0, got -5"
 
 
+def test_a_strategy_class_typed_as_a_flat_value_names_the_class_path_key(capsys, run_dir):
+    strategy = "lightning.pytorch.strategies.ModelParallelStrategy"
+    last = _last_line(capsys, ["fit", "--config", QUICKSTART, "--trainer.strategy", strategy])
+    assert last == (
+        f"looped: error: trainer.strategy: '{strategy}' is not a strategy name (auto, ddp, fsdp, ...); a class goes "
+        "as --trainer.strategy.class_path CLASS (in a recipe: trainer.strategy: {class_path: CLASS})"
+    )
+
+
 @pytest.mark.skipif(
     torch.cuda.is_available() or torch.backends.mps.is_available(), reason="needs a machine without GPU"
 )

@@ -116,6 +116,13 @@ def user_message(error: BaseException, argv: list[str]) -> str | None:
     chunk = next((line for line in map(chunk_error, chain) if line), None)
     if chunk is not None:  # litdata could not read a prepared chunk mid-training (lost or cut short)
         return chunk
+    strategy = next((m for m in map(_STRATEGY_NAME.search, map(str, chain)) if m), None)
+    if strategy is not None:  # Trainer(strategy=...) takes a name or an instance; a class path typed flat is a name
+        typed = next((arg for arg in argv if arg.lower() == strategy.group(1)), strategy.group(1))  # Lightning lowers
+        return (
+            f"trainer.strategy: {typed!r} is not a strategy name (auto, ddp, fsdp, ...); a class goes as "
+            f"--trainer.strategy.class_path CLASS (in a recipe: trainer.strategy: {{class_path: CLASS}})"
+        )
     if not isinstance(error, argparse.ArgumentError):
         return None
     # jsonargparse reports every exception raised while it checks a value as a parse error;
@@ -128,6 +135,7 @@ def user_message(error: BaseException, argv: list[str]) -> str | None:
     return jsonargparse_message(chain, argv)
 
 
+_STRATEGY_NAME = re.compile(r"You selected an invalid strategy name: `strategy='([^']*)'`")
 _PARSER_KEY = re.compile(r'^Parser key "([^"]+)":\s*(.*)$')
 _CLASS_PATH = re.compile(r"^Problem with given class_path '([^']*)':\s*(.*)$")
 _UNION = "Does not validate against any of the Union subtypes"
