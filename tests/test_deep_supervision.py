@@ -217,3 +217,37 @@ def test_a_resumed_run_continues_bit_identically(tmp_path):
         assert torch.equal(value, again.state_dict()[key]), key
     for key, value in vars(straight.carry).items():
         assert torch.equal(value, getattr(again.carry, key)), key
+
+
+class Weights(L.Callback):
+    """The module's weights after every optimiser step (before any average replaces them)."""
+
+    def __init__(self) -> None:
+        self.after_step: list[dict[str, torch.Tensor]] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.after_step.append({k: v.detach().clone() for k, v in pl_module.state_dict().items()})
+
+
+def test_ema_decay_evaluates_and_saves_the_average_and_keeps_the_current_weights_for_resuming(tmp_path):
+    """TRM's EMA (``ema_decay``): after training, the module holds the average of the weights of every step
+    (the first step's weights, then lerp by 1 − decay), computed here by hand; the checkpoint's ``state_dict``
+    is that average and its ``current_model_state`` the weights the optimiser left, which a resume continues."""
+    L.seed_everything(0)
+    data = sudoku()
+    module = DeepSupervision(config(data, q_head=True), supervision_steps=2, warmup_steps=1, ema_decay=0.5)
+    (ema,) = [c for c in module.configure_callbacks() if type(c).__name__ == "EMAWeightAveraging"]
+    weights = Weights()
+    save = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    trainer(tmp_path, 3, callbacks=[weights, save]).fit(module, datamodule=data)
+    average = dict(weights.after_step[0])
+    for step in weights.after_step[1:]:
+        average = {k: a.lerp(step[k], 0.5) if a.is_floating_point() else step[k] for k, a in average.items()}
+    saved = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)
+    for name, value in average.items():
+        torch.testing.assert_close(module.state_dict()[name], value, msg=name)
+        torch.testing.assert_close(saved["state_dict"][name], value, msg=name)
+        torch.testing.assert_close(saved["current_model_state"][name], weights.after_step[-1][name], msg=name)
+    assert not torch.equal(average["model.embed.weight"], weights.after_step[-1]["model.embed.weight"])
+    with pytest.raises(InputError, match=r"^model\.init_args\.ema_decay must be in \(0, 1\) or null"):
+        DeepSupervision(config(data, q_head=True), ema_decay=1.0)

@@ -40,8 +40,10 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Any, Literal
 
+import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.callbacks import EMAWeightAveraging
 from torch import Tensor, nn
 
 from looped.contract import IGNORE
@@ -109,6 +111,10 @@ class DeepSupervision(LoopedLM):
             same warmup schedule as the other weights.
         puzzle_embedding_weight_decay: its decoupled weight decay, on those rows only (TRM, HRM: 0.1).
         seed: seed of the exploration draws.
+        ema_decay: keep an exponential moving average of the weights with this decay (TRM's ``ema=True``: 0.999),
+            which validation, testing and the saved ``state_dict`` use: Lightning's ``EMAWeightAveraging``, added
+            by ``configure_callbacks`` (a checkpoint also holds the current weights, so a resume is exact); one
+            device or DDP (the average is an unsharded copy). None: off.
         **kwargs: ``LoopedLM``'s (optimiser, schedule, ...).
     """
 
@@ -123,17 +129,20 @@ class DeepSupervision(LoopedLM):
         puzzle_embedding_lr: float = 1e-2,
         puzzle_embedding_weight_decay: float = 0.1,
         seed: int = 0,
+        ema_decay: float | None = None,
         **kwargs: Any,
     ) -> None:
         config = as_dataclass(LoopedConfig, config)
         rates = {"puzzle_embedding_lr": puzzle_embedding_lr}
         rates["puzzle_embedding_weight_decay"] = puzzle_embedding_weight_decay
+        rates["ema_decay"] = ema_decay
         check_deep_supervision(config, supervision_steps, halting, exploration, eval_steps, {**kwargs, **rates})
         super().__init__(config, **kwargs)
         self.supervision_steps, self.halting, self.exploration = supervision_steps, halting, exploration
         self.q_loss_weight, self.eval_steps = q_loss_weight, eval_steps or 2 * supervision_steps
         self.puzzle_embedding_lr = puzzle_embedding_lr
         self.puzzle_embedding_weight_decay = puzzle_embedding_weight_decay
+        self.ema_decay = ema_decay
         # This evaluation batch's answer at step N_sup, for callbacks that score it (looped.callbacks.ArcScore):
         # (predicted tokens [b t], the Q-head's halt logit [b] or None).
         self.eval_answer: tuple[Tensor, Tensor | None] | None = None
@@ -144,6 +153,13 @@ class DeepSupervision(LoopedLM):
         self.example_input_array = {"input_ids": torch.zeros(1, config.max_seq_len or 1, dtype=torch.long)}
         # Per stage, summed over the epoch's batches: [2·eval_steps + 2] (see _eval_step).
         self.step_counts: dict[str, Tensor] = {}
+
+    def configure_callbacks(self) -> list[L.Callback]:
+        """TRM's weight average (``ema_decay``), Lightning's implementation, beside the recipe's callbacks."""
+        callbacks = list(super().configure_callbacks() or [])
+        if self.ema_decay is not None:
+            callbacks.append(EMAWeightAveraging(decay=self.ema_decay))
+        return callbacks
 
     def forward(self, input_ids: Tensor, steps: int | None = None, puzzle_ids: Tensor | None = None) -> Tensor:
         """Logits ``[b t v]`` after ``steps`` supervision steps (default N_sup) from fresh states."""
@@ -341,6 +357,7 @@ def check_deep_supervision(
         ("eval_steps", eval_steps is None or eval_steps >= supervision_steps, ">= supervision_steps or null"),
         ("puzzle_embedding_lr", kwargs.get("puzzle_embedding_lr", 0) >= 0, ">= 0"),
         ("puzzle_embedding_weight_decay", kwargs.get("puzzle_embedding_weight_decay", 0) >= 0, ">= 0"),
+        ("ema_decay", kwargs.get("ema_decay") is None or 0 < kwargs["ema_decay"] < 1, "in (0, 1) or null"),
     ):
         if not ok:
             raise InputError(f"{where}.{name} must be {need}")
