@@ -48,6 +48,23 @@ from looped.training.saving import (
 STEPS = 24
 
 
+def write_recipe(folder: Path, name: str, base: Path, steps: int, callbacks: list[str], rest: str) -> Path:
+    """``folder/name.yaml``: a row of ``base`` logging every step under ``folder/runs/name``, with ``callbacks``
+    (flow-style YAML items) and ``rest`` (the model and data lines)."""
+    items = "".join(f"  - {c}\n" for c in callbacks)
+    text = f"""config: {base}
+trainer.max_steps: {steps}
+trainer.log_every_n_steps: 1
+trainer.enable_progress_bar: false
+trainer.logger.init_args.save_dir: {folder / "runs"}
+trainer.logger.init_args.name: {name}
+trainer.callbacks:
+{items}{rest}"""
+    path = folder / f"{name}.yaml"
+    path.write_text(text)
+    return path
+
+
 def tiny_recipe(folder: Path, name: str, *callbacks: str, steps: int = STEPS, fsdp: bool = False) -> Path:
     """The quickstart at toy size: d=32, 2 hops over 16 letters, validation every 8 steps, last.ckpt every 3."""
     strategy = (
@@ -56,19 +73,12 @@ def tiny_recipe(folder: Path, name: str, *callbacks: str, steps: int = STEPS, fs
         if fsdp
         else ""
     )
-    extra = "".join(f"  - {c}\n" for c in callbacks)
-    text = f"""config: {RECIPES / "quickstart.yaml"}
-trainer.max_steps: {steps}
-trainer.val_check_interval: 8
-trainer.log_every_n_steps: 1
-trainer.enable_progress_bar: false
-trainer.logger.init_args.save_dir: {folder / "runs"}
-trainer.logger.init_args.name: {name}
-{strategy}trainer.callbacks:
-  - class_path: looped.callbacks.Checkpoint
-    init_args: {{monitor: val/exact_match, mode: max, last_every_n_steps: 3}}
-  - looped.callbacks.InterruptCheckpoint
-{extra}model.init_args.config.d_model: 32
+    checkpoint = (
+        "{class_path: looped.callbacks.Checkpoint, "
+        "init_args: {monitor: val/exact_match, mode: max, last_every_n_steps: 3}}"
+    )
+    rest = f"""{strategy}trainer.val_check_interval: 8
+model.init_args.config.d_model: 32
 model.init_args.config.d_ff: 64
 model.init_args.warmup_steps: 4
 data.init_args.length: 16
@@ -77,9 +87,8 @@ data.init_args.batch_size: 16
 data.init_args.val_size: 64
 data.init_args.test_size: 64
 """
-    path = folder / f"{name}.yaml"
-    path.write_text(text)
-    return path
+    callbacks = [checkpoint, "looped.callbacks.InterruptCheckpoint", *callbacks]
+    return write_recipe(folder, name, RECIPES / "quickstart.yaml", steps, callbacks, rest)
 
 
 def losses(run: Path) -> dict[int, list[float]]:
@@ -164,17 +173,8 @@ def test_sigkill_inside_a_sharded_save_two_ranks_fsdp2(tmp_path):
 
 def deep_supervision_recipe(folder: Path, name: str, *callbacks: str) -> Path:
     """A CPU Sudoku row at toy size: TRM's recursion under deep supervision, its carry and halting exploration."""
-    extra = "".join(f"  - {c}\n" for c in callbacks)
-    text = f"""config: {RECIPES / "sudoku" / "cpu_trm_mlp.yaml"}
-trainer.max_steps: 8
-trainer.val_check_interval: 4
-trainer.log_every_n_steps: 1
-trainer.enable_progress_bar: false
-trainer.logger.init_args.save_dir: {folder / "runs"}
-trainer.logger.init_args.name: {name}
-trainer.callbacks:
-  - looped.callbacks.InterruptCheckpoint
-{extra}model.init_args.config.d_model: 16
+    rest = """trainer.val_check_interval: 4
+model.init_args.config.d_model: 16
 model.init_args.config.n_heads: 2
 model.init_args.config.d_ff: 32
 model.init_args.supervision_steps: 3
@@ -185,9 +185,8 @@ data.init_args.train_size: 64
 data.init_args.val_size: 16
 data.init_args.test_size: 16
 """
-    path = folder / f"{name}.yaml"
-    path.write_text(text)
-    return path
+    callbacks = ["looped.callbacks.InterruptCheckpoint", *callbacks]
+    return write_recipe(folder, name, RECIPES / "sudoku" / "cpu_trm_mlp.yaml", 8, callbacks, rest)
 
 
 @pytest.mark.slow
