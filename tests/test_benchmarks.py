@@ -133,7 +133,7 @@ TOY_RUNS = {
     "soak.py": [
         str(ROOT / "recipes" / "quickstart.yaml"),
         "--kills",
-        "2",
+        "1",
         "--first-step",
         "3",
         "--",

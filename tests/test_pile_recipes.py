@@ -57,6 +57,8 @@ SMOKE = [
     "0",
     "--data.val_batches",
     "2",
+    "--data.primitives_size",
+    "32",
     "--model.init_args.warmup_steps",
     "1",
 ]

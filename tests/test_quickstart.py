@@ -1,9 +1,11 @@
-"""The README's quickstart, run as written: what must hold on any CPU (issue 34).
+"""The README's quickstart command at 1,000 of its 1,500 steps: what must hold on any CPU (issue 34).
 
 The per-loop digits depend on the CPU and the thread count (the README shows several runs); what does not
 is the result: the looped (1⊗4) solves 3-hop induction at its trained L = 4 (test exact match ≥ 99%) while
 one application of the block (loop 1) is far below it. This is the guard against a change that silently
-breaks training: every other test trains for a few steps.
+breaks training: every other test trains for a few steps. 1,000 steps (the cosine schedule stretches to the
+run's length) keep this, the suite's longest test, to two thirds of the README's run; the seen runs of 1,500
+steps reached 99.9–100% by step 750 to 1,500, a run of 750 steps here 100%.
 """
 
 import re
@@ -14,6 +16,8 @@ import pytest
 from conftest import RECIPES
 from conftest import console_script as _console
 from looped.training.checkpoint import read_checkpoint
+
+STEPS = 1000
 
 
 def per_loop_row(stdout: str) -> tuple[float, list[float]]:
@@ -39,7 +43,7 @@ def test_per_loop_row_reads_the_table():
 @pytest.mark.slow
 def test_quickstart_as_the_readme_runs_it(run_dir):
     out = subprocess.run(
-        [_console("looped"), "run", str(RECIPES / "quickstart.yaml")],
+        [_console("looped"), "run", str(RECIPES / "quickstart.yaml"), "--trainer.max_steps", str(STEPS)],
         capture_output=True,
         text=True,
         timeout=2700,  # a hang guard: under pytest-xdist the run trains on one thread beside another worker
@@ -51,4 +55,4 @@ def test_quickstart_as_the_readme_runs_it(run_dir):
     assert loops[0] <= 70.0  # one application of the block cannot follow three hops
     assert max(loops[:3]) < loops[3]  # the rise to L
     last = run_dir / "runs" / "quickstart" / "version_0" / "checkpoints" / "last.ckpt"
-    assert read_checkpoint(last)["global_step"] == 1500  # last.ckpt: the last state, not the best one
+    assert read_checkpoint(last)["global_step"] == STEPS  # last.ckpt: the last state, not the best one
