@@ -133,10 +133,9 @@ class DeepSupervision(LoopedLM):
         **kwargs: Any,
     ) -> None:
         config = as_dataclass(LoopedConfig, config)
-        rates = {"puzzle_embedding_lr": puzzle_embedding_lr}
-        rates["puzzle_embedding_weight_decay"] = puzzle_embedding_weight_decay
-        rates["ema_decay"] = ema_decay
-        check_deep_supervision(config, supervision_steps, halting, exploration, eval_steps, {**kwargs, **rates})
+        own = {"puzzle_embedding_lr": puzzle_embedding_lr, "ema_decay": ema_decay}
+        own["puzzle_embedding_weight_decay"] = puzzle_embedding_weight_decay
+        check_deep_supervision(config, supervision_steps, halting, exploration, eval_steps, {**kwargs, **own})
         super().__init__(config, **kwargs)
         self.supervision_steps, self.halting, self.exploration = supervision_steps, halting, exploration
         self.q_loss_weight, self.eval_steps = q_loss_weight, eval_steps or 2 * supervision_steps
